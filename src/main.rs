@@ -1,1 +1,199 @@
-fn main() {}
+//! The `gazelle` command line: `serve` runs the voice server.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use gazelle::config::{Config, SlmKind};
+use gazelle::metrics::Metrics;
+use gazelle::model::{scripted::ScriptedModel, SpeechLanguageModel};
+use gazelle::pipeline::call::Services;
+use gazelle::server::{self, AppState};
+use gazelle::transport::vocode::handler::Limits;
+use gazelle::tts::espeak::{Espeak, EspeakConfig};
+use gazelle::tts::Synthesizer;
+use gazelle::{assets, vad};
+
+#[derive(Parser)]
+#[command(
+    name = "gazelle",
+    version,
+    about = "A voice server: VAD, a speech-language model and TTS in one process"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the voice server.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML config file; flags override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    host: Option<String>,
+    #[arg(long, short)]
+    port: Option<u16>,
+    /// The speech-language model.
+    #[arg(long, value_enum)]
+    slm: Option<SlmKind>,
+    /// The scripted model's reply.
+    #[arg(long)]
+    reply: Option<String>,
+    /// Delay before each token of the scripted reply, in milliseconds.
+    #[arg(long)]
+    token_delay_ms: Option<u64>,
+    /// The ONNX Runtime shared library (else $GAZELLE_ORT_LIB, $ORT_DYLIB_PATH, the cache).
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+    /// The Silero VAD model (else $GAZELLE_VAD_MODEL, the cache).
+    #[arg(long)]
+    vad_model: Option<PathBuf>,
+    /// Folder with libespeak-ng.so and espeak-ng-data (else $GAZELLE_ESPEAK_DIR, the cache).
+    #[arg(long)]
+    espeak_dir: Option<PathBuf>,
+    /// espeak-ng voice name.
+    #[arg(long)]
+    voice: Option<String>,
+    /// Spoken at the start of each call unless the client sends its own.
+    #[arg(long)]
+    first_message: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn merged_config(a: &ServeArgs) -> anyhow::Result<Config> {
+    let mut c = Config::load(a.config.as_deref())?;
+    if let Some(h) = &a.host {
+        c.server.host = h.clone();
+    }
+    if let Some(p) = a.port {
+        c.server.port = p;
+    }
+    if let Some(k) = a.slm {
+        c.slm.kind = k;
+    }
+    if let Some(r) = &a.reply {
+        c.slm.reply = r.clone();
+    }
+    if let Some(d) = a.token_delay_ms {
+        c.slm.token_delay_ms = d;
+    }
+    if let Some(p) = &a.ort_lib {
+        c.assets.ort_lib = Some(p.clone());
+    }
+    if let Some(p) = &a.vad_model {
+        c.assets.vad_model = Some(p.clone());
+    }
+    if let Some(p) = &a.espeak_dir {
+        c.assets.espeak_dir = Some(p.clone());
+    }
+    if let Some(v) = &a.voice {
+        c.tts.espeak.voice = v.clone();
+    }
+    if let Some(m) = &a.first_message {
+        c.pipeline.first_message = Some(m.clone());
+    }
+    c.server.log_json |= a.log_json;
+    c.validate()?;
+    Ok(c)
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = merged_config(&args)?;
+    init_logging(config.server.log_json);
+    let ort_lib = assets::ort_lib(config.assets.ort_lib.as_deref())?;
+    let vad_model = assets::vad_model(config.assets.vad_model.as_deref())?;
+    let espeak_dir = assets::espeak_dir(config.assets.espeak_dir.as_deref())?;
+
+    let metrics = Arc::new(Metrics::new());
+    let env = vad::silero::init_runtime(&ort_lib)?;
+    let model = vad::SileroModel::load(env, &vad_model)?;
+    let vad = vad::VadHandle::spawn(model, metrics.clone());
+    let tts: Arc<dyn Synthesizer> = Arc::new(
+        Espeak::start(&EspeakConfig {
+            dir: espeak_dir,
+            voice: config.tts.espeak.voice.clone(),
+            rate_wpm: config.tts.espeak.rate_wpm,
+        })
+        .context("starting the local espeak-ng voice")?,
+    );
+    let slm: Arc<dyn SpeechLanguageModel> = match config.slm.kind {
+        SlmKind::Scripted => Arc::new(ScriptedModel::new(
+            config.slm.reply.clone(),
+            Duration::from_millis(config.slm.token_delay_ms),
+        )),
+    };
+    tracing::info!(slm = slm.name(), tts = tts.name(), vad = %vad_model.display(), "ready");
+
+    let state = AppState {
+        services: Services {
+            slm,
+            tts,
+            vad,
+            metrics,
+            settings: Arc::new(config.pipeline.clone()),
+        },
+        limits: Limits {
+            max_frame_bytes: config.server.max_frame_bytes,
+        },
+        cancel: CancellationToken::new(),
+        calls: Arc::new(tokio::sync::Semaphore::new(config.server.max_calls)),
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let addr = format!("{}:{}", config.server.host, config.server.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        eprintln!("gazelle listening on http://{}", listener.local_addr()?);
+        server::serve(listener, state, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,205 @@
+//! The configuration tree: defaults, overlaid by a TOML file, overlaid by command-line flags.
+//! Unknown keys are errors. Secrets never live here; they come from the environment.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::PipelineSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {detail}")]
+    Parse { path: String, detail: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub assets: AssetConfig,
+    pub pipeline: PipelineSettings,
+    pub slm: SlmConfig,
+    pub tts: TtsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Calls served at once; further callers are refused with 503.
+    pub max_calls: usize,
+    /// Largest websocket text frame accepted from a caller.
+    pub max_frame_bytes: usize,
+    pub log_json: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 3000,
+            max_calls: 1000,
+            max_frame_bytes: 1 << 20,
+            log_json: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AssetConfig {
+    pub ort_lib: Option<PathBuf>,
+    pub vad_model: Option<PathBuf>,
+    pub espeak_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SlmKind {
+    /// A fixed reply, for checking the pipeline without a GPU or weights.
+    Scripted,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlmConfig {
+    pub kind: SlmKind,
+    /// The scripted model's reply.
+    pub reply: String,
+    /// Delay before each token of the scripted reply.
+    pub token_delay_ms: u64,
+}
+
+impl Default for SlmConfig {
+    fn default() -> Self {
+        SlmConfig {
+            kind: SlmKind::Scripted,
+            reply: "Hello! I am the scripted model of gazelle. I can hear you, and you can hear \
+                    me, so your microphone, voice detection and speech output all work."
+                .into(),
+            token_delay_ms: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TtsConfig {
+    pub provider: TtsProvider,
+    pub espeak: EspeakVoice,
+}
+
+impl Default for TtsConfig {
+    fn default() -> Self {
+        TtsConfig {
+            provider: TtsProvider::Espeak,
+            espeak: EspeakVoice::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TtsProvider {
+    /// The local espeak-ng voice: no network, no key.
+    Espeak,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EspeakVoice {
+    pub voice: String,
+    pub rate_wpm: u32,
+}
+
+impl Default for EspeakVoice {
+    fn default() -> Self {
+        EspeakVoice {
+            voice: "en-us".into(),
+            rate_wpm: 175,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults overlaid by the TOML file, if any.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { detail, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                detail,
+            },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<string>".into(),
+            detail: e.to_string(),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.pipeline.validate().map_err(ConfigError::Invalid)?;
+        if self.server.max_calls == 0 {
+            return Err(ConfigError::Invalid(
+                "server.max_calls must be at least 1".into(),
+            ));
+        }
+        if self.server.max_frame_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "server.max_frame_bytes must be at least 1024".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_unknown_keys_fail() {
+        let c = Config::parse(
+            "[server]\nport = 4000\n[pipeline]\noutput_lead_ms = 200\n[pipeline.vad]\nmin_silence_ms = 700\n",
+        )
+        .unwrap();
+        assert_eq!(c.server.port, 4000);
+        assert_eq!(c.server.host, "127.0.0.1");
+        assert_eq!(c.pipeline.output_lead_ms, 200);
+        assert_eq!(c.pipeline.vad.min_silence_ms, 700);
+        let err = Config::parse("[server]\nprot = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prot"), "{err}");
+        let err = Config::parse("[pipeline]\noutput_lead_ms = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("output_lead_ms"), "{err}");
+    }
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+    }
+}

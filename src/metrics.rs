@@ -1,0 +1,94 @@
+//! Prometheus instruments for the whole server, in one registry that `/metrics` renders. Buckets
+//! are sized to what each measures: the VAD to its 32 ms frame budget, turn stages to the
+//! end-of-speech → first-audio budget.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// Calls with an open transport.
+    pub active_calls: IntGauge,
+    /// Seconds from the true end of the user's speech to each turn stage.
+    pub turn_stage_seconds: HistogramVec,
+    /// Seconds of Silero inference per frame, by batch size class.
+    pub vad_frame_seconds: HistogramVec,
+    /// Errors by kind (bad_json, bad_audio, tts, slm, …).
+    pub errors: IntCounterVec,
+    /// Barge-ins that cancelled a reply.
+    pub barge_ins: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("gazelle".into()), None).expect("valid prefix");
+        let active_calls =
+            IntGauge::new("active_calls", "Calls with an open transport").expect("valid metric");
+        let turn_stage_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "turn_stage_seconds",
+                "Seconds from the true end of user speech to each stage of the reply",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
+                2.0, 3.0, 5.0,
+            ]),
+            &["stage"],
+        )
+        .expect("valid metric");
+        let vad_frame_seconds = HistogramVec::new(
+            HistogramOpts::new("vad_frame_seconds", "Silero inference seconds per frame").buckets(
+                vec![
+                    10e-6, 20e-6, 40e-6, 60e-6, 80e-6, 100e-6, 150e-6, 250e-6, 500e-6, 1e-3, 2e-3,
+                    4e-3, 8e-3, 16e-3, 32e-3,
+                ],
+            ),
+            &["batch"],
+        )
+        .expect("valid metric");
+        let errors = IntCounterVec::new(Opts::new("errors_total", "Errors by kind"), &["kind"])
+            .expect("valid metric");
+        let barge_ins = IntCounterVec::new(
+            Opts::new("barge_ins_total", "Replies cut off by the user"),
+            &["during"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(active_calls.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(turn_stage_seconds.clone()),
+            Box::new(vad_frame_seconds.clone()),
+            Box::new(errors.clone()),
+            Box::new(barge_ins.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        Metrics {
+            registry,
+            active_calls,
+            turn_stage_seconds,
+            vad_frame_seconds,
+            errors,
+            barge_ins,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+
+    pub fn error(&self, kind: &str) {
+        self.errors.with_label_values(&[kind]).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

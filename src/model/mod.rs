@@ -1,0 +1,62 @@
+//! The speech-language model seam: the traits the call pipeline talks to, and the scripted model
+//! that stands in where no GPU or weights are at hand. A model is shared by every call; each call
+//! opens a session that owns its per-call state (for Gazelle, the KV cache).
+
+pub mod scripted;
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::pipeline::conversation::Conversation;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SlmError {
+    #[error("the speech-language model is not loaded: {0}")]
+    NotLoaded(String),
+    #[error("generation failed: {0}")]
+    Generation(String),
+    #[error("the model worker has stopped")]
+    WorkerGone,
+}
+
+/// One user turn, as heard.
+#[derive(Debug, Clone)]
+pub struct UserTurn {
+    /// Mono audio at 16 kHz, pads included.
+    pub audio: Arc<[f32]>,
+}
+
+/// Tokens of a reply: text pieces in order, ending when the sender drops. An `Err` ends the
+/// reply early.
+pub type TokenStream = mpsc::Receiver<Result<String, SlmError>>;
+
+/// How many tokens may wait between the model and the sentence accumulator. Generation waits when
+/// it is full, which only happens if synthesis falls far behind.
+pub const TOKEN_QUEUE: usize = 256;
+
+pub trait SpeechLanguageModel: Send + Sync + 'static {
+    /// A short name for logs and metrics.
+    fn name(&self) -> &str;
+
+    /// Opens the per-call state of one conversation.
+    fn open_session(&self) -> Result<Box<dyn SlmSession>, SlmError>;
+}
+
+pub trait SlmSession: Send + 'static {
+    /// Starts a reply to `turn`, the newest user turn of `conversation` (whose history holds the
+    /// turns before it). Generation stops between two tokens once `cancel` fires.
+    fn respond(
+        &mut self,
+        turn: UserTurn,
+        conversation: &Conversation,
+        cancel: CancellationToken,
+    ) -> TokenStream;
+
+    /// The last reply was cut off: only `spoken` reached the user, and the model should continue
+    /// from there.
+    fn reply_truncated(&mut self, spoken: &str) {
+        let _ = spoken;
+    }
+}

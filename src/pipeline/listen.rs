@@ -1,0 +1,249 @@
+//! The listening stages of a call: `ingest` converts the caller's audio to 16 kHz, and `detect`
+//! runs it through the shared VAD worker and the turn detector, keeps the audio of the turn in
+//! progress, and reports turn events with the wall-clock time of the true end of speech.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::audio::{resample::StreamResampler, MODEL_RATE};
+use crate::metrics::Metrics;
+use crate::vad::silero::frame_len;
+use crate::vad::{SileroState, TurnDetector, TurnEvent, TurnSettings, VadHandle};
+
+/// Audio at 16 kHz with the time its last sample arrived.
+#[derive(Debug)]
+pub struct Heard {
+    pub samples: Vec<f32>,
+    pub arrived: Instant,
+}
+
+#[derive(Debug, Clone)]
+pub enum VadEvent {
+    SpeechStart,
+    /// The user has talked over the bot for `min_interruption_ms`.
+    Interruption {
+        detected: Instant,
+    },
+    /// A finished user turn.
+    SpeechEnd {
+        audio: Arc<[f32]>,
+        /// When the last sample of speech (before the pad) arrived.
+        true_end: Instant,
+        /// When the detector decided the turn was over.
+        detected: Instant,
+        forced: bool,
+    },
+    /// The VAD failed; the call cannot hear any more.
+    Failed(String),
+}
+
+/// Resamples the caller's audio to 16 kHz. Ends when the input closes or the call ends.
+pub async fn ingest(
+    mut resampler: StreamResampler,
+    mut input: mpsc::Receiver<Vec<f32>>,
+    output: mpsc::Sender<Heard>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let chunk = tokio::select! {
+            _ = cancel.cancelled() => return,
+            c = input.recv() => match c { Some(c) => c, None => return },
+        };
+        let arrived = Instant::now();
+        let samples = match resampler.push(&chunk) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "resampling the caller's audio failed");
+                return;
+            }
+        };
+        if samples.is_empty() {
+            continue;
+        }
+        if output.send(Heard { samples, arrived }).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The detector's memory of recent audio: enough to cut out the current turn.
+struct AudioWindow {
+    /// Absolute index of `samples[0]`.
+    start: u64,
+    samples: VecDeque<f32>,
+    /// (absolute index one past the chunk, arrival time) for recent chunks.
+    clock: VecDeque<(u64, Instant)>,
+}
+
+impl AudioWindow {
+    fn end(&self) -> u64 {
+        self.start + self.samples.len() as u64
+    }
+
+    fn push(&mut self, h: &Heard) {
+        self.samples.extend(&h.samples);
+        self.clock.push_back((self.end(), h.arrived));
+    }
+
+    /// Forgets audio before `keep_from`.
+    fn trim(&mut self, keep_from: u64) {
+        let drop = keep_from
+            .saturating_sub(self.start)
+            .min(self.samples.len() as u64);
+        self.samples.drain(..drop as usize);
+        self.start += drop;
+        while self.clock.len() > 1 && self.clock[1].0 <= self.start {
+            self.clock.pop_front();
+        }
+    }
+
+    fn slice(&self, from: u64, to: u64) -> Vec<f32> {
+        let a = from.saturating_sub(self.start) as usize;
+        let b = (to.saturating_sub(self.start) as usize).min(self.samples.len());
+        self.samples.range(a.min(b)..b).copied().collect()
+    }
+
+    /// When sample `index` arrived, assuming the caller streams in real time within a chunk.
+    fn arrival(&self, index: u64) -> Instant {
+        let &(end, at) = self
+            .clock
+            .iter()
+            .find(|(end, _)| *end > index)
+            .or(self.clock.back())
+            .expect("the window has seen audio");
+        let behind = end.saturating_sub(index) as f64 / MODEL_RATE as f64;
+        at.checked_sub(Duration::from_secs_f64(behind))
+            .unwrap_or(at)
+    }
+}
+
+/// Runs the VAD over the call's 16 kHz audio and reports turn events.
+pub async fn detect(
+    vad: VadHandle,
+    settings: TurnSettings,
+    mut input: mpsc::Receiver<Heard>,
+    events: mpsc::Sender<VadEvent>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let flen = frame_len(MODEL_RATE);
+    let pad = settings.speech_pad_ms as u64 * MODEL_RATE as u64 / 1000;
+    let max_turn = settings.max_turn_ms as u64 * MODEL_RATE as u64 / 1000;
+    let mut detector = TurnDetector::new(settings, MODEL_RATE);
+    let mut state = Some(SileroState::new(MODEL_RATE).expect("16 kHz is supported"));
+    let mut window = AudioWindow {
+        start: 0,
+        samples: VecDeque::new(),
+        clock: VecDeque::new(),
+    };
+    // Absolute index of the next sample the VAD has not seen.
+    let mut analysed: u64 = 0;
+    // Where the turn in progress (or a candidate) started, if any.
+    let mut turn_start: Option<u64> = None;
+    let mut out = Vec::new();
+    loop {
+        let heard = tokio::select! {
+            _ = cancel.cancelled() => return,
+            h = input.recv() => match h { Some(h) => h, None => return },
+        };
+        window.push(&heard);
+        let ready = ((window.end() - analysed) / flen as u64) as usize * flen;
+        if ready == 0 {
+            continue;
+        }
+        let frames = window.slice(analysed, analysed + ready as u64);
+        let result = vad.infer(
+            state.take().expect("state is returned after every job"),
+            frames,
+        );
+        let (s, probs) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = result => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    metrics.error("vad");
+                    let _ = events.send(VadEvent::Failed(e.to_string())).await;
+                    return;
+                }
+            },
+        };
+        state = Some(s);
+        for p in probs {
+            let (a, b) = (analysed, analysed + flen as u64);
+            analysed = b;
+            detector.push(a, b, p, &mut out);
+            if turn_start.is_none() && p >= settings.start_threshold {
+                turn_start = Some(a.saturating_sub(pad));
+            }
+            for ev in out.drain(..) {
+                let now = Instant::now();
+                let msg = match ev {
+                    TurnEvent::SpeechStart { start } => {
+                        turn_start = Some(start);
+                        VadEvent::SpeechStart
+                    }
+                    TurnEvent::Interruption { .. } => VadEvent::Interruption { detected: now },
+                    TurnEvent::SpeechEnd { start, end, forced } => {
+                        let speech_end = if forced { end } else { end.saturating_sub(pad) };
+                        let audio: Arc<[f32]> = window.slice(start, end).into();
+                        turn_start = None;
+                        VadEvent::SpeechEnd {
+                            audio,
+                            true_end: window.arrival(speech_end),
+                            detected: now,
+                            forced,
+                        }
+                    }
+                };
+                if events.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            if !detector.in_speech() && p < settings.end_threshold {
+                turn_start = None;
+            }
+        }
+        // Keep the turn in progress (bounded by the longest turn), or a second of pre-roll.
+        let keep = match turn_start {
+            Some(s) => s.max(analysed.saturating_sub(max_turn + pad)),
+            None => analysed.saturating_sub(MODEL_RATE as u64),
+        };
+        window.trim(keep);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_slices_and_times_samples() {
+        let t0 = Instant::now();
+        let mut w = AudioWindow {
+            start: 0,
+            samples: VecDeque::new(),
+            clock: VecDeque::new(),
+        };
+        w.push(&Heard {
+            samples: vec![1.0; 16_000],
+            arrived: t0 + Duration::from_secs(1),
+        });
+        w.push(&Heard {
+            samples: vec![2.0; 16_000],
+            arrived: t0 + Duration::from_secs(2),
+        });
+        assert_eq!(w.arrival(8_000), t0 + Duration::from_millis(500));
+        assert_eq!(w.arrival(24_000), t0 + Duration::from_millis(1500));
+        w.trim(10_000);
+        assert_eq!(w.start, 10_000);
+        assert_eq!(
+            w.slice(15_990, 16_010),
+            [vec![1.0; 10], vec![2.0; 10]].concat()
+        );
+        assert_eq!(w.slice(0, 10_002), vec![1.0; 2]);
+    }
+}

@@ -1,0 +1,112 @@
+//! The call pipeline: one actor per call ([`call`]) that owns the conversation, fed by the
+//! listening stages ([`listen`]: resample → VAD) and driving one reply at a time through the
+//! speaking stages (model → [`sentence`] accumulator → synthesizer → [`pacer`]). Stages are tokio
+//! tasks joined by bounded channels; a reply's tasks share one cancellation token, a child of the
+//! call's, so a barge-in stops exactly that reply.
+
+pub mod call;
+pub mod conversation;
+pub mod listen;
+pub mod pacer;
+pub mod sentence;
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::vad::TurnSettings;
+
+/// What a call sends towards its transport. The transport encodes it for its wire protocol.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// One frame of bot audio at the caller's output rate. `reply` is the reply's token: a frame
+    /// whose reply was cancelled while it waited in the queue is dropped, never sent.
+    Audio {
+        samples: Vec<f32>,
+        reply: CancellationToken,
+    },
+    /// A unit of bot text as it goes to the synthesizer.
+    Transcript { text: String },
+    /// Barge-in: the client must stop playback at once. `spoken` is what the user heard.
+    Clear { reply: u64, spoken: String },
+    /// The latency timeline of a reply, once its first audio is out.
+    Timeline(Timeline),
+    /// The conversation so far, on request.
+    History(conversation::Conversation),
+    /// A recoverable problem with the caller's input; the call goes on.
+    Error { kind: &'static str, message: String },
+}
+
+/// Per-reply stage times in milliseconds after the true end of the user's speech.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Timeline {
+    pub reply: u64,
+    /// Length of the user's turn audio.
+    pub user_audio_ms: f64,
+    pub vad_end_ms: Option<f64>,
+    pub first_token_ms: Option<f64>,
+    pub first_unit_ms: Option<f64>,
+    pub first_synth_byte_ms: Option<f64>,
+    pub first_audio_sent_ms: Option<f64>,
+}
+
+impl Timeline {
+    pub fn offset(from: Instant, to: Instant) -> f64 {
+        to.saturating_duration_since(from).as_secs_f64() * 1000.0
+    }
+}
+
+/// Knobs of the pipeline that apply to every call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineSettings {
+    pub vad: TurnSettings,
+    /// How far ahead of real time audio may be sent; bounds how long a barge-in takes to silence
+    /// the client.
+    pub output_lead_ms: u32,
+    /// Length of each audio message to the caller.
+    pub output_frame_ms: u32,
+    /// Words before the first clause of a reply may go to TTS on its own (0: whole sentences).
+    pub first_clause_words: usize,
+    /// Longest text unit sent to TTS.
+    pub max_unit_chars: usize,
+    /// Used when the client sends none.
+    pub system_prompt: Option<String>,
+    /// Spoken at call start when the client sends none.
+    pub first_message: Option<String>,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        PipelineSettings {
+            vad: TurnSettings::default(),
+            output_lead_ms: 300,
+            output_frame_ms: 20,
+            first_clause_words: 4,
+            max_unit_chars: 240,
+            system_prompt: None,
+            first_message: None,
+        }
+    }
+}
+
+impl PipelineSettings {
+    pub fn lead(&self) -> Duration {
+        Duration::from_millis(self.output_lead_ms as u64)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.vad.validate()?;
+        if !(5..=200).contains(&self.output_frame_ms) {
+            return Err("output_frame_ms must be within 5..=200".into());
+        }
+        if self.output_lead_ms < self.output_frame_ms {
+            return Err("output_lead_ms must be at least output_frame_ms".into());
+        }
+        if self.max_unit_chars < 20 {
+            return Err("max_unit_chars must be at least 20".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,354 @@
+//! The output pacer: takes a reply's synthesized audio, converts it to the caller's rate, cuts it
+//! into frames and hands each frame to the transport no earlier than `lead` ahead of real time.
+//! Because the client never holds more than `lead` of audio, a barge-in silences it within that
+//! lead. The pacer also keeps the playout ledger: when each unit's samples play on the client, so
+//! the call can tell how much of the reply was heard.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::Outbound;
+use crate::audio::resample::StreamResampler;
+use crate::tts::AudioStream;
+
+/// Where each unit's audio plays on the client's clock.
+#[derive(Debug, Clone, Default)]
+pub struct Playout {
+    pub sample_rate: u32,
+    pub units: Vec<UnitPlayout>,
+    /// When the client will have played everything sent so far.
+    pub ends_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UnitPlayout {
+    /// Contiguous runs of this unit's samples: (when the run starts playing, samples in it).
+    pub runs: Vec<(Instant, u64)>,
+    /// Total samples of the unit, once synthesis finished it.
+    pub total: Option<u64>,
+}
+
+impl Playout {
+    /// The fraction of each unit played by `now`. A unit whose synthesis had not finished counts
+    /// against the samples known so far.
+    pub fn played_fraction(&self, now: Instant) -> Vec<f64> {
+        let rate = self.sample_rate.max(1) as f64;
+        self.units
+            .iter()
+            .map(|u| {
+                let played: f64 = u
+                    .runs
+                    .iter()
+                    .map(|&(start, n)| {
+                        let secs = now.saturating_duration_since(start).as_secs_f64();
+                        (secs * rate).min(n as f64)
+                    })
+                    .sum();
+                let total = u.total.unwrap_or_else(|| u.runs.iter().map(|r| r.1).sum()) as f64;
+                if total <= 0.0 {
+                    if u.total.is_some() {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                } else {
+                    (played / total).min(1.0)
+                }
+            })
+            .collect()
+    }
+}
+
+/// What the pacer tells the call as it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacerEvent {
+    FirstSynthAudio(Instant),
+    FirstAudioSent(Instant),
+    /// Everything was handed over; the client finishes playing at the given instant.
+    Finished {
+        plays_until: Instant,
+    },
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PacerSettings {
+    pub output_rate: u32,
+    pub frame_ms: u32,
+    pub lead: Duration,
+}
+
+/// Runs the pacer until the audio stream ends or `cancel` fires. `send` delivers frames to the
+/// transport; `events` reports milestones; `ledger` is updated as frames go out.
+pub async fn run(
+    settings: PacerSettings,
+    mut audio: AudioStream,
+    send: mpsc::Sender<Outbound>,
+    events: mpsc::Sender<PacerEvent>,
+    ledger: watch::Sender<Playout>,
+    cancel: CancellationToken,
+) {
+    let frame_len = (settings.output_rate * settings.frame_ms / 1000) as usize;
+    let frame_dur = Duration::from_secs_f64(frame_len as f64 / settings.output_rate as f64);
+    let mut resampler: Option<StreamResampler> = None;
+    let mut pending: Vec<f32> = Vec::new();
+    // Unit of each sample in `pending`, as runs: (unit, samples).
+    let mut pending_units: Vec<(usize, usize)> = Vec::new();
+    let mut plays_until = now();
+    let mut first_synth = true;
+    let mut first_sent = true;
+    ledger.send_modify(|l| {
+        *l = Playout {
+            sample_rate: settings.output_rate,
+            ..Default::default()
+        };
+    });
+
+    loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => return,
+            n = audio.recv() => n,
+        };
+        let (samples, unit, unit_done, at_end) = match next {
+            Some(Ok(chunk)) => {
+                if first_synth && !chunk.samples.is_empty() {
+                    first_synth = false;
+                    let _ = events
+                        .send(PacerEvent::FirstSynthAudio(now()))
+                        .await;
+                }
+                let r = match &mut resampler {
+                    Some(r) if r.input_rate() == chunk.sample_rate => r,
+                    slot => match StreamResampler::new(chunk.sample_rate, settings.output_rate) {
+                        Ok(r) => slot.insert(r),
+                        Err(e) => {
+                            tracing::error!(error = %e, "pacer cannot resample synthesized audio");
+                            let _ = events.send(PacerEvent::Failed).await;
+                            return;
+                        }
+                    },
+                };
+                let mut out = match r.push(&chunk.samples) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        tracing::error!(error = %e, "pacer resampling failed");
+                        let _ = events.send(PacerEvent::Failed).await;
+                        return;
+                    }
+                };
+                if chunk.unit_done {
+                    // Flush so the unit's last samples are attributed to it.
+                    out.extend(r.flush().unwrap_or_default());
+                }
+                (out, chunk.unit, chunk.unit_done, false)
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "synthesis failed mid-reply");
+                let _ = events.send(PacerEvent::Failed).await;
+                (Vec::new(), 0, false, true)
+            }
+            None => (Vec::new(), 0, false, true),
+        };
+        if !samples.is_empty() {
+            match pending_units.last_mut() {
+                Some((u, n)) if *u == unit => *n += samples.len(),
+                _ => pending_units.push((unit, samples.len())),
+            }
+            pending.extend_from_slice(&samples);
+        }
+        if unit_done {
+            ledger.send_modify(|l| {
+                ensure_unit(l, unit);
+                let sent: u64 = l.units[unit].runs.iter().map(|r| r.1).sum();
+                let queued: u64 = pending_units
+                    .iter()
+                    .filter(|(u, _)| *u == unit)
+                    .map(|&(_, n)| n as u64)
+                    .sum();
+                l.units[unit].total = Some(sent + queued);
+            });
+        }
+        // Send whole frames; at the end (or the end of a unit) send the remainder too.
+        while pending.len() >= frame_len || ((at_end || unit_done) && !pending.is_empty()) {
+            let n = frame_len.min(pending.len());
+            let frame: Vec<f32> = pending.drain(..n).collect();
+            // Wait until sending keeps the client's buffer within the lead.
+            let ahead = plays_until.saturating_duration_since(now());
+            if ahead + frame_dur > settings.lead {
+                let wait = ahead + frame_dur - settings.lead;
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            if cancel.is_cancelled() {
+                return;
+            }
+            let start = plays_until.max(now());
+            plays_until = start + Duration::from_secs_f64(n as f64 / settings.output_rate as f64);
+            // Attribute the frame's samples to units, oldest first.
+            let mut left = n;
+            let mut offset = 0u64;
+            let mut runs = Vec::new();
+            while left > 0 {
+                let (u, avail) = &mut pending_units[0];
+                let take = left.min(*avail);
+                let at =
+                    start + Duration::from_secs_f64(offset as f64 / settings.output_rate as f64);
+                runs.push((*u, at, take as u64));
+                *avail -= take;
+                left -= take;
+                offset += take as u64;
+                if *avail == 0 {
+                    pending_units.remove(0);
+                }
+            }
+            ledger.send_modify(|l| {
+                for &(u, at, k) in &runs {
+                    ensure_unit(l, u);
+                    l.units[u].runs.push((at, k));
+                }
+                l.ends_at = Some(plays_until);
+            });
+            let out = Outbound::Audio {
+                samples: frame,
+                reply: cancel.clone(),
+            };
+            if send.send(out).await.is_err() {
+                return;
+            }
+            if first_sent {
+                first_sent = false;
+                let _ = events
+                    .send(PacerEvent::FirstAudioSent(now()))
+                    .await;
+            }
+        }
+        if at_end {
+            let _ = events.send(PacerEvent::Finished { plays_until }).await;
+            return;
+        }
+    }
+}
+
+/// The current time on tokio's clock (which tests can pause), as a std instant.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+fn ensure_unit(l: &mut Playout, unit: usize) {
+    if l.units.len() <= unit {
+        l.units.resize_with(unit + 1, UnitPlayout::default);
+    }
+}
+
+/// The words of `units` heard by `now`: whole units played in full, then the share of the words
+/// of a partly played unit that matches the share of its audio played.
+pub fn spoken_text(units: &[String], playout: &Playout, now: Instant) -> (String, bool) {
+    let fractions = playout.played_fraction(now);
+    let mut words: Vec<&str> = Vec::new();
+    let mut complete = true;
+    for (i, text) in units.iter().enumerate() {
+        let f = fractions.get(i).copied().unwrap_or(0.0);
+        let all: Vec<&str> = text.split_whitespace().collect();
+        if f >= 0.999 {
+            words.extend(all);
+            continue;
+        }
+        complete = false;
+        let k = (f * all.len() as f64).floor() as usize;
+        words.extend(&all[..k]);
+        break;
+    }
+    (words.join(" "), complete)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tts::SynthChunk;
+
+    fn chunk(unit: usize, secs: f32, rate: u32, done: bool) -> SynthChunk {
+        SynthChunk {
+            unit,
+            samples: vec![0.1; (secs * rate as f32) as usize],
+            sample_rate: rate,
+            unit_done: done,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn holds_output_to_the_lead_and_fills_the_ledger() {
+        let (atx, arx) = mpsc::channel(8);
+        let (ftx, mut frx) = mpsc::channel(1024);
+        let (etx, mut erx) = mpsc::channel(16);
+        let (ltx, lrx) = watch::channel(Playout::default());
+        let settings = PacerSettings {
+            output_rate: 16_000,
+            frame_ms: 20,
+            lead: Duration::from_millis(100),
+        };
+        let started = now();
+        let task = tokio::spawn(run(settings, arx, ftx, etx, ltx, CancellationToken::new()));
+        atx.send(Ok(chunk(0, 1.0, 16_000, true))).await.unwrap();
+        atx.send(Ok(chunk(1, 0.5, 22_050, true))).await.unwrap();
+        drop(atx);
+        let mut got = 0usize;
+        let mut max_ahead = Duration::ZERO;
+        while let Some(Outbound::Audio { samples, .. }) = frx.recv().await {
+            got += samples.len();
+            let played = now() - started;
+            let sent = Duration::from_secs_f64(got as f64 / 16_000.0);
+            max_ahead = max_ahead.max(sent.saturating_sub(played));
+        }
+        task.await.unwrap();
+        assert_eq!(got, 16_000 + 8_000);
+        assert!(
+            max_ahead <= Duration::from_millis(100),
+            "ran {max_ahead:?} ahead"
+        );
+        assert_eq!(erx.recv().await, Some(PacerEvent::FirstSynthAudio(started)));
+        let l = lrx.borrow().clone();
+        assert_eq!(l.units[0].total, Some(16_000));
+        assert_eq!(l.units[1].total, Some(8_000));
+        let units = vec!["one two three four".to_string(), "five six".to_string()];
+        let at_half = started + Duration::from_millis(500);
+        assert_eq!(
+            spoken_text(&units, &l, at_half),
+            ("one two".to_string(), false)
+        );
+        let at_end = started + Duration::from_secs(2);
+        assert_eq!(
+            spoken_text(&units, &l, at_end),
+            ("one two three four five six".into(), true)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_stops_sending_at_once() {
+        let (atx, arx) = mpsc::channel(8);
+        let (ftx, mut frx) = mpsc::channel(1024);
+        let (etx, _erx) = mpsc::channel(16);
+        let (ltx, _lrx) = watch::channel(Playout::default());
+        let cancel = CancellationToken::new();
+        let settings = PacerSettings {
+            output_rate: 8_000,
+            frame_ms: 20,
+            lead: Duration::from_millis(200),
+        };
+        let task = tokio::spawn(run(settings, arx, ftx, etx, ltx, cancel.clone()));
+        atx.send(Ok(chunk(0, 5.0, 8_000, true))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cancel.cancel();
+        task.await.unwrap();
+        let mut n = 0;
+        while let Ok(Outbound::Audio { samples, .. }) = frx.try_recv() {
+            n += samples.len();
+        }
+        // 500 ms played plus at most the 200 ms lead.
+        assert!(n <= 8 * 700 + 160, "sent {n} samples");
+        assert!(n >= 8 * 500, "sent {n} samples");
+    }
+}

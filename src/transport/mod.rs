@@ -1,0 +1,5 @@
+//! Transports: the wire protocols callers speak. Each turns its frames into calls to a
+//! [`crate::pipeline::call::CallHandle`] and encodes the call's [`crate::pipeline::Outbound`]
+//! messages for the wire.
+
+pub mod vocode;

@@ -1,0 +1,6 @@
+//! The Vocode websocket protocol at `/conversation` (what the public `vocode` React SDK speaks in
+//! self-hosted mode), with taolun's `system_prompt`/`first_message` and our `gazelle_*`
+//! extensions. See PROTOCOL.md beside this file.
+
+pub mod handler;
+pub mod protocol;

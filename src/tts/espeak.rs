@@ -1,0 +1,301 @@
+//! The local voice: libespeak-ng, loaded at run time from the PyPI `espeakng-loader` wheel that
+//! `scripts/setup` unpacks (or any libespeak-ng with its data folder), so a fresh machine speaks
+//! without network, keys or root. The library keeps global state and is not thread-safe, so one
+//! engine thread owns it and serves every call's units in turn; espeak runs far faster than real
+//! time, so the queue stays short.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_short, c_uint, c_void, CString};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{AudioStream, SynthChunk, Synthesizer, TextUnit, TtsError, AUDIO_QUEUE};
+
+const AUDIO_OUTPUT_SYNCHRONOUS: c_int = 2;
+const POS_CHARACTER: c_int = 1;
+const ESPEAK_CHARS_UTF8: c_uint = 1;
+const ESPEAK_RATE: c_int = 1;
+/// Milliseconds of audio per callback: the granularity of streaming and of cancellation.
+const BUFFER_MS: c_int = 40;
+/// Units waiting for the engine thread; callers wait when it is full.
+const ENGINE_QUEUE: usize = 256;
+
+type SynthCallback = unsafe extern "C" fn(*mut c_short, c_int, *mut c_void) -> c_int;
+
+struct Api {
+    _lib: libloading::Library,
+    synth: unsafe extern "C" fn(
+        *const c_void,
+        usize,
+        c_uint,
+        c_int,
+        c_uint,
+        c_uint,
+        *mut c_uint,
+        *mut c_void,
+    ) -> c_int,
+}
+
+/// Settings of the local voice.
+#[derive(Debug, Clone)]
+pub struct EspeakConfig {
+    /// The folder holding `libespeak-ng.so` and `espeak-ng-data/`.
+    pub dir: PathBuf,
+    /// An espeak-ng voice name, e.g. `en-us`.
+    pub voice: String,
+    /// Words per minute.
+    pub rate_wpm: u32,
+}
+
+struct Job {
+    text: String,
+    cancel: CancellationToken,
+    /// Unbounded on purpose: the engine thread is shared by every call and must never wait on one
+    /// call's consumer. A unit is at most a sentence, so one job's audio is bounded.
+    out: mpsc::UnboundedSender<Vec<f32>>,
+}
+
+/// The espeak-ng synthesizer; cheap to clone, all clones share the engine thread.
+#[derive(Clone)]
+pub struct Espeak {
+    jobs: mpsc::Sender<Job>,
+    sample_rate: u32,
+}
+
+thread_local! {
+    /// The job the engine thread is speaking; the C callback writes into it.
+    static CURRENT: RefCell<Option<(mpsc::UnboundedSender<Vec<f32>>, CancellationToken)>> =
+        const { RefCell::new(None) };
+}
+
+unsafe extern "C" fn on_audio(wav: *mut c_short, n: c_int, _events: *mut c_void) -> c_int {
+    CURRENT.with(|cur| {
+        let cur = cur.borrow();
+        let Some((out, cancel)) = cur.as_ref() else {
+            return 1;
+        };
+        if cancel.is_cancelled() {
+            return 1; // tells espeak to abort this utterance
+        }
+        if !wav.is_null() && n > 0 {
+            // SAFETY: espeak hands us `n` valid samples for the duration of the callback.
+            let pcm = unsafe { std::slice::from_raw_parts(wav, n as usize) };
+            let samples = pcm
+                .iter()
+                .map(|&s| crate::audio::pcm::i16_to_f32(s))
+                .collect();
+            if out.send(samples).is_err() {
+                return 1;
+            }
+        }
+        0
+    })
+}
+
+impl Espeak {
+    /// Loads the library and starts the engine thread.
+    pub fn start(config: &EspeakConfig) -> Result<Self, TtsError> {
+        let lib_path = config.dir.join("libespeak-ng.so");
+        let data = config.dir.join("espeak-ng-data");
+        if !lib_path.is_file() || !data.is_dir() {
+            return Err(TtsError::Unavailable(format!(
+                "{} or {} is missing; run scripts/setup to fetch the espeak-ng voice",
+                lib_path.display(),
+                data.display()
+            )));
+        }
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (jobs, rx) = mpsc::channel::<Job>(ENGINE_QUEUE);
+        let config = config.clone();
+        std::thread::Builder::new()
+            .name("espeak".into())
+            .spawn(move || match init(&lib_path, &config.dir, &config) {
+                Ok((api, rate)) => {
+                    let _ = ready_tx.send(Ok(rate));
+                    engine(api, rx);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| TtsError::Unavailable(e.to_string()))?;
+        let sample_rate = ready_rx
+            .recv()
+            .map_err(|_| TtsError::Unavailable("the espeak thread died".into()))??;
+        Ok(Espeak { jobs, sample_rate })
+    }
+
+    /// Speaks one text to completion (for tests and tools).
+    pub async fn speak(&self, text: &str) -> Result<Vec<f32>, TtsError> {
+        let (out, mut rx) = mpsc::unbounded_channel();
+        let job = Job {
+            text: text.to_string(),
+            cancel: CancellationToken::new(),
+            out,
+        };
+        self.jobs.send(job).await.map_err(|_| gone())?;
+        let mut all = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            all.extend(chunk);
+        }
+        Ok(all)
+    }
+}
+
+fn gone() -> TtsError {
+    TtsError::Unavailable("the espeak engine thread has stopped".into())
+}
+
+fn init(lib_path: &Path, dir: &Path, config: &EspeakConfig) -> Result<(Api, u32), TtsError> {
+    let fail = |what: &str, e: String| TtsError::Unavailable(format!("{what}: {e}"));
+    // SAFETY: loading a C library whose symbols we call with their documented signatures.
+    unsafe {
+        let lib = libloading::Library::new(lib_path).map_err(|e| {
+            fail(
+                &format!("cannot load {}", lib_path.display()),
+                e.to_string(),
+            )
+        })?;
+        let initialize: libloading::Symbol<
+            unsafe extern "C" fn(c_int, c_int, *const c_char, c_int) -> c_int,
+        > = lib
+            .get(b"espeak_Initialize")
+            .map_err(|e| fail("espeak_Initialize", e.to_string()))?;
+        let set_cb: libloading::Symbol<unsafe extern "C" fn(SynthCallback)> = lib
+            .get(b"espeak_SetSynthCallback")
+            .map_err(|e| fail("espeak_SetSynthCallback", e.to_string()))?;
+        let set_voice: libloading::Symbol<unsafe extern "C" fn(*const c_char) -> c_int> = lib
+            .get(b"espeak_SetVoiceByName")
+            .map_err(|e| fail("espeak_SetVoiceByName", e.to_string()))?;
+        let set_param: libloading::Symbol<unsafe extern "C" fn(c_int, c_int, c_int) -> c_int> = lib
+            .get(b"espeak_SetParameter")
+            .map_err(|e| fail("espeak_SetParameter", e.to_string()))?;
+        let synth = *lib
+            .get(b"espeak_Synth")
+            .map_err(|e| fail("espeak_Synth", e.to_string()))?;
+        let path = CString::new(dir.as_os_str().as_encoded_bytes())
+            .map_err(|e| fail("data path", e.to_string()))?;
+        let rate = initialize(AUDIO_OUTPUT_SYNCHRONOUS, BUFFER_MS, path.as_ptr(), 0);
+        if rate <= 0 {
+            return Err(fail("espeak_Initialize", format!("returned {rate}")));
+        }
+        set_cb(on_audio);
+        let voice =
+            CString::new(config.voice.as_str()).map_err(|e| fail("voice", e.to_string()))?;
+        if set_voice(voice.as_ptr()) != 0 {
+            return Err(TtsError::Unavailable(format!(
+                "espeak-ng has no voice named {:?}",
+                config.voice
+            )));
+        }
+        set_param(ESPEAK_RATE, config.rate_wpm as c_int, 0);
+        Ok((Api { _lib: lib, synth }, rate as u32))
+    }
+}
+
+fn engine(api: Api, mut rx: mpsc::Receiver<Job>) {
+    while let Some(job) = rx.blocking_recv() {
+        if job.cancel.is_cancelled() {
+            continue;
+        }
+        let Ok(text) = CString::new(job.text.replace('\0', " ")) else {
+            continue;
+        };
+        CURRENT.with(|c| *c.borrow_mut() = Some((job.out, job.cancel)));
+        // SAFETY: `text` is a valid NUL-terminated UTF-8 string that outlives the call; in
+        // synchronous mode espeak returns only after the last callback.
+        unsafe {
+            (api.synth)(
+                text.as_ptr() as *const c_void,
+                text.as_bytes_with_nul().len(),
+                0,
+                POS_CHARACTER,
+                0,
+                ESPEAK_CHARS_UTF8,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+        }
+        // Dropping the sender ends the job's stream.
+        CURRENT.with(|c| *c.borrow_mut() = None);
+    }
+}
+
+impl Synthesizer for Espeak {
+    fn name(&self) -> &str {
+        "espeak"
+    }
+
+    fn sample_rate(&self) -> u32 {
+        self.sample_rate
+    }
+
+    fn synthesize(
+        &self,
+        mut units: mpsc::Receiver<TextUnit>,
+        cancel: CancellationToken,
+    ) -> AudioStream {
+        let (tx, rx) = mpsc::channel(AUDIO_QUEUE);
+        let engine = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let unit = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    u = units.recv() => match u { Some(u) => u, None => return },
+                };
+                let (out, mut audio) = mpsc::unbounded_channel();
+                let job = Job {
+                    text: unit.text.clone(),
+                    cancel: cancel.clone(),
+                    out,
+                };
+                if engine.jobs.send(job).await.is_err() {
+                    let _ = tx.send(Err(gone())).await;
+                    return;
+                }
+                let mut pending: Option<Vec<f32>> = None;
+                loop {
+                    let next = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        n = audio.recv() => n,
+                    };
+                    // Hold one chunk back so the last one can carry `unit_done`.
+                    let done = next.is_none();
+                    if let Some(samples) = pending.take() {
+                        let chunk = SynthChunk {
+                            unit: unit.index,
+                            samples,
+                            sample_rate: engine.sample_rate,
+                            unit_done: done,
+                        };
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                    } else if done {
+                        // Nothing was spoken (punctuation only): still close the unit.
+                        let chunk = SynthChunk {
+                            unit: unit.index,
+                            samples: Vec::new(),
+                            sample_rate: engine.sample_rate,
+                            unit_done: true,
+                        };
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                    match next {
+                        Some(s) => pending = Some(s),
+                        None => break,
+                    }
+                }
+            }
+        });
+        rx
+    }
+}
+
+/// Shared handle type used by the server.
+pub type SharedSynth = Arc<dyn Synthesizer>;

@@ -1,0 +1,55 @@
+//! Speech synthesis: the [`Synthesizer`] trait the call pipeline talks to, and its providers. A
+//! synthesizer turns a stream of text units into a stream of audio chunks tagged with the unit they
+//! speak, so the pipeline can tell how much of the text reached the user.
+
+pub mod espeak;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TtsError {
+    #[error("the local voice is unavailable: {0}")]
+    Unavailable(String),
+    #[error("synthesis failed: {0}")]
+    Synthesis(String),
+}
+
+/// One speakable piece of a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextUnit {
+    /// Position of the unit within its reply, from 0.
+    pub index: usize,
+    pub text: String,
+}
+
+/// Audio for (part of) a unit, mono f32.
+#[derive(Debug, Clone)]
+pub struct SynthChunk {
+    pub unit: usize,
+    pub samples: Vec<f32>,
+    pub sample_rate: u32,
+    /// The last chunk of its unit.
+    pub unit_done: bool,
+}
+
+/// Audio chunks of a reply, in order. The stream ends when the units' sender drops and everything
+/// is spoken, or at the first `Err`.
+pub type AudioStream = mpsc::Receiver<Result<SynthChunk, TtsError>>;
+
+/// Chunks that may wait between a synthesizer and the output pacer. The pacer holds audio back to
+/// the real-time lead, so a full queue makes synthesis of that reply wait (never other calls').
+pub const AUDIO_QUEUE: usize = 64;
+
+pub trait Synthesizer: Send + Sync + 'static {
+    /// A short name for logs and metrics.
+    fn name(&self) -> &str;
+
+    /// The rate of the audio this synthesizer produces.
+    fn sample_rate(&self) -> u32;
+
+    /// Speaks `units` as they arrive. Once `cancel` fires, in-flight synthesis stops promptly and
+    /// the stream ends.
+    fn synthesize(&self, units: mpsc::Receiver<TextUnit>, cancel: CancellationToken)
+        -> AudioStream;
+}

@@ -1,0 +1,11 @@
+//! Voice activity detection: the Silero model on ONNX Runtime (one session shared by every call,
+//! run on its own thread), and the turn detector that turns frame probabilities into speech-start,
+//! barge-in and speech-end events.
+
+pub mod silero;
+pub mod turn;
+pub mod worker;
+
+pub use silero::{SileroModel, SileroState, VadError};
+pub use turn::{TurnDetector, TurnEvent, TurnSettings};
+pub use worker::VadHandle;
