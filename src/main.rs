@@ -1,22 +1,12 @@
 //! The `gazelle` command line: `serve` runs the voice server.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 use gazelle::config::{Config, SlmKind};
-use gazelle::metrics::Metrics;
-use gazelle::model::{scripted::ScriptedModel, SpeechLanguageModel};
-use gazelle::pipeline::call::Services;
-use gazelle::server::{self, AppState};
-use gazelle::transport::vocode::handler::Limits;
-use gazelle::tts::espeak::{Espeak, EspeakConfig};
-use gazelle::tts::Synthesizer;
-use gazelle::{assets, vad};
+use gazelle::server;
 
 #[derive(Parser)]
 #[command(
@@ -133,44 +123,8 @@ fn init_logging(json: bool) {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = merged_config(&args)?;
     init_logging(config.server.log_json);
-    let ort_lib = assets::ort_lib(config.assets.ort_lib.as_deref())?;
-    let vad_model = assets::vad_model(config.assets.vad_model.as_deref())?;
-    let espeak_dir = assets::espeak_dir(config.assets.espeak_dir.as_deref())?;
-
-    let metrics = Arc::new(Metrics::new());
-    let env = vad::silero::init_runtime(&ort_lib)?;
-    let model = vad::SileroModel::load(env, &vad_model)?;
-    let vad = vad::VadHandle::spawn(model, metrics.clone());
-    let tts: Arc<dyn Synthesizer> = Arc::new(
-        Espeak::start(&EspeakConfig {
-            dir: espeak_dir,
-            voice: config.tts.espeak.voice.clone(),
-            rate_wpm: config.tts.espeak.rate_wpm,
-        })
-        .context("starting the local espeak-ng voice")?,
-    );
-    let slm: Arc<dyn SpeechLanguageModel> = match config.slm.kind {
-        SlmKind::Scripted => Arc::new(ScriptedModel::new(
-            config.slm.reply.clone(),
-            Duration::from_millis(config.slm.token_delay_ms),
-        )),
-    };
-    tracing::info!(slm = slm.name(), tts = tts.name(), vad = %vad_model.display(), "ready");
-
-    let state = AppState {
-        services: Services {
-            slm,
-            tts,
-            vad,
-            metrics,
-            settings: Arc::new(config.pipeline.clone()),
-        },
-        limits: Limits {
-            max_frame_bytes: config.server.max_frame_bytes,
-        },
-        cancel: CancellationToken::new(),
-        calls: Arc::new(tokio::sync::Semaphore::new(config.server.max_calls)),
-    };
+    let services = server::setup::services(&config)?;
+    let state = server::setup::state(&config, services);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let addr = format!("{}:{}", config.server.host, config.server.port);

@@ -115,9 +115,7 @@ pub async fn run(
             Some(Ok(chunk)) => {
                 if first_synth && !chunk.samples.is_empty() {
                     first_synth = false;
-                    let _ = events
-                        .send(PacerEvent::FirstSynthAudio(now()))
-                        .await;
+                    let _ = events.send(PacerEvent::FirstSynthAudio(now())).await;
                 }
                 let r = match &mut resampler {
                     Some(r) if r.input_rate() == chunk.sample_rate => r,
@@ -221,9 +219,7 @@ pub async fn run(
             }
             if first_sent {
                 first_sent = false;
-                let _ = events
-                    .send(PacerEvent::FirstAudioSent(now()))
-                    .await;
+                let _ = events.send(PacerEvent::FirstAudioSent(now())).await;
             }
         }
         if at_end {

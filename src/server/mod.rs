@@ -2,6 +2,8 @@
 //! every connection gets, a cap on concurrent calls, and graceful shutdown (signal → cancel every
 //! call → drain).
 
+pub mod setup;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 

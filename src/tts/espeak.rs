@@ -27,6 +27,8 @@ type SynthCallback = unsafe extern "C" fn(*mut c_short, c_int, *mut c_void) -> c
 
 struct Api {
     _lib: libloading::Library,
+    set_voice: unsafe extern "C" fn(*const c_char) -> c_int,
+    set_param: unsafe extern "C" fn(c_int, c_int, c_int) -> c_int,
     synth: unsafe extern "C" fn(
         *const c_void,
         usize,
@@ -52,18 +54,60 @@ pub struct EspeakConfig {
 
 struct Job {
     text: String,
+    voice: CString,
+    rate_wpm: u32,
     cancel: CancellationToken,
     /// Unbounded on purpose: the engine thread is shared by every call and must never wait on one
     /// call's consumer. A unit is at most a sentence, so one job's audio is bounded.
     out: mpsc::UnboundedSender<Vec<f32>>,
+    /// Set on a voice probe: the engine answers whether the voice exists instead of speaking.
+    checked: Option<std::sync::mpsc::Sender<Result<(), TtsError>>>,
 }
 
-/// The espeak-ng synthesizer; cheap to clone, all clones share the engine thread.
+fn spawn_engine(dir: &Path) -> Result<(mpsc::Sender<Job>, u32), TtsError> {
+    let lib_path = dir.join("libespeak-ng.so");
+    let data = dir.join("espeak-ng-data");
+    if !lib_path.is_file() || !data.is_dir() {
+        return Err(TtsError::Unavailable(format!(
+            "{} or {} is missing; run scripts/setup to fetch the espeak-ng voice",
+            lib_path.display(),
+            data.display()
+        )));
+    }
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (jobs, rx) = mpsc::channel::<Job>(ENGINE_QUEUE);
+    let dir = dir.to_path_buf();
+    std::thread::Builder::new()
+        .name("espeak".into())
+        .spawn(move || match init(&lib_path, &dir) {
+            Ok((api, rate)) => {
+                let _ = ready_tx.send(Ok(rate));
+                engine(api, rx);
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        })
+        .map_err(|e| TtsError::Unavailable(e.to_string()))?;
+    let rate = ready_rx
+        .recv()
+        .map_err(|_| TtsError::Unavailable("the espeak thread died".into()))??;
+    Ok((jobs, rate))
+}
+
+/// The espeak-ng synthesizer; cheap to clone. Every instance in the process shares one engine
+/// thread (the library has process-wide state); each carries its own voice and rate.
 #[derive(Clone)]
 pub struct Espeak {
     jobs: mpsc::Sender<Job>,
     sample_rate: u32,
+    voice: CString,
+    rate_wpm: u32,
 }
+
+/// The process's engine: its queue and output rate, or why it could not start.
+static ENGINE: std::sync::OnceLock<Result<(mpsc::Sender<Job>, u32), TtsError>> =
+    std::sync::OnceLock::new();
 
 thread_local! {
     /// The job the engine thread is speaking; the C callback writes into it.
@@ -96,46 +140,36 @@ unsafe extern "C" fn on_audio(wav: *mut c_short, n: c_int, _events: *mut c_void)
 }
 
 impl Espeak {
-    /// Loads the library and starts the engine thread.
+    /// Starts the engine thread on first use (later calls reuse it, whatever their `dir`) and
+    /// checks the voice.
     pub fn start(config: &EspeakConfig) -> Result<Self, TtsError> {
-        let lib_path = config.dir.join("libespeak-ng.so");
-        let data = config.dir.join("espeak-ng-data");
-        if !lib_path.is_file() || !data.is_dir() {
-            return Err(TtsError::Unavailable(format!(
-                "{} or {} is missing; run scripts/setup to fetch the espeak-ng voice",
-                lib_path.display(),
-                data.display()
-            )));
-        }
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (jobs, rx) = mpsc::channel::<Job>(ENGINE_QUEUE);
-        let config = config.clone();
-        std::thread::Builder::new()
-            .name("espeak".into())
-            .spawn(move || match init(&lib_path, &config.dir, &config) {
-                Ok((api, rate)) => {
-                    let _ = ready_tx.send(Ok(rate));
-                    engine(api, rx);
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            })
-            .map_err(|e| TtsError::Unavailable(e.to_string()))?;
-        let sample_rate = ready_rx
-            .recv()
-            .map_err(|_| TtsError::Unavailable("the espeak thread died".into()))??;
-        Ok(Espeak { jobs, sample_rate })
+        let (jobs, sample_rate) = ENGINE.get_or_init(|| spawn_engine(&config.dir)).clone()?;
+        let voice = CString::new(config.voice.as_str())
+            .map_err(|_| TtsError::Unavailable("voice names cannot contain NUL".into()))?;
+        let (ok_tx, ok_rx) = std::sync::mpsc::channel();
+        let probe = Job {
+            text: String::new(),
+            voice: voice.clone(),
+            rate_wpm: config.rate_wpm,
+            cancel: CancellationToken::new(),
+            out: mpsc::unbounded_channel().0,
+            checked: Some(ok_tx),
+        };
+        // At start-up the queue is empty; `try_send` also works inside an async runtime.
+        jobs.try_send(probe).map_err(|_| gone())?;
+        ok_rx.recv().map_err(|_| gone())??;
+        Ok(Espeak {
+            jobs,
+            sample_rate,
+            voice,
+            rate_wpm: config.rate_wpm,
+        })
     }
 
     /// Speaks one text to completion (for tests and tools).
     pub async fn speak(&self, text: &str) -> Result<Vec<f32>, TtsError> {
         let (out, mut rx) = mpsc::unbounded_channel();
-        let job = Job {
-            text: text.to_string(),
-            cancel: CancellationToken::new(),
-            out,
-        };
+        let job = self.job(text.to_string(), CancellationToken::new(), out);
         self.jobs.send(job).await.map_err(|_| gone())?;
         let mut all = Vec::new();
         while let Some(chunk) = rx.recv().await {
@@ -145,11 +179,29 @@ impl Espeak {
     }
 }
 
+impl Espeak {
+    fn job(
+        &self,
+        text: String,
+        cancel: CancellationToken,
+        out: mpsc::UnboundedSender<Vec<f32>>,
+    ) -> Job {
+        Job {
+            text,
+            voice: self.voice.clone(),
+            rate_wpm: self.rate_wpm,
+            cancel,
+            out,
+            checked: None,
+        }
+    }
+}
+
 fn gone() -> TtsError {
     TtsError::Unavailable("the espeak engine thread has stopped".into())
 }
 
-fn init(lib_path: &Path, dir: &Path, config: &EspeakConfig) -> Result<(Api, u32), TtsError> {
+fn init(lib_path: &Path, dir: &Path) -> Result<(Api, u32), TtsError> {
     let fail = |what: &str, e: String| TtsError::Unavailable(format!("{what}: {e}"));
     // SAFETY: loading a C library whose symbols we call with their documented signatures.
     unsafe {
@@ -183,22 +235,53 @@ fn init(lib_path: &Path, dir: &Path, config: &EspeakConfig) -> Result<(Api, u32)
             return Err(fail("espeak_Initialize", format!("returned {rate}")));
         }
         set_cb(on_audio);
-        let voice =
-            CString::new(config.voice.as_str()).map_err(|e| fail("voice", e.to_string()))?;
-        if set_voice(voice.as_ptr()) != 0 {
-            return Err(TtsError::Unavailable(format!(
-                "espeak-ng has no voice named {:?}",
-                config.voice
-            )));
-        }
-        set_param(ESPEAK_RATE, config.rate_wpm as c_int, 0);
-        Ok((Api { _lib: lib, synth }, rate as u32))
+        let set_voice = *set_voice;
+        let set_param = *set_param;
+        Ok((
+            Api {
+                _lib: lib,
+                synth,
+                set_voice,
+                set_param,
+            },
+            rate as u32,
+        ))
     }
 }
 
 fn engine(api: Api, mut rx: mpsc::Receiver<Job>) {
+    // The voice and rate espeak is set to, to skip reloading them for every unit.
+    let mut current: Option<(CString, u32)> = None;
     while let Some(job) = rx.blocking_recv() {
         if job.cancel.is_cancelled() {
+            continue;
+        }
+        if current.as_ref() != Some(&(job.voice.clone(), job.rate_wpm)) {
+            // SAFETY: valid NUL-terminated strings; called only from this thread.
+            let ok = unsafe { (api.set_voice)(job.voice.as_ptr()) } == 0;
+            if ok {
+                unsafe { (api.set_param)(ESPEAK_RATE, job.rate_wpm as c_int, 0) };
+                current = Some((job.voice.clone(), job.rate_wpm));
+            } else {
+                current = None;
+            }
+            if let Some(tx) = &job.checked {
+                let _ = tx.send(if ok {
+                    Ok(())
+                } else {
+                    Err(TtsError::Unavailable(format!(
+                        "espeak-ng has no voice named {:?}",
+                        job.voice.to_string_lossy()
+                    )))
+                });
+                continue;
+            }
+            if !ok {
+                continue; // the sender drops: an empty unit
+            }
+        }
+        if let Some(tx) = &job.checked {
+            let _ = tx.send(Ok(()));
             continue;
         }
         let Ok(text) = CString::new(job.text.replace('\0', " ")) else {
@@ -247,11 +330,7 @@ impl Synthesizer for Espeak {
                     u = units.recv() => match u { Some(u) => u, None => return },
                 };
                 let (out, mut audio) = mpsc::unbounded_channel();
-                let job = Job {
-                    text: unit.text.clone(),
-                    cancel: cancel.clone(),
-                    out,
-                };
+                let job = engine.job(unit.text.clone(), cancel.clone(), out);
                 if engine.jobs.send(job).await.is_err() {
                     let _ = tx.send(Err(gone())).await;
                     return;

@@ -2,6 +2,7 @@
 //! run on its own thread), and the turn detector that turns frame probabilities into speech-start,
 //! barge-in and speech-end events.
 
+pub mod offline;
 pub mod silero;
 pub mod turn;
 pub mod worker;

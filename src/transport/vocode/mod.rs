@@ -2,5 +2,6 @@
 //! self-hosted mode), with taolun's `system_prompt`/`first_message` and our `gazelle_*`
 //! extensions. See PROTOCOL.md beside this file.
 
+pub mod client;
 pub mod handler;
 pub mod protocol;

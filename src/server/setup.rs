@@ -1,0 +1,71 @@
+//! Building the shared services from a [`Config`]: find the runtime files, load the VAD, start the
+//! voice and the model. Used by `gazelle serve` and by the integration tests, so both run the
+//! same server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::AppState;
+use crate::assets::{self, AssetError};
+use crate::config::{Config, SlmKind};
+use crate::metrics::Metrics;
+use crate::model::{scripted::ScriptedModel, SpeechLanguageModel};
+use crate::pipeline::call::Services;
+use crate::transport::vocode::handler::Limits;
+use crate::tts::espeak::{Espeak, EspeakConfig};
+use crate::tts::{Synthesizer, TtsError};
+use crate::vad::{self, VadError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Asset(#[from] AssetError),
+    #[error(transparent)]
+    Vad(#[from] VadError),
+    #[error("cannot start the local voice: {0}")]
+    Tts(#[from] TtsError),
+}
+
+/// Loads everything calls share.
+pub fn services(config: &Config) -> Result<Services, SetupError> {
+    let ort_lib = assets::ort_lib(config.assets.ort_lib.as_deref())?;
+    let vad_model = assets::vad_model(config.assets.vad_model.as_deref())?;
+    let espeak_dir = assets::espeak_dir(config.assets.espeak_dir.as_deref())?;
+    let metrics = Arc::new(Metrics::new());
+    let env = vad::silero::init_runtime(&ort_lib)?;
+    let model = vad::SileroModel::load(env, &vad_model)?;
+    let vad = vad::VadHandle::spawn(model, metrics.clone());
+    let tts: Arc<dyn Synthesizer> = Arc::new(Espeak::start(&EspeakConfig {
+        dir: espeak_dir,
+        voice: config.tts.espeak.voice.clone(),
+        rate_wpm: config.tts.espeak.rate_wpm,
+    })?);
+    let slm: Arc<dyn SpeechLanguageModel> = match config.slm.kind {
+        SlmKind::Scripted => Arc::new(ScriptedModel::new(
+            config.slm.reply.clone(),
+            Duration::from_millis(config.slm.token_delay_ms),
+        )),
+    };
+    tracing::info!(slm = slm.name(), tts = tts.name(), vad = %vad_model.display(), "services ready");
+    Ok(Services {
+        slm,
+        tts,
+        vad,
+        metrics,
+        settings: Arc::new(config.pipeline.clone()),
+    })
+}
+
+/// The router state for a config and its services.
+pub fn state(config: &Config, services: Services) -> AppState {
+    AppState {
+        services,
+        limits: Limits {
+            max_frame_bytes: config.server.max_frame_bytes,
+        },
+        cancel: CancellationToken::new(),
+        calls: Arc::new(tokio::sync::Semaphore::new(config.server.max_calls)),
+    }
+}

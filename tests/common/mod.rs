@@ -1,0 +1,90 @@
+//! Shared pieces of the integration tests: the real server on a loopback port, and real speech
+//! from the espeak-ng voice. Missing runtime files fail the tests with the setup hint; nothing is
+//! skipped.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use gazelle::assets;
+use gazelle::audio::resample::resample_all;
+use gazelle::config::Config;
+use gazelle::server::{self, AppState};
+use gazelle::tts::espeak::{Espeak, EspeakConfig};
+use gazelle::vad::{self, SileroModel};
+use tokio::sync::oneshot;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/conversation", self.addr)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Stops the server and waits until every call has ended.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.take().expect("running").send(());
+        self.task.take().expect("running").await.expect("server task");
+    }
+}
+
+pub async fn start_server(config: Config) -> TestServer {
+    let services = server::setup::services(&config).unwrap_or_else(|e| {
+        panic!("cannot start the server's services: {e}\n(run scripts/setup first)")
+    });
+    let state = server::setup::state(&config, services);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let s = state.clone();
+    let task = tokio::spawn(async move {
+        server::serve(listener, s, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    TestServer { addr, state, stop: Some(stop), task: Some(task) }
+}
+
+pub fn espeak() -> Espeak {
+    let dir = assets::espeak_dir(None).expect("the espeak-ng voice (run scripts/setup)");
+    Espeak::start(&EspeakConfig { dir, voice: "en-us".into(), rate_wpm: 175 }).unwrap()
+}
+
+/// `text` spoken by espeak-ng, at `rate`.
+pub async fn speech(text: &str, rate: u32) -> Vec<f32> {
+    let e = espeak();
+    let raw = e.speak(text).await.unwrap();
+    resample_all(&raw, gazelle::tts::Synthesizer::sample_rate(&e), rate).unwrap()
+}
+
+pub fn silence(ms: u32, rate: u32) -> Vec<f32> {
+    vec![0.0; (rate as u64 * ms as u64 / 1000) as usize]
+}
+
+/// A Silero session of our own, to check what the server sends is speech.
+pub fn silero() -> SileroModel {
+    static ENV: OnceLock<()> = OnceLock::new();
+    let lib = assets::ort_lib(None).expect("ONNX Runtime (run scripts/setup)");
+    let env = vad::silero::init_runtime(&lib).unwrap();
+    ENV.get_or_init(|| ());
+    SileroModel::load(env, &assets::vad_model(None).expect("the Silero model (run scripts/setup)"))
+        .unwrap()
+}
+
+/// First and last sample above `threshold` in magnitude: the truth for where speech is.
+pub fn active_span(x: &[f32], threshold: f32) -> Option<(usize, usize)> {
+    let first = x.iter().position(|v| v.abs() > threshold)?;
+    let last = x.iter().rposition(|v| v.abs() > threshold)?;
+    Some((first, last + 1))
+}
