@@ -26,7 +26,11 @@ async fn boundaries_fall_within_100ms_of_the_truth() {
     let settings = TurnSettings::default();
     let pad = (settings.speech_pad_ms * rate / 1000) as i64;
     let found = segments(&mut common::silero(), &clip, rate, settings).unwrap();
-    assert_eq!(found.len(), truth.len(), "segments {found:?} vs truth {truth:?}");
+    assert_eq!(
+        found.len(),
+        truth.len(),
+        "segments {found:?} vs truth {truth:?}"
+    );
     for (seg, (a, b)) in found.iter().zip(&truth) {
         let start_err = (seg.start as i64 + pad - *a as i64) as f64 / rate as f64 * 1000.0;
         let end_err = (seg.end as i64 - pad - *b as i64) as f64 / rate as f64 * 1000.0;

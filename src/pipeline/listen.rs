@@ -151,6 +151,7 @@ pub async fn detect(
             h = input.recv() => match h { Some(h) => h, None => return },
         };
         window.push(&heard);
+        tracing::trace!(n = heard.samples.len(), end = window.end(), "heard");
         let ready = ((window.end() - analysed) / flen as u64) as usize * flen;
         if ready == 0 {
             continue;
@@ -180,6 +181,13 @@ pub async fn detect(
                 turn_start = Some(a.saturating_sub(pad));
             }
             for ev in out.drain(..) {
+                tracing::debug!(
+                    ?ev,
+                    analysed,
+                    end = window.end(),
+                    start = window.start,
+                    "turn event"
+                );
                 let now = Instant::now();
                 let msg = match ev {
                     TurnEvent::SpeechStart { start } => {

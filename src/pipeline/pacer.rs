@@ -4,6 +4,7 @@
 //! lead. The pacer also keeps the playout ledger: when each unit's samples play on the client, so
 //! the call can tell how much of the reply was heard.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -81,7 +82,9 @@ pub struct PacerSettings {
 }
 
 /// Runs the pacer until the audio stream ends or `cancel` fires. `send` delivers frames to the
-/// transport; `events` reports milestones; `ledger` is updated as frames go out.
+/// transport; `events` reports milestones; `ledger` is updated as frames go out. Synthesized audio
+/// is taken as soon as it is ready (so synthesis never waits and every unit's length is known
+/// early); only sending is held to the lead.
 pub async fn run(
     settings: PacerSettings,
     mut audio: AudioStream,
@@ -90,36 +93,61 @@ pub async fn run(
     ledger: watch::Sender<Playout>,
     cancel: CancellationToken,
 ) {
-    let frame_len = (settings.output_rate * settings.frame_ms / 1000) as usize;
-    let frame_dur = Duration::from_secs_f64(frame_len as f64 / settings.output_rate as f64);
+    let rate = settings.output_rate;
+    let frame_len = (rate * settings.frame_ms / 1000) as usize;
+    let secs = |n: usize| Duration::from_secs_f64(n as f64 / rate as f64);
     let mut resampler: Option<StreamResampler> = None;
-    let mut pending: Vec<f32> = Vec::new();
-    // Unit of each sample in `pending`, as runs: (unit, samples).
-    let mut pending_units: Vec<(usize, usize)> = Vec::new();
+    let mut pending: VecDeque<f32> = VecDeque::new();
+    // The unit of each sample in `pending`, as runs: (unit, samples).
+    let mut pending_units: VecDeque<(usize, usize)> = VecDeque::new();
+    // Whether the newest pending unit is complete, so a short tail may go out on its own.
+    let mut tail_complete = false;
+    let mut input_open = true;
     let mut plays_until = now();
     let mut first_synth = true;
     let mut first_sent = true;
     ledger.send_modify(|l| {
         *l = Playout {
-            sample_rate: settings.output_rate,
+            sample_rate: rate,
             ..Default::default()
-        };
+        }
     });
 
     loop {
-        let next = tokio::select! {
+        let sendable =
+            pending.len() >= frame_len || (!pending.is_empty() && (tail_complete || !input_open));
+        if !sendable && !input_open {
+            let _ = events.send(PacerEvent::Finished { plays_until }).await;
+            return;
+        }
+        let n = frame_len.min(pending.len());
+        // Sending this frame now must leave at most `lead` queued on the client.
+        let send_at = plays_until.max(now()) + secs(n);
+        let send_at = send_at.checked_sub(settings.lead).unwrap_or(send_at);
+        tokio::select! {
+            biased;
             _ = cancel.cancelled() => return,
-            n = audio.recv() => n,
-        };
-        let (samples, unit, unit_done, at_end) = match next {
-            Some(Ok(chunk)) => {
+            chunk = audio.recv(), if input_open => {
+                let chunk = match chunk {
+                    Some(Ok(c)) => c,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "synthesis failed mid-reply");
+                        let _ = events.send(PacerEvent::Failed).await;
+                        input_open = false;
+                        continue;
+                    }
+                    None => {
+                        input_open = false;
+                        continue;
+                    }
+                };
                 if first_synth && !chunk.samples.is_empty() {
                     first_synth = false;
                     let _ = events.send(PacerEvent::FirstSynthAudio(now())).await;
                 }
                 let r = match &mut resampler {
                     Some(r) if r.input_rate() == chunk.sample_rate => r,
-                    slot => match StreamResampler::new(chunk.sample_rate, settings.output_rate) {
+                    slot => match StreamResampler::new(chunk.sample_rate, rate) {
                         Ok(r) => slot.insert(r),
                         Err(e) => {
                             tracing::error!(error = %e, "pacer cannot resample synthesized audio");
@@ -128,103 +156,68 @@ pub async fn run(
                         }
                     },
                 };
-                let mut out = match r.push(&chunk.samples) {
-                    Ok(o) => o,
-                    Err(e) => {
-                        tracing::error!(error = %e, "pacer resampling failed");
-                        let _ = events.send(PacerEvent::Failed).await;
-                        return;
-                    }
-                };
+                let mut out = r.push(&chunk.samples).unwrap_or_default();
                 if chunk.unit_done {
                     // Flush so the unit's last samples are attributed to it.
                     out.extend(r.flush().unwrap_or_default());
                 }
-                (out, chunk.unit, chunk.unit_done, false)
-            }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "synthesis failed mid-reply");
-                let _ = events.send(PacerEvent::Failed).await;
-                (Vec::new(), 0, false, true)
-            }
-            None => (Vec::new(), 0, false, true),
-        };
-        if !samples.is_empty() {
-            match pending_units.last_mut() {
-                Some((u, n)) if *u == unit => *n += samples.len(),
-                _ => pending_units.push((unit, samples.len())),
-            }
-            pending.extend_from_slice(&samples);
-        }
-        if unit_done {
-            ledger.send_modify(|l| {
-                ensure_unit(l, unit);
-                let sent: u64 = l.units[unit].runs.iter().map(|r| r.1).sum();
-                let queued: u64 = pending_units
-                    .iter()
-                    .filter(|(u, _)| *u == unit)
-                    .map(|&(_, n)| n as u64)
-                    .sum();
-                l.units[unit].total = Some(sent + queued);
-            });
-        }
-        // Send whole frames; at the end (or the end of a unit) send the remainder too.
-        while pending.len() >= frame_len || ((at_end || unit_done) && !pending.is_empty()) {
-            let n = frame_len.min(pending.len());
-            let frame: Vec<f32> = pending.drain(..n).collect();
-            // Wait until sending keeps the client's buffer within the lead.
-            let ahead = plays_until.saturating_duration_since(now());
-            if ahead + frame_dur > settings.lead {
-                let wait = ahead + frame_dur - settings.lead;
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
+                if !out.is_empty() {
+                    match pending_units.back_mut() {
+                        Some((u, k)) if *u == chunk.unit => *k += out.len(),
+                        _ => pending_units.push_back((chunk.unit, out.len())),
+                    }
+                    pending.extend(out);
+                }
+                tail_complete = chunk.unit_done;
+                if chunk.unit_done {
+                    let unit = chunk.unit;
+                    let queued: u64 = pending_units
+                        .iter()
+                        .filter(|(u, _)| *u == unit)
+                        .map(|&(_, k)| k as u64)
+                        .sum();
+                    ledger.send_modify(|l| {
+                        ensure_unit(l, unit);
+                        let sent: u64 = l.units[unit].runs.iter().map(|r| r.1).sum();
+                        l.units[unit].total = Some(sent + queued);
+                    });
                 }
             }
-            if cancel.is_cancelled() {
-                return;
-            }
-            let start = plays_until.max(now());
-            plays_until = start + Duration::from_secs_f64(n as f64 / settings.output_rate as f64);
-            // Attribute the frame's samples to units, oldest first.
-            let mut left = n;
-            let mut offset = 0u64;
-            let mut runs = Vec::new();
-            while left > 0 {
-                let (u, avail) = &mut pending_units[0];
-                let take = left.min(*avail);
-                let at =
-                    start + Duration::from_secs_f64(offset as f64 / settings.output_rate as f64);
-                runs.push((*u, at, take as u64));
-                *avail -= take;
-                left -= take;
-                offset += take as u64;
-                if *avail == 0 {
-                    pending_units.remove(0);
+            _ = tokio::time::sleep_until(send_at.into()), if sendable => {
+                let frame: Vec<f32> = pending.drain(..n).collect();
+                let start = plays_until.max(now());
+                plays_until = start + secs(n);
+                // Attribute the frame's samples to units, oldest first.
+                let mut left = n;
+                let mut offset = 0;
+                let mut runs = Vec::new();
+                while left > 0 {
+                    let Some((u, avail)) = pending_units.front_mut() else { break };
+                    let take = left.min(*avail);
+                    runs.push((*u, start + secs(offset), take as u64));
+                    *avail -= take;
+                    left -= take;
+                    offset += take;
+                    if *avail == 0 {
+                        pending_units.pop_front();
+                    }
+                }
+                ledger.send_modify(|l| {
+                    for &(u, at, k) in &runs {
+                        ensure_unit(l, u);
+                        l.units[u].runs.push((at, k));
+                    }
+                    l.ends_at = Some(plays_until);
+                });
+                let out = Outbound::Audio { samples: frame, reply: cancel.clone() };
+                if send.send(out).await.is_err() {
+                    return;
+                }
+                if first_sent {
+                    first_sent = false;
+                    let _ = events.send(PacerEvent::FirstAudioSent(now())).await;
                 }
             }
-            ledger.send_modify(|l| {
-                for &(u, at, k) in &runs {
-                    ensure_unit(l, u);
-                    l.units[u].runs.push((at, k));
-                }
-                l.ends_at = Some(plays_until);
-            });
-            let out = Outbound::Audio {
-                samples: frame,
-                reply: cancel.clone(),
-            };
-            if send.send(out).await.is_err() {
-                return;
-            }
-            if first_sent {
-                first_sent = false;
-                let _ = events.send(PacerEvent::FirstAudioSent(now())).await;
-            }
-        }
-        if at_end {
-            let _ = events.send(PacerEvent::Finished { plays_until }).await;
-            return;
         }
     }
 }

@@ -44,7 +44,10 @@ pub fn segments(
         }
     }
     if let Some(start) = open {
-        out.push(Segment { start, end: samples.len() as u64 });
+        out.push(Segment {
+            start,
+            end: samples.len() as u64,
+        });
     }
     Ok(out)
 }

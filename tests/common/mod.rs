@@ -33,11 +33,22 @@ impl TestServer {
     /// Stops the server and waits until every call has ended.
     pub async fn shutdown(mut self) {
         let _ = self.stop.take().expect("running").send(());
-        self.task.take().expect("running").await.expect("server task");
+        self.task
+            .take()
+            .expect("running")
+            .await
+            .expect("server task");
     }
 }
 
 pub async fn start_server(config: Config) -> TestServer {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
     let services = server::setup::services(&config).unwrap_or_else(|e| {
         panic!("cannot start the server's services: {e}\n(run scripts/setup first)")
     });
@@ -53,12 +64,22 @@ pub async fn start_server(config: Config) -> TestServer {
         .await
         .unwrap();
     });
-    TestServer { addr, state, stop: Some(stop), task: Some(task) }
+    TestServer {
+        addr,
+        state,
+        stop: Some(stop),
+        task: Some(task),
+    }
 }
 
 pub fn espeak() -> Espeak {
     let dir = assets::espeak_dir(None).expect("the espeak-ng voice (run scripts/setup)");
-    Espeak::start(&EspeakConfig { dir, voice: "en-us".into(), rate_wpm: 175 }).unwrap()
+    Espeak::start(&EspeakConfig {
+        dir,
+        voice: "en-us".into(),
+        rate_wpm: 175,
+    })
+    .unwrap()
 }
 
 /// `text` spoken by espeak-ng, at `rate`.
@@ -78,8 +99,11 @@ pub fn silero() -> SileroModel {
     let lib = assets::ort_lib(None).expect("ONNX Runtime (run scripts/setup)");
     let env = vad::silero::init_runtime(&lib).unwrap();
     ENV.get_or_init(|| ());
-    SileroModel::load(env, &assets::vad_model(None).expect("the Silero model (run scripts/setup)"))
-        .unwrap()
+    SileroModel::load(
+        env,
+        &assets::vad_model(None).expect("the Silero model (run scripts/setup)"),
+    )
+    .unwrap()
 }
 
 /// First and last sample above `threshold` in magnitude: the truth for where speech is.

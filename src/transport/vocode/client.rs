@@ -91,6 +91,14 @@ pub struct VocodeClient {
     pub events: mpsc::UnboundedReceiver<Event>,
     config: ClientConfig,
     sent_header: bool,
+    /// Owns the socket's read half; aborted on drop so dropping the client hangs up.
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for VocodeClient {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl VocodeClient {
@@ -133,7 +141,7 @@ impl VocodeClient {
             }
         }
         let (tx, events) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Some(msg) = stream.next().await {
                 let at = Instant::now();
                 let kind = match msg {
@@ -155,6 +163,7 @@ impl VocodeClient {
             events,
             config,
             sent_header: false,
+            reader,
         })
     }
 
@@ -212,6 +221,11 @@ impl VocodeClient {
         self.send_text(r#"{"type":"websocket_stop"}"#).await?;
         let _ = self.sink.close().await;
         Ok(())
+    }
+
+    /// Whether the server has closed the connection.
+    pub fn is_finished(&self) -> bool {
+        self.reader.is_finished()
     }
 }
 

@@ -1,0 +1,442 @@
+//! Whole calls against the real server on loopback: a simulated caller streams espeak-ng speech in
+//! real time over the Vocode protocol, with the scripted model and the local voice answering.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use gazelle::audio::{resample::resample_all, Encoding};
+use gazelle::config::Config;
+use gazelle::transport::vocode::client::{ClientConfig, Event, EventKind, VocodeClient};
+use gazelle::vad::{offline::segments, TurnSettings};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const REPLY: &str = "Sure, I can help with that. The weather today is sunny and warm. \
+                     Tomorrow brings some rain in the afternoon, so take an umbrella.";
+
+fn config(reply: &str) -> Config {
+    let mut c = Config::default();
+    c.slm.reply = reply.into();
+    c.slm.token_delay_ms = 5;
+    c
+}
+
+/// Streams `clip` then `tail_ms` of silence in real time, collecting the server's events.
+async fn talk(client: &mut VocodeClient, clip: &[f32], rate: u32, tail_ms: u32) -> Vec<Event> {
+    let mut all = clip.to_vec();
+    all.extend(common::silence(tail_ms, rate));
+    client.stream_realtime(&all, 20).await.unwrap();
+    drain(client)
+}
+
+fn drain(client: &mut VocodeClient) -> Vec<Event> {
+    let mut events = Vec::new();
+    while let Ok(e) = client.events.try_recv() {
+        events.push(e);
+    }
+    events
+}
+
+fn audio_of(events: &[Event]) -> (Vec<f32>, Option<u32>) {
+    let mut out = Vec::new();
+    let mut rate = None;
+    for e in events {
+        if let EventKind::Audio { samples, rate: r } = &e.kind {
+            out.extend(samples);
+            rate = Some(*r);
+        }
+    }
+    (out, rate)
+}
+
+async fn full_turn(rate: u32, encoding: Encoding, wav_header_first: bool) {
+    let server = common::start_server(config(REPLY)).await;
+    let mut cc = ClientConfig::new(rate, encoding);
+    cc.wav_header_first = wav_header_first;
+    let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
+    let mut clip = common::silence(300, rate);
+    clip.extend(common::speech("Hi there, what is the weather like today?", rate).await);
+    let events = talk(&mut client, &clip, rate, 9_000).await;
+
+    // Reply audio arrived at the caller's rate, and it is speech.
+    let (audio, got_rate) = audio_of(&events);
+    assert_eq!(got_rate, Some(rate), "audio at the caller's output rate");
+    let secs = audio.len() as f64 / rate as f64;
+    assert!(secs > 3.0, "only {secs:.2} s of reply audio");
+    let audio16 = resample_all(&audio, rate, 16_000).unwrap();
+    let speech = segments(
+        &mut common::silero(),
+        &audio16,
+        16_000,
+        TurnSettings::default(),
+    )
+    .unwrap();
+    let voiced: u64 = speech.iter().map(|s| s.end - s.start).sum();
+    assert!(
+        voiced as f64 / 16_000.0 > 2.0,
+        "reply audio is not speech: {speech:?}"
+    );
+
+    // The transcript is the reply, unit by unit.
+    let transcript: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Transcript(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(transcript.len() >= 3, "{transcript:?}");
+    assert_eq!(
+        transcript.join(" "),
+        REPLY.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+
+    // Every latency stage was recorded, in order.
+    let timeline = events
+        .iter()
+        .find_map(|e| match &e.kind {
+            EventKind::Timeline(t) => Some(t.clone()),
+            _ => None,
+        })
+        .expect("a gazelle_timeline message");
+    let mut last = 0.0;
+    for stage in [
+        "vad_end_ms",
+        "first_token_ms",
+        "first_unit_ms",
+        "first_synth_byte_ms",
+        "first_audio_sent_ms",
+    ] {
+        let v = timeline[stage]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{stage} missing: {timeline}"));
+        assert!(
+            v >= last,
+            "{stage} = {v} before the previous stage ({last}): {timeline}"
+        );
+        last = v;
+    }
+    eprintln!("{rate} Hz {encoding:?}: {timeline}");
+    // The end-of-turn silence (500 ms) dominates; our own share must be small.
+    let vad_end = timeline["vad_end_ms"].as_f64().unwrap();
+    let first_audio = timeline["first_audio_sent_ms"].as_f64().unwrap();
+    assert!(
+        first_audio - vad_end < 250.0,
+        "VAD end → first audio took {} ms",
+        first_audio - vad_end
+    );
+
+    let metrics = http_get(&server, "/metrics").await;
+    for stage in [
+        "vad_end",
+        "first_token",
+        "first_unit",
+        "first_synth_byte",
+        "first_audio_sent",
+    ] {
+        let needle = format!("gazelle_turn_stage_seconds_count{{stage=\"{stage}\"}} 1");
+        assert!(metrics.contains(&needle), "{needle} not in /metrics");
+    }
+    client.stop().await.unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_turn_linear16_16k() {
+    full_turn(16_000, Encoding::Linear16, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_turn_linear16_48k_with_wav_header_on_first_blob() {
+    full_turn(48_000, Encoding::Linear16, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_turn_mulaw_8k() {
+    full_turn(8_000, Encoding::Mulaw, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barge_in_stops_audio_and_keeps_only_what_was_heard() {
+    let rate = 16_000;
+    let long_reply = "This is a long answer. It goes on for a while so that you can interrupt it. \
+                      Here is another sentence about nothing in particular. And one more after \
+                      that, with several more words in it. Finally the last one ends the reply.";
+    let server = common::start_server(config(long_reply)).await;
+    let mut client = VocodeClient::connect(
+        &server.ws_url(),
+        ClientConfig::new(rate, Encoding::Linear16),
+    )
+    .await
+    .unwrap();
+    let mut clip = common::silence(300, rate);
+    clip.extend(common::speech("Tell me a long story please.", rate).await);
+    client.stream_realtime(&clip, 20).await.unwrap();
+
+    // Keep the line open with silence until 1.5 s of reply audio has arrived.
+    let mut events = Vec::new();
+    let mut first_audio: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let paced = tokio::time::Instant::now();
+    for i in 1.. {
+        client.send_audio(&common::silence(20, rate)).await.unwrap();
+        tokio::time::sleep_until(paced + Duration::from_millis(20 * i)).await;
+        events.extend(drain(&mut client));
+        if first_audio.is_none() {
+            first_audio = events
+                .iter()
+                .find(|e| matches!(e.kind, EventKind::Audio { .. }))
+                .map(|e| e.at);
+        }
+        if first_audio.is_some_and(|t| t.elapsed() > Duration::from_millis(1_500)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reply audio");
+    }
+
+    // Talk over the bot.
+    let interrupt = common::speech("Wait, stop, I have a question.", rate).await;
+    let (onset, offset) = common::active_span(&interrupt, 0.01).unwrap();
+    let sent = client.stream_realtime(&interrupt, 20).await.unwrap();
+    let speech_began = sent[onset / 320];
+    let speech_ended = sent[(offset / 320).min(sent.len() - 1)];
+    events.extend(drain(&mut client));
+    let clear = events
+        .iter()
+        .find_map(|e| match &e.kind {
+            EventKind::Clear { spoken_text, .. } => Some((e.at, spoken_text.clone())),
+            _ => None,
+        })
+        .expect("a gazelle_clear message");
+    let (cleared_at, spoken) = clear;
+    let delay = cleared_at.saturating_duration_since(speech_began);
+    eprintln!("clear {delay:?} after the interrupting speech began; heard {spoken:?}");
+    assert!(
+        delay <= Duration::from_millis(300),
+        "clear came {delay:?} after speech began"
+    );
+    // No audio of the cut reply after the clear (the next reply can only start after the
+    // interrupting turn ends).
+    let late = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::Audio { .. }))
+        .filter(|e| e.at > cleared_at && e.at < speech_ended)
+        .count();
+    assert_eq!(late, 0, "{late} audio messages after the clear");
+
+    // What was heard is a proper prefix of the reply, about as long as the audio played.
+    let words: Vec<&str> = long_reply.split_whitespace().collect();
+    let heard: Vec<&str> = spoken.split_whitespace().collect();
+    assert!(
+        !heard.is_empty() && heard.len() < words.len(),
+        "heard {heard:?}"
+    );
+    assert_eq!(heard, words[..heard.len()], "not a prefix");
+    let played = cleared_at
+        .duration_since(first_audio.unwrap())
+        .as_secs_f64();
+    // espeak at 175 wpm speaks about 2.9 words a second; allow a wide margin.
+    let expected = played * 175.0 / 60.0;
+    assert!(
+        (heard.len() as f64) < expected * 1.6 + 2.0 && (heard.len() as f64) > expected * 0.4 - 2.0,
+        "heard {} words after {played:.2} s of playback",
+        heard.len()
+    );
+
+    // The history holds only what was heard.
+    // Let the interrupting turn end (500 ms of silence) so it is in the history too.
+    client
+        .stream_realtime(&common::silence(900, rate), 20)
+        .await
+        .unwrap();
+    client.request_history().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let history = drain(&mut client)
+        .into_iter()
+        .find_map(|e| match e.kind {
+            EventKind::History(h) => Some(h),
+            _ => None,
+        })
+        .expect("a gazelle_history message");
+    let turns = history["turns"].as_array().unwrap();
+    assert_eq!(turns[0]["role"], "user");
+    assert_eq!(turns[1]["role"], "bot");
+    assert_eq!(turns[1]["text"], spoken.as_str());
+    assert_eq!(turns[1]["interrupted"], true);
+    assert_eq!(
+        turns[2]["role"], "user",
+        "the interruption is the next user turn: {history}"
+    );
+    client.stop().await.unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_errors_and_the_call_goes_on() {
+    let rate = 16_000;
+    let mut c = config("Fine, thanks.");
+    c.server.max_frame_bytes = 64 * 1024;
+    let server = common::start_server(c).await;
+
+    // Before the config, audio is refused but the socket stays usable.
+    let (mut raw, _) = tokio_tungstenite::connect_async(server.ws_url())
+        .await
+        .unwrap();
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    raw.send(Message::Text(
+        r#"{"type":"websocket_audio","data":""}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let Some(Ok(Message::Text(t))) = raw.next().await else {
+        panic!("no reply")
+    };
+    assert!(t.contains("not_started"), "{t}");
+    drop(raw);
+
+    let mut client = VocodeClient::connect(
+        &server.ws_url(),
+        ClientConfig::new(rate, Encoding::Linear16),
+    )
+    .await
+    .unwrap();
+    let big = format!(
+        r#"{{"type":"websocket_audio","data":"{}"}}"#,
+        "A".repeat(100_000)
+    );
+    let bad: Vec<(&str, String)> = vec![
+        ("bad_json", "{oops".into()),
+        ("unknown_type", r#"{"type":"websocket_dance"}"#.into()),
+        ("bad_message", r#"{"type":"websocket_audio"}"#.into()),
+        ("bad_base64", r#"{"type":"websocket_audio","data":"***"}"#.into()),
+        ("frame_too_large", big),
+        ("bad_audio", format!(r#"{{"type":"websocket_audio","data":"{}"}}"#, "UklGRgAAAABXQVZFZm10IBAAAAABAAEA")),
+        (
+            "already_started",
+            r#"{"type":"websocket_audio_config_start","input_audio_config":{"sampling_rate":16000,"audio_encoding":"linear16"},"output_audio_config":{"sampling_rate":16000,"audio_encoding":"linear16"}}"#.into(),
+        ),
+    ];
+    for (_, msg) in &bad {
+        client.send_text(msg).await.unwrap();
+    }
+    client.send_binary(vec![1, 2, 3]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kinds: Vec<String> = drain(&mut client)
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Error { kind, .. } => Some(kind),
+            _ => None,
+        })
+        .collect();
+    let mut want: Vec<String> = bad.iter().map(|(k, _)| k.to_string()).collect();
+    want.push("binary_frame".into());
+    assert_eq!(kinds, want);
+
+    // The call still hears and answers.
+    let mut clip = common::silence(300, rate);
+    clip.extend(common::speech("How are you doing?", rate).await);
+    let events = talk(&mut client, &clip, rate, 2_500).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::Transcript(t) if t == "Fine, thanks.")),
+        "no reply after bad input"
+    );
+    let metrics = http_get(&server, "/metrics").await;
+    assert!(
+        metrics.contains("gazelle_errors_total{kind=\"bad_json\"} 1"),
+        "{metrics}"
+    );
+    client.stop().await.unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_or_hangup_ends_the_call_and_limits_are_enforced() {
+    let mut c = config("Hi.");
+    c.server.max_calls = 1;
+    let server = common::start_server(c).await;
+    let health = http_get(&server, "/health").await;
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+
+    let client = VocodeClient::connect(
+        &server.ws_url(),
+        ClientConfig::new(16_000, Encoding::Linear16),
+    )
+    .await
+    .unwrap();
+    wait_for_active(&server, 1).await;
+    // A second caller is refused while the only slot is taken.
+    let refused = tokio_tungstenite::connect_async(server.ws_url()).await;
+    let err = refused
+        .expect_err("second call must be refused")
+        .to_string();
+    assert!(err.contains("503"), "{err}");
+    client.stop().await.unwrap();
+    wait_for_active(&server, 0).await;
+
+    // Dropping the socket without a stop message ends the call as well.
+    let client = VocodeClient::connect(&server.ws_url(), ClientConfig::new(8_000, Encoding::Mulaw))
+        .await
+        .unwrap();
+    wait_for_active(&server, 1).await;
+    drop(client);
+    wait_for_active(&server, 0).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_message_is_spoken_at_call_start() {
+    let server = common::start_server(config("unused")).await;
+    let mut cc = ClientConfig::new(16_000, Encoding::Linear16);
+    cc.first_message = Some("Welcome to the line.".into());
+    cc.system_prompt = Some("Be brief.".into());
+    let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
+    let events = talk(&mut client, &[], 16_000, 2_500).await;
+    let (audio, _) = audio_of(&events);
+    assert!(audio.len() > 16_000 / 2, "first message not spoken");
+    assert!(events
+        .iter()
+        .any(|e| matches!(&e.kind, EventKind::Transcript(t) if t == "Welcome to the line.")));
+    client.request_history().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let history = drain(&mut client)
+        .into_iter()
+        .find_map(|e| match e.kind {
+            EventKind::History(h) => Some(h),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(history["system_prompt"], "Be brief.");
+    assert_eq!(history["turns"][0]["text"], "Welcome to the line.");
+    client.stop().await.unwrap();
+    server.shutdown().await;
+}
+
+async fn wait_for_active(server: &common::TestServer, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while server.state.services.metrics.active_calls.get() != n {
+        assert!(
+            Instant::now() < deadline,
+            "active calls stuck at {}",
+            server.state.services.metrics.active_calls.get()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A plain HTTP/1.0 GET, so the tests need no HTTP client crate.
+async fn http_get(server: &common::TestServer, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    assert!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
+    body
+}
