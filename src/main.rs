@@ -23,6 +23,27 @@ struct Cli {
 enum Command {
     /// Run the voice server.
     Serve(ServeArgs),
+    /// Print the speech segments the VAD finds in a WAV file (as the live pipeline would).
+    Vad(VadArgs),
+}
+
+#[derive(clap::Args)]
+struct VadArgs {
+    /// A WAV file (PCM16, float32 or µ-law; any rate and channel count).
+    wav: PathBuf,
+    /// Print JSON: {"sample_rate": 16000, "segments": [{"start": samples, "end": samples}]}.
+    #[arg(long)]
+    json: bool,
+    /// Run the model at 8000 Hz instead of 16000 Hz.
+    #[arg(long, default_value_t = 16_000)]
+    rate: u32,
+    /// TOML config file whose [pipeline.vad] settings to use.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+    #[arg(long)]
+    vad_model: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -67,6 +88,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Vad(args) => vad_segments(args),
     }
 }
 
@@ -135,6 +157,29 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server::serve(listener, state, shutdown_signal()).await?;
         anyhow::Ok(())
     })
+}
+
+fn vad_segments(args: VadArgs) -> anyhow::Result<()> {
+    use gazelle::{assets, audio, vad};
+    let config = Config::load(args.config.as_deref())?;
+    let bytes =
+        std::fs::read(&args.wav).with_context(|| format!("reading {}", args.wav.display()))?;
+    let clip =
+        audio::wav::read(&bytes).with_context(|| format!("decoding {}", args.wav.display()))?;
+    let samples = audio::resample::resample_all(&clip.samples, clip.sample_rate, args.rate)?;
+    let env = vad::silero::init_runtime(&assets::ort_lib(args.ort_lib.as_deref())?)?;
+    let mut model = vad::SileroModel::load(env, &assets::vad_model(args.vad_model.as_deref())?)?;
+    let segments = vad::offline::segments(&mut model, &samples, args.rate, config.pipeline.vad)?;
+    if args.json {
+        let out = serde_json::json!({ "sample_rate": args.rate, "segments": segments });
+        println!("{out}");
+    } else {
+        for s in &segments {
+            let r = args.rate as f64;
+            println!("{:8.3} s – {:8.3} s", s.start as f64 / r, s.end as f64 / r);
+        }
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

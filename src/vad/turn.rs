@@ -71,9 +71,13 @@ pub enum TurnEvent {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum State {
     Idle,
-    /// Speech seen since `since`, not yet confirmed.
+    /// Speech seen since `since`, not yet confirmed: `voiced` samples of it were not silence,
+    /// and `quiet` is where the current silence began. Dips shorter than `min_silence_ms` keep
+    /// the candidate (so a soft onset is not lost, as in Silero's reference segmentation).
     Pending {
         since: u64,
+        voiced: u64,
+        quiet: Option<u64>,
         interrupted: bool,
     },
     /// In a turn that started at `since` (unpadded); `quiet` is where the current silence began.
@@ -119,21 +123,20 @@ impl TurnDetector {
         let speech = p >= s.start_threshold;
         let silence = p < s.end_threshold;
         let interrupt_after = self.samples(s.min_interruption_ms);
+        let min_silence = self.samples(s.min_silence_ms);
         self.state = match self.state {
             State::Idle if speech => {
-                let mut next = State::Pending {
+                let state = State::Pending {
                     since: start,
+                    voiced: 0,
+                    quiet: None,
                     interrupted: false,
                 };
-                self.advance_pending(&mut next, end, interrupt_after, pad, out);
-                next
+                self.advance_pending(state, start, end, p, interrupt_after, pad, out)
             }
             State::Idle => State::Idle,
-            State::Pending { .. } if silence => State::Idle,
-            State::Pending { since, interrupted } => {
-                let mut next = State::Pending { since, interrupted };
-                self.advance_pending(&mut next, end, interrupt_after, pad, out);
-                next
+            state @ State::Pending { .. } => {
+                self.advance_pending(state, start, end, p, interrupt_after, pad, out)
             }
             State::Speaking {
                 since,
@@ -153,7 +156,7 @@ impl TurnDetector {
                     quiet
                 };
                 match quiet {
-                    Some(q) if end - q >= self.samples(s.min_silence_ms) => {
+                    Some(q) if end - q >= min_silence => {
                         out.push(TurnEvent::SpeechEnd {
                             start: padded,
                             end: q + pad,
@@ -170,6 +173,8 @@ impl TurnDetector {
                         if speech {
                             State::Pending {
                                 since: end,
+                                voiced: 0,
+                                quiet: None,
                                 interrupted: true,
                             }
                         } else {
@@ -186,36 +191,63 @@ impl TurnDetector {
         };
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn advance_pending(
         &self,
-        state: &mut State,
+        state: State,
+        start: u64,
         end: u64,
+        p: f32,
         interrupt_after: u64,
         pad: u64,
         out: &mut Vec<TurnEvent>,
-    ) {
+    ) -> State {
         let State::Pending {
             since,
+            mut voiced,
+            mut quiet,
             mut interrupted,
-        } = *state
+        } = state
         else {
-            return;
+            return state;
         };
+        let s = self.settings;
+        if p < s.end_threshold {
+            let q = *quiet.get_or_insert(start);
+            if end - q >= self.samples(s.min_silence_ms) {
+                return State::Idle;
+            }
+            return State::Pending {
+                since,
+                voiced,
+                quiet,
+                interrupted,
+            };
+        }
+        if p >= s.start_threshold {
+            quiet = None;
+        }
+        voiced += end - start;
         let padded = since.saturating_sub(pad);
-        if !interrupted && end - since >= interrupt_after {
+        if !interrupted && voiced >= interrupt_after {
             interrupted = true;
             out.push(TurnEvent::Interruption { start: padded });
         }
-        *state = if end - since >= self.samples(self.settings.min_speech_ms) {
+        if voiced >= self.samples(s.min_speech_ms) {
             out.push(TurnEvent::SpeechStart { start: padded });
             State::Speaking {
                 since,
-                quiet: None,
+                quiet,
                 interrupted,
             }
         } else {
-            State::Pending { since, interrupted }
-        };
+            State::Pending {
+                since,
+                voiced,
+                quiet,
+                interrupted,
+            }
+        }
     }
 }
 
@@ -337,12 +369,15 @@ mod tests {
     }
 
     #[test]
-    fn pending_speech_broken_by_silence_starts_over() {
+    fn pending_speech_survives_short_dips_but_not_long_silence() {
+        use TurnEvent::*;
         let s = settings();
-        let events = run(s, &seq(&[(0.9, 3), (0.0, 1), (0.9, 3), (0.0, 20)]));
-        assert!(events
-            .iter()
-            .all(|(_, e)| !matches!(e, TurnEvent::SpeechStart { .. })));
+        // A soft onset with a dip: the turn starts at the first speech frame.
+        let events = run(s, &seq(&[(0.0, 5), (0.9, 2), (0.0, 3), (0.9, 10), (0.0, 20)]));
+        assert!(events.contains(&(12, SpeechStart { start: 30 })), "{events:?}");
+        // A blip, then silence longer than min_silence: the candidate is dropped.
+        let events = run(s, &seq(&[(0.9, 3), (0.0, 12), (0.9, 3), (0.0, 20)]));
+        assert!(events.iter().all(|(_, e)| !matches!(e, SpeechStart { .. })), "{events:?}");
     }
 
     #[test]
