@@ -119,6 +119,8 @@ pub enum TtsProvider {
 pub struct EspeakVoice {
     pub voice: String,
     pub rate_wpm: u32,
+    /// Units whose audio is kept for reuse across calls (0: off).
+    pub cache_units: usize,
 }
 
 impl Default for EspeakVoice {
@@ -126,6 +128,7 @@ impl Default for EspeakVoice {
         EspeakVoice {
             voice: "en-us".into(),
             rate_wpm: 175,
+            cache_units: 256,
         }
     }
 }

@@ -41,6 +41,7 @@ pub fn services(config: &Config) -> Result<Services, SetupError> {
         dir: espeak_dir,
         voice: config.tts.espeak.voice.clone(),
         rate_wpm: config.tts.espeak.rate_wpm,
+        cache_units: config.tts.espeak.cache_units,
     })?);
     let slm: Arc<dyn SpeechLanguageModel> = match config.slm.kind {
         SlmKind::Scripted => Arc::new(ScriptedModel::new(

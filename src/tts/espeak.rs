@@ -5,6 +5,7 @@
 //! time, so the queue stays short.
 
 use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_char, c_int, c_short, c_uint, c_void, CString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,6 +51,8 @@ pub struct EspeakConfig {
     pub voice: String,
     /// Words per minute.
     pub rate_wpm: u32,
+    /// Units whose audio is kept for reuse (0 turns the cache off).
+    pub cache_units: usize,
 }
 
 struct Job {
@@ -103,6 +106,39 @@ pub struct Espeak {
     sample_rate: u32,
     voice: CString,
     rate_wpm: u32,
+    /// Audio of recently spoken units (greetings and stock phrases repeat across calls).
+    cache: Arc<UnitCache>,
+}
+
+/// A small FIFO cache of synthesized units, shared by the clones of one [`Espeak`].
+struct UnitCache {
+    capacity: usize,
+    inner: std::sync::Mutex<(HashMap<String, Arc<[f32]>>, VecDeque<String>)>,
+}
+
+impl UnitCache {
+    fn get(&self, key: &str) -> Option<Arc<[f32]>> {
+        if self.capacity == 0 {
+            return None;
+        }
+        self.inner.lock().expect("cache lock").0.get(key).cloned()
+    }
+
+    fn put(&self, key: String, audio: Arc<[f32]>) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut guard = self.inner.lock().expect("cache lock");
+        let (map, order) = &mut *guard;
+        if map.insert(key.clone(), audio).is_none() {
+            order.push_back(key);
+        }
+        while order.len() > self.capacity {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
 }
 
 /// The process's engine: its queue and output rate, or why it could not start.
@@ -158,11 +194,16 @@ impl Espeak {
         // At start-up the queue is empty; `try_send` also works inside an async runtime.
         jobs.try_send(probe).map_err(|_| gone())?;
         ok_rx.recv().map_err(|_| gone())??;
+        let cache = Arc::new(UnitCache {
+            capacity: config.cache_units,
+            inner: Default::default(),
+        });
         Ok(Espeak {
             jobs,
             sample_rate,
             voice,
             rate_wpm: config.rate_wpm,
+            cache,
         })
     }
 
@@ -329,12 +370,20 @@ impl Synthesizer for Espeak {
                     _ = cancel.cancelled() => return,
                     u = units.recv() => match u { Some(u) => u, None => return },
                 };
+                let key = engine.cache_key(&unit.text);
+                if let Some(audio) = engine.cache.get(&key) {
+                    if !engine.send_cached(&tx, unit.index, &audio).await {
+                        return;
+                    }
+                    continue;
+                }
                 let (out, mut audio) = mpsc::unbounded_channel();
                 let job = engine.job(unit.text.clone(), cancel.clone(), out);
                 if engine.jobs.send(job).await.is_err() {
                     let _ = tx.send(Err(gone())).await;
                     return;
                 }
+                let mut whole = Vec::new();
                 let mut pending: Option<Vec<f32>> = None;
                 loop {
                     let next = tokio::select! {
@@ -343,23 +392,14 @@ impl Synthesizer for Espeak {
                     };
                     // Hold one chunk back so the last one can carry `unit_done`.
                     let done = next.is_none();
-                    if let Some(samples) = pending.take() {
+                    if pending.is_some() || done {
+                        let samples = pending.take().unwrap_or_default();
+                        whole.extend_from_slice(&samples);
                         let chunk = SynthChunk {
                             unit: unit.index,
                             samples,
                             sample_rate: engine.sample_rate,
                             unit_done: done,
-                        };
-                        if tx.send(Ok(chunk)).await.is_err() {
-                            return;
-                        }
-                    } else if done {
-                        // Nothing was spoken (punctuation only): still close the unit.
-                        let chunk = SynthChunk {
-                            unit: unit.index,
-                            samples: Vec::new(),
-                            sample_rate: engine.sample_rate,
-                            unit_done: true,
                         };
                         if tx.send(Ok(chunk)).await.is_err() {
                             return;
@@ -370,9 +410,55 @@ impl Synthesizer for Espeak {
                         None => break,
                     }
                 }
+                if !cancel.is_cancelled() {
+                    engine.cache.put(key, whole.into());
+                }
             }
         });
         rx
+    }
+}
+
+impl Espeak {
+    fn cache_key(&self, text: &str) -> String {
+        format!(
+            "{}\0{}\0{}",
+            self.voice.to_string_lossy(),
+            self.rate_wpm,
+            text
+        )
+    }
+
+    /// Streams a cached unit in engine-sized chunks. False when the receiver is gone.
+    async fn send_cached(
+        &self,
+        tx: &mpsc::Sender<Result<SynthChunk, TtsError>>,
+        unit: usize,
+        audio: &[f32],
+    ) -> bool {
+        let step = (self.sample_rate * BUFFER_MS as u32 / 1000) as usize;
+        let mut chunks = audio.chunks(step).peekable();
+        if chunks.peek().is_none() {
+            let chunk = SynthChunk {
+                unit,
+                samples: Vec::new(),
+                sample_rate: self.sample_rate,
+                unit_done: true,
+            };
+            return tx.send(Ok(chunk)).await.is_ok();
+        }
+        while let Some(c) = chunks.next() {
+            let chunk = SynthChunk {
+                unit,
+                samples: c.to_vec(),
+                sample_rate: self.sample_rate,
+                unit_done: chunks.peek().is_none(),
+            };
+            if tx.send(Ok(chunk)).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 }
 

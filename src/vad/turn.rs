@@ -373,11 +373,20 @@ mod tests {
         use TurnEvent::*;
         let s = settings();
         // A soft onset with a dip: the turn starts at the first speech frame.
-        let events = run(s, &seq(&[(0.0, 5), (0.9, 2), (0.0, 3), (0.9, 10), (0.0, 20)]));
-        assert!(events.contains(&(12, SpeechStart { start: 30 })), "{events:?}");
+        let events = run(
+            s,
+            &seq(&[(0.0, 5), (0.9, 2), (0.0, 3), (0.9, 10), (0.0, 20)]),
+        );
+        assert!(
+            events.contains(&(12, SpeechStart { start: 30 })),
+            "{events:?}"
+        );
         // A blip, then silence longer than min_silence: the candidate is dropped.
         let events = run(s, &seq(&[(0.9, 3), (0.0, 12), (0.9, 3), (0.0, 20)]));
-        assert!(events.iter().all(|(_, e)| !matches!(e, SpeechStart { .. })), "{events:?}");
+        assert!(
+            events.iter().all(|(_, e)| !matches!(e, SpeechStart { .. })),
+            "{events:?}"
+        );
     }
 
     #[test]

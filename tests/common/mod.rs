@@ -78,6 +78,7 @@ pub fn espeak() -> Espeak {
         dir,
         voice: "en-us".into(),
         rate_wpm: 175,
+        cache_units: 0,
     })
     .unwrap()
 }
