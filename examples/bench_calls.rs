@@ -1,0 +1,360 @@
+//! Call-capacity benchmark (run through `scripts/bench-calls`). For each N it starts a fresh
+//! `gazelle serve` (scripted model, local voice), connects N simulated callers over loopback that
+//! talk in real time (an espeak-ng utterance, then silence while the reply plays, then a pause,
+//! again and again), and measures per reply the server's VAD-end → first-audio-sent time, late
+//! output frames at the callers (a frame that arrives after the caller's playout needed it), the
+//! VAD cost per frame, RSS per call and server CPU. Prints a table; `--json FILE` writes it too.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use clap::Parser;
+use gazelle::audio::{pcm, resample::resample_all};
+use gazelle::transport::vocode::client::{ClientConfig, EventKind, VocodeClient};
+use gazelle::tts::espeak::{Espeak, EspeakConfig};
+use gazelle::tts::Synthesizer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Parser)]
+struct Args {
+    /// The gazelle binary to benchmark.
+    #[arg(long, default_value = "target/release/gazelle")]
+    bin: PathBuf,
+    /// Caller counts to try, in order; stops after the first that fails the target.
+    #[arg(long, value_delimiter = ',', default_value = "50,100,200,300,400,500")]
+    calls: Vec<usize>,
+    /// Seconds of conversation per step.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    #[arg(long, default_value_t = 39_100)]
+    port: u16,
+    /// Keep going after a step fails the target.
+    #[arg(long)]
+    all: bool,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+const RATE: u32 = 16_000;
+const CHUNK_MS: u64 = 20;
+const REPLY: &str = "Sure, I can help with that. Let me check.";
+const TARGET_P99_MS: f64 = 50.0;
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct Row {
+    calls: usize,
+    replies: usize,
+    failed_turns: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    late_frames: usize,
+    max_late_ms: f64,
+    frames: usize,
+    vad_us_per_frame: f64,
+    rss_idle_mb: f64,
+    rss_peak_mb: f64,
+    rss_per_call_kb: f64,
+    server_cpu_pct: f64,
+    pass: bool,
+}
+
+#[derive(Default)]
+struct CallerStats {
+    latencies: Vec<f64>,
+    late: usize,
+    max_late_ms: f64,
+    frames: usize,
+    failed: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let utterance = utterance().await?;
+    let speech_chunks = Arc::new(utterance.0);
+    let speech_end_chunk = utterance.1;
+    let silence = Arc::new(message(&vec![0.0; (RATE as u64 * CHUNK_MS / 1000) as usize]));
+    let mut rows = Vec::new();
+    println!(
+        "{:>6} {:>8} {:>7} {:>8} {:>8} {:>8} {:>7} {:>9} {:>10} {:>9} {:>10} {:>8} {:>5}",
+        "calls", "replies", "failed", "p50 ms", "p99 ms", "max ms", "late", "late ms", "VAD µs/fr",
+        "RSS MB", "RSS/call", "CPU %", "ok"
+    );
+    for (i, &n) in args.calls.iter().enumerate() {
+        let port = args.port + i as u16;
+        let mut server = start_server(&args.bin, port).await?;
+        let pid = server.id();
+        let rss_idle = rss_mb(pid);
+        let cpu0 = cpu_seconds(pid);
+        let started = Instant::now();
+        let end = started + Duration::from_secs(args.seconds);
+        let mut tasks = Vec::new();
+        for k in 0..n {
+            let url = format!("ws://127.0.0.1:{port}/conversation");
+            let speech = speech_chunks.clone();
+            let silence = silence.clone();
+            // Spread the callers over one conversation cycle so turns do not line up.
+            let offset = Duration::from_millis((k as u64 * 6_000) / n as u64);
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(offset).await;
+                caller(&url, &speech, speech_end_chunk, &silence, end).await
+            }));
+        }
+        let mut rss_peak = rss_idle;
+        while Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            rss_peak = rss_peak.max(rss_mb(pid));
+        }
+        let mut stats = CallerStats::default();
+        for t in tasks {
+            match t.await? {
+                Ok(s) => {
+                    stats.latencies.extend(s.latencies);
+                    stats.late += s.late;
+                    stats.max_late_ms = stats.max_late_ms.max(s.max_late_ms);
+                    stats.frames += s.frames;
+                    stats.failed += s.failed;
+                }
+                Err(e) => {
+                    eprintln!("caller failed: {e}");
+                    stats.failed += 1;
+                }
+            }
+        }
+        let cpu = (cpu_seconds(pid) - cpu0) / started.elapsed().as_secs_f64() * 100.0;
+        let vad = vad_us_per_frame(port).await.unwrap_or(f64::NAN);
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        let _ = server.wait();
+        stats.latencies.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            let l = &stats.latencies;
+            if l.is_empty() {
+                f64::NAN
+            } else {
+                l[((l.len() - 1) as f64 * p).round() as usize]
+            }
+        };
+        let mut row = Row {
+            calls: n,
+            replies: stats.latencies.len(),
+            failed_turns: stats.failed,
+            p50_ms: pct(0.5),
+            p99_ms: pct(0.99),
+            max_ms: pct(1.0),
+            late_frames: stats.late,
+            max_late_ms: stats.max_late_ms,
+            frames: stats.frames,
+            vad_us_per_frame: vad,
+            rss_idle_mb: rss_idle,
+            rss_peak_mb: rss_peak,
+            rss_per_call_kb: (rss_peak - rss_idle) * 1024.0 / n as f64,
+            server_cpu_pct: cpu,
+            pass: false,
+        };
+        row.pass = row.p99_ms < TARGET_P99_MS
+            && row.late_frames == 0
+            && row.failed_turns == 0
+            && row.replies > 0;
+        println!(
+            "{:>6} {:>8} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>7} {:>9.1} {:>10.1} {:>9.0} {:>8.0}KB {:>8.0} {:>5}",
+            row.calls,
+            row.replies,
+            row.failed_turns,
+            row.p50_ms,
+            row.p99_ms,
+            row.max_ms,
+            row.late_frames,
+            row.max_late_ms,
+            row.vad_us_per_frame,
+            row.rss_peak_mb,
+            row.rss_per_call_kb,
+            row.server_cpu_pct,
+            if row.pass { "yes" } else { "no" }
+        );
+        let pass = row.pass;
+        rows.push(row);
+        if !pass && !args.all {
+            break;
+        }
+    }
+    let best = rows.iter().filter(|r| r.pass).map(|r| r.calls).max();
+    match best {
+        Some(n) => println!(
+            "largest N meeting p99(VAD end → first audio) < {TARGET_P99_MS} ms with no late frame: {n}"
+        ),
+        None => println!("no N met the target"),
+    }
+    if let Some(path) = args.json {
+        let out = serde_json::json!({ "target_p99_ms": TARGET_P99_MS, "best": best, "rows": rows });
+        std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
+    }
+    Ok(())
+}
+
+/// The caller's utterance as ready-made websocket messages, and the index of the chunk in which
+/// speech ends.
+async fn utterance() -> anyhow::Result<(Vec<String>, usize)> {
+    let dir = gazelle::assets::espeak_dir(None)?;
+    let voice = Espeak::start(&EspeakConfig {
+        dir,
+        voice: "en-us".into(),
+        rate_wpm: 175,
+        cache_units: 0,
+    })?;
+    let raw = voice.speak("Hello, could you tell me what time the store opens tomorrow?").await?;
+    let mut speech = resample_all(&raw, voice.sample_rate(), RATE)?;
+    let last = speech.iter().rposition(|x| x.abs() > 0.01).unwrap_or(0);
+    let chunk = (RATE as u64 * CHUNK_MS / 1000) as usize;
+    speech.resize(speech.len().div_ceil(chunk) * chunk, 0.0);
+    let messages = speech.chunks(chunk).map(message).collect();
+    Ok((messages, last / chunk))
+}
+
+fn message(samples: &[f32]) -> String {
+    let data = base64::engine::general_purpose::STANDARD.encode(pcm::f32_to_s16le(samples));
+    serde_json::json!({"type": "websocket_audio", "data": data}).to_string()
+}
+
+/// One simulated caller: talk, listen to the whole reply, pause, repeat until `end`.
+async fn caller(
+    url: &str,
+    speech: &[String],
+    speech_end_chunk: usize,
+    silence: &str,
+    end: Instant,
+) -> anyhow::Result<CallerStats> {
+    let mut cc = ClientConfig::new(RATE, gazelle::audio::Encoding::Linear16);
+    cc.subscribe_transcript = false;
+    let mut client = VocodeClient::connect(url, cc).await?;
+    let mut stats = CallerStats::default();
+    let tick = Duration::from_millis(CHUNK_MS);
+    let mut next = tokio::time::Instant::now();
+    while Instant::now() + Duration::from_secs(6) < end {
+        for m in speech {
+            client.send_text(m).await?;
+            next += tick;
+            tokio::time::sleep_until(next).await;
+        }
+        let _ = speech_end_chunk;
+        // Listen: keep the line open with silence until the reply has played out.
+        let mut playout_start: Option<Instant> = None;
+        let mut queued = Duration::ZERO;
+        let mut timeline: Option<f64> = None;
+        let give_up = Instant::now() + Duration::from_secs(6);
+        loop {
+            client.send_text(silence).await?;
+            next += tick;
+            tokio::time::sleep_until(next).await;
+            while let Ok(ev) = client.events.try_recv() {
+                match ev.kind {
+                    EventKind::Audio { samples, rate } => {
+                        let start = *playout_start.get_or_insert(ev.at);
+                        stats.frames += 1;
+                        let due = start + queued;
+                        if ev.at > due + Duration::from_millis(1) {
+                            stats.late += 1;
+                            let ms = (ev.at - due).as_secs_f64() * 1000.0;
+                            stats.max_late_ms = stats.max_late_ms.max(ms);
+                        }
+                        queued += Duration::from_secs_f64(samples.len() as f64 / rate as f64);
+                    }
+                    EventKind::Timeline(t) => {
+                        let (a, b) = (t["vad_end_ms"].as_f64(), t["first_audio_sent_ms"].as_f64());
+                        if let (Some(a), Some(b)) = (a, b) {
+                            timeline = Some(b - a);
+                        }
+                    }
+                    EventKind::Closed | EventKind::Stop => anyhow::bail!("server closed the call"),
+                    _ => {}
+                }
+            }
+            let now = Instant::now();
+            if let Some(s) = playout_start {
+                if now > s + queued + Duration::from_millis(400) {
+                    break;
+                }
+            }
+            if now > give_up {
+                stats.failed += 1;
+                break;
+            }
+        }
+        if let Some(t) = timeline {
+            stats.latencies.push(t);
+        }
+        // A short pause before talking again.
+        for _ in 0..25 {
+            client.send_text(silence).await?;
+            next += tick;
+            tokio::time::sleep_until(next).await;
+        }
+    }
+    client.stop().await?;
+    Ok(stats)
+}
+
+async fn start_server(bin: &PathBuf, port: u16) -> anyhow::Result<Child> {
+    let child = Command::new(bin)
+        .args(["serve", "--port", &port.to_string(), "--reply", REPLY, "--token-delay-ms", "0"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(port, "/health").await.is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "the server did not come up on port {port}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(child)
+}
+
+async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+async fn vad_us_per_frame(port: u16) -> anyhow::Result<f64> {
+    let m = http_get(port, "/metrics").await?;
+    let (mut sum, mut count) = (0.0, 0.0);
+    for line in m.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(k), Some(v)) = (parts.next(), parts.next()) else { continue };
+        let v: f64 = v.parse().unwrap_or(0.0);
+        if k.starts_with("gazelle_vad_frame_seconds_sum") {
+            sum += v;
+        } else if k.starts_with("gazelle_vad_frame_seconds_count") {
+            count += v;
+        }
+    }
+    Ok(sum / count * 1e6)
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
