@@ -74,7 +74,10 @@ struct CallerStats {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(run(args))
 }
 
@@ -82,12 +85,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let utterance = utterance().await?;
     let speech_chunks = Arc::new(utterance.0);
     let speech_end_chunk = utterance.1;
-    let silence = Arc::new(message(&vec![0.0; (RATE as u64 * CHUNK_MS / 1000) as usize]));
+    let silence = Arc::new(message(&vec![
+        0.0;
+        (RATE as u64 * CHUNK_MS / 1000) as usize
+    ]));
     let mut rows = Vec::new();
     println!(
         "{:>6} {:>8} {:>7} {:>8} {:>8} {:>8} {:>7} {:>9} {:>10} {:>9} {:>10} {:>8} {:>5}",
-        "calls", "replies", "failed", "p50 ms", "p99 ms", "max ms", "late", "late ms", "VAD µs/fr",
-        "RSS MB", "RSS/call", "CPU %", "ok"
+        "calls",
+        "replies",
+        "failed",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "late",
+        "late ms",
+        "VAD µs/fr",
+        "RSS MB",
+        "RSS/call",
+        "CPU %",
+        "ok"
     );
     for (i, &n) in args.calls.iter().enumerate() {
         let port = args.port + i as u16;
@@ -210,7 +227,9 @@ async fn utterance() -> anyhow::Result<(Vec<String>, usize)> {
         rate_wpm: 175,
         cache_units: 0,
     })?;
-    let raw = voice.speak("Hello, could you tell me what time the store opens tomorrow?").await?;
+    let raw = voice
+        .speak("Hello, could you tell me what time the store opens tomorrow?")
+        .await?;
     let mut speech = resample_all(&raw, voice.sample_rate(), RATE)?;
     let last = speech.iter().rposition(|x| x.abs() > 0.01).unwrap_or(0);
     let chunk = (RATE as u64 * CHUNK_MS / 1000) as usize;
@@ -304,7 +323,15 @@ async fn caller(
 
 async fn start_server(bin: &PathBuf, port: u16) -> anyhow::Result<Child> {
     let child = Command::new(bin)
-        .args(["serve", "--port", &port.to_string(), "--reply", REPLY, "--token-delay-ms", "0"])
+        .args([
+            "serve",
+            "--port",
+            &port.to_string(),
+            "--reply",
+            REPLY,
+            "--token-delay-ms",
+            "0",
+        ])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -312,7 +339,10 @@ async fn start_server(bin: &PathBuf, port: u16) -> anyhow::Result<Child> {
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while http_get(port, "/health").await.is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "the server did not come up on port {port}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the server did not come up on port {port}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(child)
@@ -320,7 +350,8 @@ async fn start_server(bin: &PathBuf, port: u16) -> anyhow::Result<Child> {
 
 async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await?;
     let mut body = String::new();
     s.read_to_string(&mut body).await?;
     Ok(body)
@@ -331,7 +362,9 @@ async fn vad_us_per_frame(port: u16) -> anyhow::Result<f64> {
     let (mut sum, mut count) = (0.0, 0.0);
     for line in m.lines() {
         let mut parts = line.split_whitespace();
-        let (Some(k), Some(v)) = (parts.next(), parts.next()) else { continue };
+        let (Some(k), Some(v)) = (parts.next(), parts.next()) else {
+            continue;
+        };
         let v: f64 = v.parse().unwrap_or(0.0);
         if k.starts_with("gazelle_vad_frame_seconds_sum") {
             sum += v;
@@ -353,8 +386,16 @@ fn rss_mb(pid: u32) -> f64 {
 
 fn cpu_seconds(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let fields: Vec<&str> = s
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     let ticks: f64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
     ticks / 100.0
 }

@@ -37,6 +37,20 @@ fn drain(client: &mut VocodeClient) -> Vec<Event> {
     events
 }
 
+async fn history(client: &mut VocodeClient) -> serde_json::Value {
+    client.request_history().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let e = tokio::time::timeout_at(deadline.into(), client.events.recv())
+            .await
+            .expect("a gazelle_history message within 2 s")
+            .expect("connection open");
+        if let EventKind::History(h) = e.kind {
+            return h;
+        }
+    }
+}
+
 fn audio_of(events: &[Event]) -> (Vec<f32>, Option<u32>) {
     let mut out = Vec::new();
     let mut rate = None;
@@ -249,15 +263,7 @@ async fn barge_in_stops_audio_and_keeps_only_what_was_heard() {
         .stream_realtime(&common::silence(900, rate), 20)
         .await
         .unwrap();
-    client.request_history().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let history = drain(&mut client)
-        .into_iter()
-        .find_map(|e| match e.kind {
-            EventKind::History(h) => Some(h),
-            _ => None,
-        })
-        .expect("a gazelle_history message");
+    let history = history(&mut client).await;
     let turns = history["turns"].as_array().unwrap();
     assert_eq!(turns[0]["role"], "user");
     assert_eq!(turns[1]["role"], "bot");
@@ -399,15 +405,7 @@ async fn first_message_is_spoken_at_call_start() {
     assert!(events
         .iter()
         .any(|e| matches!(&e.kind, EventKind::Transcript(t) if t == "Welcome to the line.")));
-    client.request_history().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let history = drain(&mut client)
-        .into_iter()
-        .find_map(|e| match e.kind {
-            EventKind::History(h) => Some(h),
-            _ => None,
-        })
-        .unwrap();
+    let history = history(&mut client).await;
     assert_eq!(history["system_prompt"], "Be brief.");
     assert_eq!(history["turns"][0]["text"], "Welcome to the line.");
     client.stop().await.unwrap();

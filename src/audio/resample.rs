@@ -96,32 +96,45 @@ impl StreamResampler {
         self.produced += (produced - skip) as u64;
     }
 
+    /// Runs one FFT chunk (`chunk` holds exactly `input_frames_next` samples, of which the first
+    /// `valid` are real) and appends its output to `out`.
+    fn process(
+        &mut self,
+        chunk: Vec<f32>,
+        valid: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ResampleError> {
+        let err = |e: String| ResampleError::Process(e);
+        let r = self.inner.as_mut().expect("only called when resampling");
+        let need = chunk.len();
+        let chunk = [chunk];
+        let inp = SequentialSliceOfVecs::new(&chunk, 1, need).map_err(|e| err(e.to_string()))?;
+        let frames = self.out_buf[0].len();
+        let mut outp = SequentialSliceOfVecs::new_mut(&mut self.out_buf, 1, frames)
+            .map_err(|e| err(e.to_string()))?;
+        let idx = (valid < need).then(|| Indexing::new().partial_len(valid));
+        let (_, produced) = r
+            .process_into_buffer(&inp, &mut outp, idx.as_ref())
+            .map_err(|e| err(e.to_string()))?;
+        self.emit(produced, out);
+        Ok(())
+    }
+
     /// Converts a chunk; output may be shorter than the ideal length until the next call or
     /// `flush`, because whole FFT chunks are processed at a time.
     pub fn push(&mut self, input: &[f32]) -> Result<Vec<f32>, ResampleError> {
         self.consumed += input.len() as u64;
-        let Some(r) = self.inner.as_mut() else {
+        let Some(r) = self.inner.as_ref() else {
             self.produced += input.len() as u64;
             return Ok(input.to_vec());
         };
+        let need = r.input_frames_next();
         self.pending.extend_from_slice(input);
         let mut out = Vec::with_capacity(input.len() * self.to as usize / self.from as usize + 64);
-        let need = r.input_frames_next();
         let mut start = 0;
         while self.pending.len() - start >= need {
-            let chunk = vec![self.pending[start..start + need].to_vec()];
-            let produced = {
-                let r = self.inner.as_mut().expect("checked above");
-                let inp = SequentialSliceOfVecs::new(&chunk, 1, need)
-                    .map_err(|e| ResampleError::Process(e.to_string()))?;
-                let frames = self.out_buf[0].len();
-                let mut outp = SequentialSliceOfVecs::new_mut(&mut self.out_buf, 1, frames)
-                    .map_err(|e| ResampleError::Process(e.to_string()))?;
-                r.process_into_buffer(&inp, &mut outp, None)
-                    .map_err(|e| ResampleError::Process(e.to_string()))?
-                    .1
-            };
-            self.emit(produced, &mut out);
+            let chunk = self.pending[start..start + need].to_vec();
+            self.process(chunk, need, &mut out)?;
             start += need;
         }
         self.pending.drain(..start);
@@ -133,25 +146,13 @@ impl StreamResampler {
     pub fn flush(&mut self) -> Result<Vec<f32>, ResampleError> {
         let mut out = Vec::new();
         let expected = self.expected();
-        if let Some(r) = self.inner.as_mut() {
+        if let Some(r) = self.inner.as_ref() {
             let need = r.input_frames_next();
             while self.produced < expected {
-                let len = self.pending.len().min(need);
-                let mut chunk = vec![std::mem::take(&mut self.pending)];
-                chunk[0].resize(need, 0.0);
-                let produced = {
-                    let r = self.inner.as_mut().expect("checked above");
-                    let inp = SequentialSliceOfVecs::new(&chunk, 1, need)
-                        .map_err(|e| ResampleError::Process(e.to_string()))?;
-                    let frames = self.out_buf[0].len();
-                    let mut outp = SequentialSliceOfVecs::new_mut(&mut self.out_buf, 1, frames)
-                        .map_err(|e| ResampleError::Process(e.to_string()))?;
-                    let idx = Indexing::new().partial_len(len);
-                    r.process_into_buffer(&inp, &mut outp, Some(&idx))
-                        .map_err(|e| ResampleError::Process(e.to_string()))?
-                        .1
-                };
-                self.emit(produced, &mut out);
+                let valid = self.pending.len().min(need);
+                let mut chunk = std::mem::take(&mut self.pending);
+                chunk.resize(need, 0.0);
+                self.process(chunk, valid, &mut out)?;
             }
             let surplus = (self.produced - expected) as usize;
             out.truncate(out.len().saturating_sub(surplus));

@@ -110,9 +110,11 @@ pub struct Espeak {
     cache: Arc<UnitCache>,
 }
 
+#[allow(clippy::type_complexity)]
 /// A small FIFO cache of synthesized units, shared by the clones of one [`Espeak`].
 struct UnitCache {
     capacity: usize,
+    /// The audio by key, and the keys oldest first.
     inner: std::sync::Mutex<(HashMap<String, Arc<[f32]>>, VecDeque<String>)>,
 }
 

@@ -290,7 +290,8 @@ mod tests {
     #[test]
     fn table() {
         use TurnEvent::*;
-        let cases: Vec<(&str, Vec<f32>, Vec<(usize, TurnEvent)>)> = vec![
+        type Case = (&'static str, Vec<f32>, Vec<(usize, TurnEvent)>);
+        let cases: Vec<Case> = vec![
             ("silence only", seq(&[(0.0, 50)]), vec![]),
             (
                 "one clean turn",

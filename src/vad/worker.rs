@@ -46,7 +46,7 @@ impl VadHandle {
         frames: Vec<f32>,
     ) -> Result<(SileroState, Vec<f32>), VadError> {
         let flen = frame_len(state.rate());
-        if frames.len() % flen != 0 {
+        if !frames.len().is_multiple_of(flen) {
             return Err(VadError::Inference(format!(
                 "{} samples is not a whole number of {flen}-sample frames",
                 frames.len()

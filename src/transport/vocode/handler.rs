@@ -9,7 +9,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::protocol::{self, AudioConfigStart, ClientMessage, ProtocolError, ServerMessage};
+use super::protocol::{self, AudioConfigStart, ClientMessage, ServerMessage};
 use crate::audio::resample::StreamResampler;
 use crate::audio::wav::{SampleFormat, StreamDecoder, WavFormat};
 use crate::audio::Encoding;
@@ -46,65 +46,23 @@ pub async fn serve(
             _ = server.cancelled() => return,
             m = socket.recv() => m,
         };
-        let text = match msg {
-            Some(Ok(Message::Text(t))) => t,
-            Some(Ok(Message::Binary(_))) => {
-                metrics.error("binary_frame");
-                let e = error_json(
-                    "binary_frame",
-                    "binary frames are not part of the protocol; send JSON text",
-                );
-                if socket.send(Message::Text(e.into())).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-            Some(Ok(_)) => continue,
-        };
-        if text.len() > limits.max_frame_bytes {
-            metrics.error("frame_too_large");
-            let e = error_json("frame_too_large", &too_large(text.len(), limits));
-            if socket.send(Message::Text(e.into())).await.is_err() {
-                return;
-            }
-            continue;
-        }
-        match protocol::parse(&text) {
-            Ok(ClientMessage::AudioConfigStart(c)) => match validate(&c) {
+        let rejection = match classify(msg, limits) {
+            Incoming::Closed | Incoming::Message(ClientMessage::Stop) => return,
+            Incoming::Skip => continue,
+            Incoming::Message(ClientMessage::AudioConfigStart(c)) => match validate(&c) {
                 Ok(()) => break c,
-                Err(e) => {
-                    metrics.error("bad_config");
-                    if socket
-                        .send(Message::Text(error_json("bad_config", &e).into()))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
+                Err(e) => ("bad_config", e),
             },
-            Ok(ClientMessage::Stop) => return,
-            Ok(_) => {
-                metrics.error("not_started");
-                let e = error_json(
-                    "not_started",
-                    "send websocket_audio_config_start before audio or other messages",
-                );
-                if socket.send(Message::Text(e.into())).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                metrics.error(e.kind());
-                if socket
-                    .send(Message::Text(error_json(e.kind(), &e.to_string()).into()))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
+            Incoming::Message(_) => (
+                "not_started",
+                "send websocket_audio_config_start before audio or other messages".into(),
+            ),
+            Incoming::Reject(kind, message) => (kind, message),
+        };
+        metrics.error(rejection.0);
+        let e = error_json(rejection.0, &rejection.1);
+        if socket.send(Message::Text(e.into())).await.is_err() {
+            return;
         }
     };
 
@@ -150,6 +108,34 @@ pub async fn serve(
     drop(call);
     stop.cancel();
     let _ = writer.await;
+}
+
+/// What one websocket message means to the protocol.
+enum Incoming {
+    Message(ClientMessage),
+    /// A bad input: its error kind and message for the client.
+    Reject(&'static str, String),
+    /// Pings and pongs.
+    Skip,
+    Closed,
+}
+
+fn classify(msg: Option<Result<Message, axum::Error>>, limits: Limits) -> Incoming {
+    match msg {
+        Some(Ok(Message::Text(t))) if t.len() > limits.max_frame_bytes => {
+            Incoming::Reject("frame_too_large", too_large(t.len(), limits))
+        }
+        Some(Ok(Message::Text(t))) => match protocol::parse(&t) {
+            Ok(m) => Incoming::Message(m),
+            Err(e) => Incoming::Reject(e.kind(), e.to_string()),
+        },
+        Some(Ok(Message::Binary(_))) => Incoming::Reject(
+            "binary_frame",
+            "binary frames are not part of the protocol; send JSON text".into(),
+        ),
+        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Incoming::Closed,
+        Some(Ok(_)) => Incoming::Skip,
+    }
 }
 
 fn too_large(len: usize, limits: Limits) -> String {
@@ -211,25 +197,11 @@ async fn read_loop(
             _ = stop.cancelled() => return,
             m = stream.next() => m,
         };
-        let text = match msg {
-            Some(Ok(Message::Text(t))) => t,
-            Some(Ok(Message::Binary(_))) => {
-                report(
-                    "binary_frame",
-                    "binary frames are not part of the protocol; send JSON text".into(),
-                )
-                .await;
-                continue;
-            }
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-            Some(Ok(_)) => continue,
-        };
-        if text.len() > limits.max_frame_bytes {
-            report("frame_too_large", too_large(text.len(), limits)).await;
-            continue;
-        }
-        match protocol::parse(&text) {
-            Ok(ClientMessage::Audio { data }) => {
+        match classify(msg, limits) {
+            Incoming::Closed => return,
+            Incoming::Skip => {}
+            Incoming::Reject(kind, message) => report(kind, message).await,
+            Incoming::Message(ClientMessage::Audio { data }) => {
                 let bytes = match protocol::decode_base64(&data) {
                     Ok(b) => b,
                     Err(e) => {
@@ -262,25 +234,21 @@ async fn read_loop(
                     return;
                 }
             }
-            Ok(ClientMessage::Stop) => return,
-            Ok(ClientMessage::GetHistory) => match call.history().await {
+            Incoming::Message(ClientMessage::Stop) => return,
+            Incoming::Message(ClientMessage::GetHistory) => match call.history().await {
                 Ok(h) => {
                     let json = ServerMessage::History { conversation: &h }.to_json();
                     let _ = ctl.send(json).await;
                 }
                 Err(_) => return,
             },
-            Ok(ClientMessage::AudioConfigStart(_)) => {
+            Incoming::Message(ClientMessage::AudioConfigStart(_)) => {
                 report(
                     "already_started",
                     "the call is already configured; open a new socket for a new call".into(),
                 )
                 .await;
             }
-            Err(e @ ProtocolError::BadJson(_))
-            | Err(e @ ProtocolError::UnknownType(_))
-            | Err(e @ ProtocolError::BadMessage { .. })
-            | Err(e @ ProtocolError::BadBase64(_)) => report(e.kind(), e.to_string()).await,
         }
     }
 }
