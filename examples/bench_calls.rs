@@ -15,7 +15,6 @@ use clap::Parser;
 use gazelle::audio::{pcm, resample::resample_all};
 use gazelle::transport::vocode::client::{ClientConfig, EventKind, VocodeClient};
 use gazelle::tts::espeak::{Espeak, EspeakConfig};
-use gazelle::tts::Synthesizer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Parser)]

@@ -16,10 +16,11 @@ use super::listen::{self, VadEvent};
 use super::pacer::{self, PacerEvent, PacerSettings, Playout};
 use super::sentence::{SentenceAccumulator, SentenceSettings};
 use super::{Outbound, PipelineSettings, Timeline};
+use crate::audio::Encoding;
 use crate::audio::{resample::StreamResampler, MODEL_RATE};
 use crate::metrics::Metrics;
 use crate::model::{SlmSession, SpeechLanguageModel, TokenStream, UserTurn};
-use crate::tts::{Synthesizer, TextUnit};
+use crate::tts::{OutputHint, Synthesizer, TextUnit, Voice};
 use crate::vad::VadHandle;
 
 /// Chunks of caller audio that may wait for the resampler; the transport waits beyond that, which
@@ -61,6 +62,7 @@ pub struct Services {
 pub struct CallOptions {
     pub input_rate: u32,
     pub output_rate: u32,
+    pub output_encoding: Encoding,
     pub system_prompt: Option<String>,
     pub first_message: Option<String>,
     pub subscribe_transcript: bool,
@@ -108,6 +110,10 @@ pub fn start(
         .slm
         .open_session()
         .map_err(|e| CallError::Model(e.to_string()))?;
+    let voice = services.tts.open(OutputHint {
+        sample_rate: options.output_rate,
+        encoding: options.output_encoding,
+    });
     let (audio_tx, audio_rx) = mpsc::channel(AUDIO_IN_QUEUE);
     let (heard_tx, heard_rx) = mpsc::channel(HEARD_QUEUE);
     let (vad_tx, vad_rx) = mpsc::channel(VAD_EVENT_QUEUE);
@@ -144,6 +150,7 @@ pub fn start(
         cancel: cancel.clone(),
         conversation,
         session,
+        voice,
         reply: None,
         next_reply: 0,
         tasks,
@@ -187,6 +194,7 @@ struct Actor {
     cancel: CancellationToken,
     conversation: Conversation,
     session: Box<dyn SlmSession>,
+    voice: Box<dyn Voice>,
     reply: Option<Reply>,
     next_reply: u64,
     /// Every task of the call; aborted when the actor ends.
@@ -314,7 +322,7 @@ impl Actor {
             text_tx,
             cancel.clone(),
         ));
-        let audio = self.services.tts.synthesize(unit_rx, cancel.clone());
+        let audio = self.voice.synthesize(unit_rx, cancel.clone());
         let pacer = PacerSettings {
             output_rate: self.options.output_rate,
             frame_ms: s.output_frame_ms,

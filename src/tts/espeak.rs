@@ -13,7 +13,9 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{AudioStream, SynthChunk, Synthesizer, TextUnit, TtsError, AUDIO_QUEUE};
+use super::{
+    AudioStream, OutputHint, SynthChunk, Synthesizer, TextUnit, TtsError, Voice, AUDIO_QUEUE,
+};
 
 const AUDIO_OUTPUT_SYNCHRONOUS: c_int = 2;
 const POS_CHARACTER: c_int = 1;
@@ -209,6 +211,11 @@ impl Espeak {
         })
     }
 
+    /// The rate of the audio espeak-ng produces (22 050 Hz).
+    pub fn sample_rate(&self) -> u32 {
+        self.sample_rate
+    }
+
     /// Speaks one text to completion (for tests and tools).
     pub async fn speak(&self, text: &str) -> Result<Vec<f32>, TtsError> {
         let (out, mut rx) = mpsc::unbounded_channel();
@@ -355,12 +362,14 @@ impl Synthesizer for Espeak {
         "espeak"
     }
 
-    fn sample_rate(&self) -> u32 {
-        self.sample_rate
+    fn open(&self, _hint: OutputHint) -> Box<dyn Voice> {
+        Box::new(self.clone())
     }
+}
 
+impl Voice for Espeak {
     fn synthesize(
-        &self,
+        &mut self,
         mut units: mpsc::Receiver<TextUnit>,
         cancel: CancellationToken,
     ) -> AudioStream {
@@ -463,6 +472,3 @@ impl Espeak {
         true
     }
 }
-
-/// Shared handle type used by the server.
-pub type SharedSynth = Arc<dyn Synthesizer>;

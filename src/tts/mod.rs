@@ -41,15 +41,31 @@ pub type AudioStream = mpsc::Receiver<Result<SynthChunk, TtsError>>;
 /// the real-time lead, so a full queue makes synthesis of that reply wait (never other calls').
 pub const AUDIO_QUEUE: usize = 64;
 
+/// What the caller's transport will play, so a provider can ask for it directly (for example
+/// ElevenLabs' `ulaw_8000` for a phone call) and spare a conversion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputHint {
+    pub sample_rate: u32,
+    pub encoding: crate::audio::Encoding,
+}
+
+/// A speech provider, shared by every call.
 pub trait Synthesizer: Send + Sync + 'static {
     /// A short name for logs and metrics.
     fn name(&self) -> &str;
 
-    /// The rate of the audio this synthesizer produces.
-    fn sample_rate(&self) -> u32;
+    /// Opens the voice for one call. Providers that keep a connection warm per call start it
+    /// here, in the background, so the first sentence does not pay for the handshake.
+    fn open(&self, hint: OutputHint) -> Box<dyn Voice>;
+}
 
-    /// Speaks `units` as they arrive. Once `cancel` fires, in-flight synthesis stops promptly and
-    /// the stream ends.
-    fn synthesize(&self, units: mpsc::Receiver<TextUnit>, cancel: CancellationToken)
-        -> AudioStream;
+/// One call's voice: speaks one reply at a time.
+pub trait Voice: Send + 'static {
+    /// Speaks `units` as they arrive. Once `cancel` fires, in-flight synthesis stops promptly
+    /// (the provider's stream or context is closed) and the stream ends.
+    fn synthesize(
+        &mut self,
+        units: mpsc::Receiver<TextUnit>,
+        cancel: CancellationToken,
+    ) -> AudioStream;
 }

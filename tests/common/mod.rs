@@ -87,7 +87,7 @@ pub fn espeak() -> Espeak {
 pub async fn speech(text: &str, rate: u32) -> Vec<f32> {
     let e = espeak();
     let raw = e.speak(text).await.unwrap();
-    resample_all(&raw, gazelle::tts::Synthesizer::sample_rate(&e), rate).unwrap()
+    resample_all(&raw, e.sample_rate(), rate).unwrap()
 }
 
 pub fn silence(ms: u32, rate: u32) -> Vec<f32> {

@@ -71,6 +71,7 @@ pub async fn serve(
     let options = CallOptions {
         input_rate: config.input_audio_config.sampling_rate,
         output_rate: config.output_audio_config.sampling_rate,
+        output_encoding: config.output_audio_config.audio_encoding,
         system_prompt: config.system_prompt.clone(),
         first_message: config.first_message.clone(),
         subscribe_transcript: config.subscribe_transcript.unwrap_or(false),
