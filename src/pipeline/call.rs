@@ -66,11 +66,19 @@ pub struct CallOptions {
     pub system_prompt: Option<String>,
     pub first_message: Option<String>,
     pub subscribe_transcript: bool,
+    /// The transport reports played units (`CallHandle::played`); the history then keeps exactly
+    /// the acknowledged units instead of an estimate from the playout clock.
+    pub playback_acks: bool,
 }
 
 #[derive(Debug)]
 pub enum CallCommand {
     History(oneshot::Sender<Conversation>),
+    /// The client has played unit `unit` of reply `reply` to its end.
+    Played {
+        reply: u64,
+        unit: usize,
+    },
 }
 
 /// The transport's side of a call. Dropping it ends the call and every task in it.
@@ -87,13 +95,27 @@ impl CallHandle {
     }
 
     pub async fn history(&self) -> Result<Conversation, CallError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(CallCommand::History(tx))
-            .await
-            .map_err(|_| CallError::Ended)?;
-        rx.await.map_err(|_| CallError::Ended)
+        history(&self.commands).await
     }
+
+    /// Reports that the client played a unit to its end (for `playback_acks` calls).
+    pub async fn played(&self, reply: u64, unit: usize) -> Result<(), CallError> {
+        let cmd = CallCommand::Played { reply, unit };
+        self.commands.send(cmd).await.map_err(|_| CallError::Ended)
+    }
+
+    /// A cloneable sender of commands, for the server's registry of calls.
+    pub fn commands(&self) -> mpsc::Sender<CallCommand> {
+        self.commands.clone()
+    }
+}
+
+/// Asks a call for its conversation so far.
+pub async fn history(commands: &mpsc::Sender<CallCommand>) -> Result<Conversation, CallError> {
+    let (tx, rx) = oneshot::channel();
+    let sent = commands.send(CallCommand::History(tx)).await;
+    sent.map_err(|_| CallError::Ended)?;
+    rx.await.map_err(|_| CallError::Ended)
 }
 
 /// Starts a call. Its tasks stop when the handle drops, `parent` is cancelled, or `out` closes.
@@ -179,6 +201,8 @@ struct Reply {
     timeline: Timeline,
     timeline_sent: bool,
     units: Vec<String>,
+    /// Units the client acknowledged as played, from the start.
+    acked: usize,
     text_events: Option<mpsc::Receiver<TextEvent>>,
     pacer_events: Option<mpsc::Receiver<PacerEvent>>,
     ledger: watch::Receiver<Playout>,
@@ -240,6 +264,11 @@ impl Actor {
                 cmd = commands.recv() => match cmd {
                     Some(CallCommand::History(tx)) => {
                         let _ = tx.send(self.conversation.clone());
+                    }
+                    Some(CallCommand::Played { reply, unit }) => {
+                        if let Some(r) = self.reply.as_mut().filter(|r| r.id == reply) {
+                            r.acked = r.acked.max(unit + 1);
+                        }
                     }
                     None => break,
                 },
@@ -324,6 +353,7 @@ impl Actor {
         ));
         let audio = self.voice.synthesize(unit_rx, cancel.clone());
         let pacer = PacerSettings {
+            reply: id,
             output_rate: self.options.output_rate,
             frame_ms: s.output_frame_ms,
             lead: s.lead(),
@@ -351,6 +381,7 @@ impl Actor {
             timeline,
             timeline_sent: false,
             units: Vec::new(),
+            acked: 0,
             text_events: Some(text_rx),
             pacer_events: Some(pacer_rx),
             ledger: ledger_rx,
@@ -474,7 +505,11 @@ impl Actor {
             self.finish_reply();
             return;
         }
-        let (spoken, _) = pacer::spoken_text(&r.units, &ledger, now);
+        let spoken = if self.options.playback_acks {
+            r.units[..r.acked.min(r.units.len())].join(" ")
+        } else {
+            pacer::spoken_text(&r.units, &ledger, now).0
+        };
         self.services
             .metrics
             .barge_ins

@@ -26,6 +26,14 @@ pub enum Outbound {
         samples: Vec<f32>,
         reply: CancellationToken,
     },
+    /// All audio of unit `unit` of reply `reply` has been handed over (after its last `Audio`).
+    /// Transports that can learn when playback reaches a point (Twilio marks) place one there
+    /// and report it back with `CallHandle::played`.
+    UnitSent {
+        reply: u64,
+        unit: usize,
+        token: CancellationToken,
+    },
     /// A unit of bot text as it goes to the synthesizer.
     Transcript { text: String },
     /// Barge-in: the client must stop playback at once. `spoken` is what the user heard.

@@ -76,6 +76,8 @@ pub enum PacerEvent {
 
 #[derive(Debug, Clone, Copy)]
 pub struct PacerSettings {
+    /// The reply's number, for `Outbound::UnitSent`.
+    pub reply: u64,
     pub output_rate: u32,
     pub frame_ms: u32,
     pub lead: Duration,
@@ -191,6 +193,8 @@ pub async fn run(
                 let mut left = n;
                 let mut offset = 0;
                 let mut runs = Vec::new();
+                // Units whose last sample is in this frame.
+                let mut finished = Vec::new();
                 while left > 0 {
                     let Some((u, avail)) = pending_units.front_mut() else { break };
                     let take = left.min(*avail);
@@ -199,7 +203,13 @@ pub async fn run(
                     left -= take;
                     offset += take;
                     if *avail == 0 {
+                        let unit = *u;
                         pending_units.pop_front();
+                        // Complete only if synthesis finished it (nothing more will come).
+                        let more = pending_units.iter().any(|(v, _)| *v == unit);
+                        if !more && (tail_complete || pending_units.front().is_some()) {
+                            finished.push(unit);
+                        }
                     }
                 }
                 ledger.send_modify(|l| {
@@ -212,6 +222,13 @@ pub async fn run(
                 let out = Outbound::Audio { samples: frame, reply: cancel.clone() };
                 if send.send(out).await.is_err() {
                     return;
+                }
+                for unit in finished {
+                    let token = cancel.clone();
+                    let done = Outbound::UnitSent { reply: settings.reply, unit, token };
+                    if send.send(done).await.is_err() {
+                        return;
+                    }
                 }
                 if first_sent {
                     first_sent = false;
@@ -275,6 +292,7 @@ mod tests {
         let (etx, mut erx) = mpsc::channel(16);
         let (ltx, lrx) = watch::channel(Playout::default());
         let settings = PacerSettings {
+            reply: 7,
             output_rate: 16_000,
             frame_ms: 20,
             lead: Duration::from_millis(100),
@@ -286,7 +304,17 @@ mod tests {
         drop(atx);
         let mut got = 0usize;
         let mut max_ahead = Duration::ZERO;
-        while let Some(Outbound::Audio { samples, .. }) = frx.recv().await {
+        let mut units_sent = Vec::new();
+        while let Some(out) = frx.recv().await {
+            let samples = match out {
+                Outbound::Audio { samples, .. } => samples,
+                Outbound::UnitSent { reply, unit, .. } => {
+                    // Each unit's end follows its last sample.
+                    units_sent.push((reply, unit, got));
+                    continue;
+                }
+                other => panic!("unexpected {other:?}"),
+            };
             got += samples.len();
             let played = now() - started;
             let sent = Duration::from_secs_f64(got as f64 / 16_000.0);
@@ -294,6 +322,7 @@ mod tests {
         }
         task.await.unwrap();
         assert_eq!(got, 16_000 + 8_000);
+        assert_eq!(units_sent, vec![(7, 0, 16_000), (7, 1, 24_000)]);
         assert!(
             max_ahead <= Duration::from_millis(100),
             "ran {max_ahead:?} ahead"
@@ -323,6 +352,7 @@ mod tests {
         let (ltx, _lrx) = watch::channel(Playout::default());
         let cancel = CancellationToken::new();
         let settings = PacerSettings {
+            reply: 7,
             output_rate: 8_000,
             frame_ms: 20,
             lead: Duration::from_millis(200),
@@ -333,8 +363,10 @@ mod tests {
         cancel.cancel();
         task.await.unwrap();
         let mut n = 0;
-        while let Ok(Outbound::Audio { samples, .. }) = frx.try_recv() {
-            n += samples.len();
+        while let Ok(out) = frx.try_recv() {
+            if let Outbound::Audio { samples, .. } = out {
+                n += samples.len();
+            }
         }
         // 500 ms played plus at most the 200 ms lead.
         assert!(n <= 8 * 700 + 160, "sent {n} samples");

@@ -75,6 +75,7 @@ pub async fn serve(
         system_prompt: config.system_prompt.clone(),
         first_message: config.first_message.clone(),
         subscribe_transcript: config.subscribe_transcript.unwrap_or(false),
+        playback_acks: false,
     };
     let call = match call::start(services.clone(), options, out_tx.clone(), &server) {
         Ok(c) => c,
@@ -306,6 +307,8 @@ fn encode(m: Outbound, rate: u32, encoding: Encoding) -> Option<String> {
         }
         .to_json(),
         Outbound::Timeline(t) => ServerMessage::Timeline(&t).to_json(),
+        // Vocode has no playback acknowledgements; the pacer's playout clock stands in.
+        Outbound::UnitSent { .. } => return None,
         Outbound::History(c) => ServerMessage::History { conversation: &c }.to_json(),
         Outbound::Error { kind, message } => error_json(kind, &message),
     })
