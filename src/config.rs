@@ -28,6 +28,27 @@ pub struct Config {
     pub pipeline: PipelineSettings,
     pub slm: SlmConfig,
     pub tts: TtsConfig,
+    pub twilio: TwilioConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TwilioConfig {
+    /// The public base URL Twilio reaches this server at (`https://…`); when unset, the request's
+    /// Host header is used with https/wss.
+    pub public_url: Option<String>,
+    /// The environment variable holding the account's auth token. When it is set, every Twilio
+    /// request must carry a valid `X-Twilio-Signature`.
+    pub auth_token_env: String,
+}
+
+impl Default for TwilioConfig {
+    fn default() -> Self {
+        TwilioConfig {
+            public_url: None,
+            auth_token_env: "TWILIO_AUTH_TOKEN".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -14,6 +14,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::conversation::{Conversation, Turn};
 use super::listen::{self, VadEvent};
 use super::pacer::{self, PacerEvent, PacerSettings, Playout};
+use super::registry::{CallRegistry, Registration};
 use super::sentence::{SentenceAccumulator, SentenceSettings};
 use super::{Outbound, PipelineSettings, Timeline};
 use crate::audio::Encoding;
@@ -55,11 +56,15 @@ pub struct Services {
     pub vad: VadHandle,
     pub metrics: Arc<Metrics>,
     pub settings: Arc<PipelineSettings>,
+    /// Live calls by id.
+    pub registry: CallRegistry,
 }
 
 /// What one caller asked for.
 #[derive(Debug, Clone)]
 pub struct CallOptions {
+    /// How the call is known to the registry (e.g. the Twilio call SID); generated if `None`.
+    pub id: Option<String>,
     pub input_rate: u32,
     pub output_rate: u32,
     pub output_encoding: Encoding,
@@ -83,6 +88,8 @@ pub enum CallCommand {
 
 /// The transport's side of a call. Dropping it ends the call and every task in it.
 pub struct CallHandle {
+    /// The call's id in the registry.
+    pub id: String,
     audio: mpsc::Sender<Vec<f32>>,
     commands: mpsc::Sender<CallCommand>,
     _guard: DropGuard,
@@ -140,6 +147,10 @@ pub fn start(
     let (heard_tx, heard_rx) = mpsc::channel(HEARD_QUEUE);
     let (vad_tx, vad_rx) = mpsc::channel(VAD_EVENT_QUEUE);
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (id, registration) = services
+        .registry
+        .register(options.id.clone(), cmd_tx.clone());
+    tracing::debug!(call = %id, "call started");
     let mut tasks = JoinSet::new();
     tasks.spawn(listen::ingest(
         resampler,
@@ -176,9 +187,11 @@ pub fn start(
         reply: None,
         next_reply: 0,
         tasks,
+        _registration: registration,
     };
     tokio::spawn(actor.run(vad_rx, cmd_rx));
     Ok(CallHandle {
+        id,
         audio: audio_tx,
         commands: cmd_tx,
         _guard: cancel.drop_guard(),
@@ -223,6 +236,8 @@ struct Actor {
     next_reply: u64,
     /// Every task of the call; aborted when the actor ends.
     tasks: JoinSet<()>,
+    /// Keeps the call in the registry while the actor lives.
+    _registration: Registration,
 }
 
 /// Keeps the active-calls gauge right however the actor ends.

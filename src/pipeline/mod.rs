@@ -8,6 +8,7 @@ pub mod call;
 pub mod conversation;
 pub mod listen;
 pub mod pacer;
+pub mod registry;
 pub mod sentence;
 
 use std::time::{Duration, Instant};

@@ -3,6 +3,7 @@
 //! call → drain).
 
 pub mod setup;
+pub mod twilio;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ pub struct AppState {
     pub cancel: CancellationToken,
     /// One permit per call in progress; refuses callers beyond `max_calls`.
     pub calls: Arc<Semaphore>,
+    pub twilio: twilio::TwilioSettings,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -39,6 +41,10 @@ pub fn app(state: AppState) -> Router {
         .route("/conversation", get(conversation))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/calls", get(list_calls))
+        .route("/calls/{id}/history", get(call_history))
+        .route("/twilio/voice", axum::routing::post(twilio::voice))
+        .route("/twilio/stream", get(twilio::stream))
         .with_state(state)
 }
 
@@ -74,6 +80,25 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
         "slm": state.services.slm.name(),
         "tts": state.services.tts.name(),
     }))
+}
+
+async fn list_calls(State(state): State<AppState>) -> impl IntoResponse {
+    Json(serde_json::json!({ "calls": state.services.registry.ids() }))
+}
+
+/// The conversation so far of a live call, by its id (the Twilio call SID, the Vocode
+/// `conversation_id`, or the generated id).
+async fn call_history(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let Some(commands) = state.services.registry.get(&id) else {
+        return (StatusCode::NOT_FOUND, format!("no live call {id:?}")).into_response();
+    };
+    match crate::pipeline::call::history(&commands).await {
+        Ok(c) => Json(c).into_response(),
+        Err(_) => (StatusCode::NOT_FOUND, format!("call {id:?} has ended")).into_response(),
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

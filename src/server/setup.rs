@@ -56,6 +56,7 @@ pub fn services(config: &Config) -> Result<Services, SetupError> {
         vad,
         metrics,
         settings: Arc::new(config.pipeline.clone()),
+        registry: Default::default(),
     })
 }
 
@@ -68,5 +69,12 @@ pub fn state(config: &Config, services: Services) -> AppState {
         },
         cancel: CancellationToken::new(),
         calls: Arc::new(tokio::sync::Semaphore::new(config.server.max_calls)),
+        twilio: super::twilio::TwilioSettings {
+            public_url: config.twilio.public_url.clone(),
+            auth_token: std::env::var(&config.twilio.auth_token_env)
+                .ok()
+                .filter(|t| !t.is_empty())
+                .map(Into::into),
+        },
     }
 }

@@ -2,4 +2,5 @@
 //! [`crate::pipeline::call::CallHandle`] and encodes the call's [`crate::pipeline::Outbound`]
 //! messages for the wire.
 
+pub mod twilio;
 pub mod vocode;

@@ -33,7 +33,7 @@ impl Default for TurnSettings {
             min_silence_ms: 500,
             speech_pad_ms: 30,
             max_turn_ms: 30_000,
-            min_interruption_ms: 150,
+            min_interruption_ms: 120,
         }
     }
 }

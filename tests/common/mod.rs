@@ -42,6 +42,11 @@ impl TestServer {
 }
 
 pub async fn start_server(config: Config) -> TestServer {
+    start_server_with(config, |_| {}).await
+}
+
+/// Starts the server after `adjust` has changed its state (e.g. to set a Twilio auth token).
+pub async fn start_server_with(config: Config, adjust: impl FnOnce(&mut AppState)) -> TestServer {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -52,7 +57,8 @@ pub async fn start_server(config: Config) -> TestServer {
     let services = server::setup::services(&config).unwrap_or_else(|e| {
         panic!("cannot start the server's services: {e}\n(run scripts/setup first)")
     });
-    let state = server::setup::state(&config, services);
+    let mut state = server::setup::state(&config, services);
+    adjust(&mut state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -112,4 +118,34 @@ pub fn active_span(x: &[f32], threshold: f32) -> Option<(usize, usize)> {
     let first = x.iter().position(|v| v.abs() > threshold)?;
     let last = x.iter().rposition(|v| v.abs() > threshold)?;
     Some((first, last + 1))
+}
+
+/// A plain HTTP/1.0 request, so the tests need no HTTP client crate. Returns (status, body).
+pub async fn http(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {}\r\n", server.addr);
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }

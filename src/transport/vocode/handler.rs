@@ -69,6 +69,7 @@ pub async fn serve(
     let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
     let (ctl_tx, ctl_rx) = mpsc::channel::<String>(OUT_QUEUE);
     let options = CallOptions {
+        id: config.conversation_id.clone(),
         input_rate: config.input_audio_config.sampling_rate,
         output_rate: config.output_audio_config.sampling_rate,
         output_encoding: config.output_audio_config.audio_encoding,
