@@ -156,7 +156,10 @@ async fn run(
             detail: format!("the key in {} is not a valid header value", key.env()),
         })?;
         request.headers_mut().insert("xi-api-key", value);
-        match tokio::time::timeout(connect, tokio_tungstenite::connect_async(request)).await {
+        // Nagle off: a unit's text is one small frame, and on a reused socket it would otherwise
+        // wait for the ACK of the previous one.
+        let handshake = tokio_tungstenite::connect_async_with_config(request, None, true);
+        match tokio::time::timeout(connect, handshake).await {
             Err(_) => Err(TtsError::Timeout {
                 provider: PROVIDER,
                 what: format!("connecting the websocket after {} ms", connect.as_millis()),
