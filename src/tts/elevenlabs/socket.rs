@@ -94,7 +94,7 @@ pub fn spoken_chars(text: &str) -> usize {
     text.chars().filter(|c| !c.is_whitespace()).count()
 }
 
-fn handshake_error(e: tungstenite::Error, key_env: &str) -> TtsError {
+fn handshake_error(e: tungstenite::Error, key: &ApiKey) -> TtsError {
     match e {
         tungstenite::Error::Http(resp) if resp.status().as_u16() >= 400 => {
             let body = resp
@@ -102,7 +102,12 @@ fn handshake_error(e: tungstenite::Error, key_env: &str) -> TtsError {
                 .as_deref()
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_default();
-            http::status_error(PROVIDER, resp.status().as_u16(), &body, key_env)
+            http::status_error(
+                PROVIDER,
+                resp.status().as_u16(),
+                &key.redact(&body),
+                key.env(),
+            )
         }
         other => TtsError::Connect {
             provider: PROVIDER,
@@ -164,7 +169,7 @@ async fn run(
                 provider: PROVIDER,
                 what: format!("connecting the websocket after {} ms", connect.as_millis()),
             }),
-            Ok(Err(e)) => Err(handshake_error(e, key.env())),
+            Ok(Err(e)) => Err(handshake_error(e, &key)),
             Ok(Ok((ws, _))) => Ok(ws),
         }
     };
@@ -210,7 +215,7 @@ async fn run(
                         tracing::debug!(provider = PROVIDER, "ignoring an unparsable message");
                         continue;
                     };
-                    route(msg, &mut sinks, key.env()).await;
+                    route(msg, &mut sinks, &key).await;
                 }
                 Some(Ok(Message::Close(frame))) => {
                     break TtsError::Truncated {
@@ -236,7 +241,7 @@ async fn run(
 async fn route(
     msg: Incoming,
     sinks: &mut HashMap<Option<String>, mpsc::Sender<Event>>,
-    key_env: &str,
+    key: &ApiKey,
 ) {
     let ctx = msg.context_id.clone();
     let Some(sink) = sinks.get(&ctx).or_else(|| sinks.get(&None)) else {
@@ -247,7 +252,9 @@ async fn route(
         .as_deref()
         .or(msg.message.as_deref().filter(|_| msg.audio.is_none()))
     {
-        let _ = sink.send(Event::Failed(server_error(err, key_env))).await;
+        let _ = sink
+            .send(Event::Failed(server_error(&key.redact(err), key.env())))
+            .await;
         return;
     }
     if let Some(b64) = msg.audio.as_deref().filter(|a| !a.is_empty()) {
