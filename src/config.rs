@@ -116,14 +116,26 @@ impl Default for SlmConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TtsConfig {
     pub provider: TtsProvider,
+    /// Speaks the rest of a reply when the primary fails during it; the next reply tries the
+    /// primary again. None: a failed reply stops where it failed.
+    pub fallback: Option<TtsProvider>,
     pub espeak: EspeakVoice,
+    pub elevenlabs: crate::tts::elevenlabs::ElevenLabsConfig,
+    pub xtts: crate::tts::xtts::XttsConfig,
+    pub openai: crate::tts::openai::OpenAiConfig,
+    pub playht: crate::tts::playht::PlayHtConfig,
 }
 
 impl Default for TtsConfig {
     fn default() -> Self {
         TtsConfig {
             provider: TtsProvider::Espeak,
+            fallback: None,
             espeak: EspeakVoice::default(),
+            elevenlabs: Default::default(),
+            xtts: Default::default(),
+            openai: Default::default(),
+            playht: Default::default(),
         }
     }
 }
@@ -133,6 +145,68 @@ impl Default for TtsConfig {
 pub enum TtsProvider {
     /// The local espeak-ng voice: no network, no key.
     Espeak,
+    /// ElevenLabs over its websocket (multi- or single-context) or HTTP streaming API.
+    Elevenlabs,
+    /// A coqui xtts-streaming-server.
+    Xtts,
+    /// Any OpenAI-compatible `/v1/audio/speech` server (OpenAI, Kokoro-FastAPI, Speaches).
+    Openai,
+    /// A PlayHT-compatible `/api/v2/tts/stream` server (the public service closed 2025-12-31).
+    Playht,
+}
+
+impl TtsProvider {
+    pub fn name(self) -> &'static str {
+        match self {
+            TtsProvider::Espeak => "espeak",
+            TtsProvider::Elevenlabs => "elevenlabs",
+            TtsProvider::Xtts => "xtts",
+            TtsProvider::Openai => "openai",
+            TtsProvider::Playht => "playht",
+        }
+    }
+}
+
+/// How long a network speech provider may take, in `[tts.<provider>.timeouts]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderTimeouts {
+    /// TCP, TLS and websocket handshakes.
+    pub connect_ms: u64,
+    /// From handing a unit over to its first audio byte.
+    pub first_byte_ms: u64,
+    /// Longest silence in the middle of a unit's audio.
+    pub stall_ms: u64,
+}
+
+impl Default for ProviderTimeouts {
+    fn default() -> Self {
+        ProviderTimeouts {
+            connect_ms: 3_000,
+            first_byte_ms: 5_000,
+            stall_ms: 5_000,
+        }
+    }
+}
+
+impl ProviderTimeouts {
+    pub fn get(&self) -> crate::tts::http::Timeouts {
+        use std::time::Duration;
+        crate::tts::http::Timeouts {
+            connect: Duration::from_millis(self.connect_ms),
+            first_byte: Duration::from_millis(self.first_byte_ms),
+            stall: Duration::from_millis(self.stall_ms),
+        }
+    }
+
+    fn validate(&self, provider: &str) -> Result<(), ConfigError> {
+        if self.connect_ms == 0 || self.first_byte_ms == 0 || self.stall_ms == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "tts.{provider}.timeouts must all be above 0 ms"
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,6 +263,19 @@ impl Config {
                 "server.max_calls must be at least 1".into(),
             ));
         }
+        if self.tts.fallback == Some(self.tts.provider) {
+            return Err(ConfigError::Invalid(
+                "tts.fallback must differ from tts.provider (espeak is the usual fallback)".into(),
+            ));
+        }
+        self.tts.elevenlabs.timeouts.validate("elevenlabs")?;
+        self.tts.xtts.timeouts.validate("xtts")?;
+        self.tts.openai.timeouts.validate("openai")?;
+        self.tts.playht.timeouts.validate("playht")?;
+        let used = |p| self.tts.provider == p || self.tts.fallback == Some(p);
+        if used(TtsProvider::Xtts) {
+            self.tts.xtts.validate().map_err(ConfigError::Invalid)?;
+        }
         if self.server.max_frame_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "server.max_frame_bytes must be at least 1024".into(),
@@ -220,6 +307,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("output_lead_ms"), "{err}");
+    }
+
+    #[test]
+    fn providers_parse_by_name_with_defaults() {
+        let c = Config::parse(
+            "[tts]\nprovider = \"elevenlabs\"\nfallback = \"espeak\"\n\
+             [tts.elevenlabs]\nvoice_id = \"v1\"\nmode = \"http\"\n\
+             [tts.elevenlabs.timeouts]\nfirst_byte_ms = 900\n",
+        )
+        .unwrap();
+        assert_eq!(c.tts.provider, TtsProvider::Elevenlabs);
+        assert_eq!(c.tts.fallback, Some(TtsProvider::Espeak));
+        assert_eq!(c.tts.elevenlabs.voice_id, "v1");
+        assert_eq!(c.tts.elevenlabs.timeouts.first_byte_ms, 900);
+        assert_eq!(c.tts.elevenlabs.timeouts.connect_ms, 3_000);
+        assert_eq!(c.tts.elevenlabs.api_key_env, "ELEVENLABS_API_KEY");
+        let err = Config::parse("[tts.openai]\nvoise = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("voise"), "{err}");
+        let err = Config::parse("[tts]\nprovider = \"xtts\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("speaker"), "{err}");
+        let err = Config::parse("[tts]\nprovider = \"espeak\"\nfallback = \"espeak\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fallback"), "{err}");
     }
 
     #[test]

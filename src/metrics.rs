@@ -18,6 +18,8 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     /// Barge-ins that cancelled a reply.
     pub barge_ins: IntCounterVec,
+    /// Seconds from a text unit reaching a speech provider to its first audio byte, by provider.
+    pub tts_ttfb_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -54,12 +56,26 @@ impl Metrics {
             &["during"],
         )
         .expect("valid metric");
+        // From sub-millisecond (a loopback or LAN server) to seconds (a cold cloud voice).
+        let tts_ttfb_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "tts_ttfb_seconds",
+                "Seconds from a text unit reaching the speech provider to its first audio byte",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+                1.0, 2.0, 5.0,
+            ]),
+            &["provider"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(active_calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(turn_stage_seconds.clone()),
             Box::new(vad_frame_seconds.clone()),
             Box::new(errors.clone()),
             Box::new(barge_ins.clone()),
+            Box::new(tts_ttfb_seconds.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -70,6 +86,7 @@ impl Metrics {
             vad_frame_seconds,
             errors,
             barge_ins,
+            tts_ttfb_seconds,
         }
     }
 

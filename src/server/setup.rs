@@ -9,12 +9,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::AppState;
 use crate::assets::{self, AssetError};
-use crate::config::{Config, SlmKind};
+use crate::config::{Config, SlmKind, TtsProvider};
 use crate::metrics::Metrics;
 use crate::model::{scripted::ScriptedModel, SpeechLanguageModel};
 use crate::pipeline::call::Services;
 use crate::transport::vocode::handler::Limits;
 use crate::tts::espeak::{Espeak, EspeakConfig};
+use crate::tts::{elevenlabs, fallback, openai, playht, xtts};
 use crate::tts::{Synthesizer, TtsError};
 use crate::vad::{self, VadError};
 
@@ -24,7 +25,7 @@ pub enum SetupError {
     Asset(#[from] AssetError),
     #[error(transparent)]
     Vad(#[from] VadError),
-    #[error("cannot start the local voice: {0}")]
+    #[error("cannot start the voice: {0}")]
     Tts(#[from] TtsError),
 }
 
@@ -37,12 +38,11 @@ pub fn services(config: &Config) -> Result<Services, SetupError> {
     let env = vad::silero::init_runtime(&ort_lib)?;
     let model = vad::SileroModel::load(env, &vad_model)?;
     let vad = vad::VadHandle::spawn(model, metrics.clone());
-    let tts: Arc<dyn Synthesizer> = Arc::new(Espeak::start(&EspeakConfig {
-        dir: espeak_dir,
-        voice: config.tts.espeak.voice.clone(),
-        rate_wpm: config.tts.espeak.rate_wpm,
-        cache_units: config.tts.espeak.cache_units,
-    })?);
+    let mut tts = synthesizer(config, config.tts.provider, &espeak_dir, &metrics)?;
+    if let Some(second) = config.tts.fallback {
+        let second = synthesizer(config, second, &espeak_dir, &metrics)?;
+        tts = Arc::new(fallback::Fallback::new(tts, second, metrics.clone()));
+    }
     let slm: Arc<dyn SpeechLanguageModel> = match config.slm.kind {
         SlmKind::Scripted => Arc::new(ScriptedModel::new(
             config.slm.reply.clone(),
@@ -77,4 +77,27 @@ pub fn state(config: &Config, services: Services) -> AppState {
                 .map(Into::into),
         },
     }
+}
+
+/// The provider `kind`, configured from `[tts.<kind>]`.
+fn synthesizer(
+    config: &Config,
+    kind: TtsProvider,
+    espeak_dir: &std::path::Path,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<dyn Synthesizer>, TtsError> {
+    let t = &config.tts;
+    let m = metrics.clone();
+    Ok(match kind {
+        TtsProvider::Espeak => Arc::new(Espeak::start(&EspeakConfig {
+            dir: espeak_dir.to_path_buf(),
+            voice: t.espeak.voice.clone(),
+            rate_wpm: t.espeak.rate_wpm,
+            cache_units: t.espeak.cache_units,
+        })?),
+        TtsProvider::Elevenlabs => Arc::new(elevenlabs::ElevenLabs::new(&t.elevenlabs, m)?),
+        TtsProvider::Xtts => Arc::new(xtts::Xtts::new(&t.xtts, m)?),
+        TtsProvider::Openai => Arc::new(openai::OpenAi::new(&t.openai, m)?),
+        TtsProvider::Playht => Arc::new(playht::PlayHt::new(&t.playht, m)?),
+    })
 }

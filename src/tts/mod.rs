@@ -1,18 +1,78 @@
 //! Speech synthesis: the [`Synthesizer`] trait the call pipeline talks to, and its providers. A
 //! synthesizer turns a stream of text units into a stream of audio chunks tagged with the unit they
 //! speak, so the pipeline can tell how much of the text reached the user.
+//!
+//! Providers: [`espeak`] (local, the default), [`elevenlabs`] (websocket or HTTP), [`xtts`],
+//! [`openai`] (any OpenAI-compatible speech server) and [`playht`]; [`http`] holds what the HTTP
+//! ones share and [`fallback`] wraps a primary with a second voice for failed replies.
 
+pub mod elevenlabs;
 pub mod espeak;
+pub mod fallback;
+pub mod http;
+pub mod openai;
+pub mod playht;
+pub mod xtts;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// Why speech failed. Messages name the provider and say what to check; they never carry a
+/// secret (keys travel in headers, and server bodies are redacted before they land here).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TtsError {
     #[error("the local voice is unavailable: {0}")]
     Unavailable(String),
     #[error("synthesis failed: {0}")]
     Synthesis(String),
+    #[error("{provider} is misconfigured: {detail}")]
+    Config {
+        provider: &'static str,
+        detail: String,
+    },
+    #[error("{provider} rejected the API key (HTTP {status}); check the key in {key_env}")]
+    Auth {
+        provider: &'static str,
+        status: u16,
+        key_env: String,
+    },
+    #[error("{provider} quota or rate limit reached (HTTP 429): {detail}; wait or raise the plan's limits")]
+    RateLimited {
+        provider: &'static str,
+        detail: String,
+    },
+    #[error("{provider} server error (HTTP {status}): {detail}; the service may be down")]
+    Server {
+        provider: &'static str,
+        status: u16,
+        detail: String,
+    },
+    #[error("{provider} refused the request (HTTP {status}): {detail}; check the voice and model settings")]
+    Rejected {
+        provider: &'static str,
+        status: u16,
+        detail: String,
+    },
+    #[error("{provider} timed out {what}")]
+    Timeout {
+        provider: &'static str,
+        what: String,
+    },
+    #[error("cannot reach {provider}: {detail}")]
+    Connect {
+        provider: &'static str,
+        detail: String,
+    },
+    #[error("{provider} audio stream was cut short: {detail}")]
+    Truncated {
+        provider: &'static str,
+        detail: String,
+    },
+    #[error("{provider} sent something unexpected: {detail}")]
+    Protocol {
+        provider: &'static str,
+        detail: String,
+    },
 }
 
 /// One speakable piece of a reply.
@@ -68,4 +128,14 @@ pub trait Voice: Send + 'static {
         units: mpsc::Receiver<TextUnit>,
         cancel: CancellationToken,
     ) -> AudioStream;
+}
+
+/// Installs ring as the process's rustls provider, once. reqwest (built without its aws-lc-rs
+/// default) and the websocket client both look the provider up at connect time; a second install
+/// attempt, by us or anyone, is harmless.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }
