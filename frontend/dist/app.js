@@ -181,7 +181,7 @@ function draw(svg, rows) {
   svg.append(el("line", { x1: LABEL_W, x2: x(span), y1: axisY, y2: axisY, class: "axis" }));
   for (const t of [0, span / 2, span]) {
     const tx = el("text", { x: x(t), y: axisY + 13, "text-anchor": "middle", class: "tick" });
-    tx.textContent = `${Math.round(t)}`;
+    tx.textContent = t === span ? `${Math.round(t)} ms` : `${Math.round(t)}`;
     svg.append(tx);
   }
 }
@@ -391,11 +391,8 @@ function onMessage(c, m) {
     case "gazelle_clear": {
       const stopped = c.player.clear();
       stats.clears.push({ reply: m.reply, stopped });
-      if (c.bot) {
-        c.bot.el.classList.add("interrupted");
-        c.bot.el.title = `interrupted; the user heard: “${m.spoken_text}”`;
-        c.bot = null;
-      }
+      if (c.bot) markInterrupted(c.bot.el, m.spoken_text);
+      c.bot = null;
       break;
     }
     case "gazelle_timeline":
@@ -425,6 +422,16 @@ function botBubble(c) {
     c.bot = { el: el2, hadAudio: false };
   }
   return c.bot.el;
+}
+function markInterrupted(el2, heard) {
+  el2.classList.add("interrupted");
+  const text = el2.querySelector(".text");
+  const all = (text.textContent ?? "").trim();
+  const cut = heard && all.startsWith(heard) ? heard.length : 0;
+  const unheard = document.createElement("span");
+  unheard.className = "unheard";
+  unheard.textContent = all.slice(cut);
+  text.replaceChildren(all.slice(0, cut), unheard);
 }
 function onTimeline(c, t, segment) {
   const el2 = document.createElement("div");

@@ -252,11 +252,8 @@ function onMessage(c: Call, m: ServerMessage): void {
     case "gazelle_clear": {
       const stopped = c.player.clear();
       stats.clears.push({ reply: m.reply, stopped });
-      if (c.bot) {
-        c.bot.el.classList.add("interrupted");
-        c.bot.el.title = `interrupted; the user heard: “${m.spoken_text}”`;
-        c.bot = null;
-      }
+      if (c.bot) markInterrupted(c.bot.el, m.spoken_text);
+      c.bot = null;
       break;
     }
     case "gazelle_timeline":
@@ -288,6 +285,18 @@ function botBubble(c: Call): HTMLElement {
     c.bot = { el, hadAudio: false };
   }
   return c.bot.el;
+}
+
+/** Splits the cut reply's text into what the user heard and what they never did. */
+function markInterrupted(el: HTMLElement, heard: string): void {
+  el.classList.add("interrupted");
+  const text = el.querySelector(".text")!;
+  const all = (text.textContent ?? "").trim();
+  const cut = heard && all.startsWith(heard) ? heard.length : 0;
+  const unheard = document.createElement("span");
+  unheard.className = "unheard";
+  unheard.textContent = all.slice(cut);
+  text.replaceChildren(all.slice(0, cut), unheard);
 }
 
 /** The user's turn: an audio bubble with its duration, and the reply's latency waterfall. */

@@ -65,7 +65,7 @@ export function draw(svg: SVGSVGElement, rows: Stage[]): void {
   svg.append(el("line", { x1: LABEL_W, x2: x(span), y1: axisY, y2: axisY, class: "axis" }));
   for (const t of [0, span / 2, span]) {
     const tx = el("text", { x: x(t), y: axisY + 13, "text-anchor": "middle", class: "tick" });
-    tx.textContent = `${Math.round(t)}`;
+    tx.textContent = t === span ? `${Math.round(t)} ms` : `${Math.round(t)}`;
     svg.append(tx);
   }
 }

@@ -179,6 +179,95 @@ async function gazellePage(wav, url, out, reply) {
   }
 }
 
+/**
+ * Each failure the page must explain, never hang on: the real page, with the failing piece faked
+ * by playwright's routing (a denied microphone, /health saying the model loads, /health
+ * unreachable, the socket closing, a provider error message).
+ */
+async function errorStates(wav, url) {
+  const browser = await launch(wav);
+  const shown = {};
+  const cases = {
+    mic_denied: {
+      init: () => {
+        navigator.mediaDevices.getUserMedia = () =>
+          Promise.reject(new DOMException("denied", "NotAllowedError"));
+      },
+      expect: "Microphone permission denied",
+    },
+    model_loading: {
+      route: (page) =>
+        page.route("**/health", (r) => r.fulfill({ json: { status: "loading" } })),
+      expect: "model is loading",
+    },
+    server_down: {
+      route: (page) => page.route("**/health", (r) => r.abort("connectionrefused")),
+      expect: "server is down",
+    },
+    socket_refused: {
+      route: (page) => page.routeWebSocket(/\/conversation$/, (ws) => ws.close({ code: 1011 })),
+      expect: "Cannot connect to",
+    },
+    socket_closed: {
+      route: (page) =>
+        page.routeWebSocket(/\/conversation$/, (ws) => {
+          ws.onMessage(() => {
+            ws.send(JSON.stringify({ type: "websocket_ready" }));
+            ws.close({ code: 1011 });
+          });
+        }),
+      expect: "closed (code 1011)",
+    },
+    tts_failed: {
+      route: (page) =>
+        page.routeWebSocket(/\/conversation$/, (ws) => {
+          ws.onMessage((m) => {
+            if (!String(m).includes("websocket_audio_config_start")) return;
+            ws.send(JSON.stringify({ type: "websocket_ready" }));
+            const message = "speech synthesis failed";
+            ws.send(JSON.stringify({ type: "gazelle_error", kind: "tts", message }));
+          });
+        }),
+      expect: "The voice (TTS provider) failed",
+    },
+    slm_failed: {
+      route: (page) =>
+        page.routeWebSocket(/\/conversation$/, (ws) => {
+          ws.onMessage((m) => {
+            if (!String(m).includes("websocket_audio_config_start")) return;
+            ws.send(JSON.stringify({ type: "websocket_ready" }));
+            const message = "the model failed: out of memory";
+            ws.send(JSON.stringify({ type: "gazelle_error", kind: "slm", message }));
+          });
+        }),
+      expect: "speech-language model failed",
+    },
+  };
+  try {
+    for (const [name, c] of Object.entries(cases)) {
+      const page = await browser.context.newPage();
+      if (c.init) await page.addInitScript(c.init);
+      if (c.route) await c.route(page);
+      await page.goto(url);
+      await page.click("#start");
+      shown[name] = await until(
+        page,
+        `the ${name} message`,
+        (want) => {
+          const e = document.getElementById("error");
+          return !e.hidden && e.textContent.includes(want) && e.textContent;
+        },
+        c.expect,
+        5_000,
+      );
+      await page.close();
+    }
+  } finally {
+    await browser.close();
+  }
+  return shown;
+}
+
 /** The public vocode React SDK in self-hosted mode, against our /conversation. */
 async function sdkPage(wav, url) {
   const dir = mkdtempSync(join(tmpdir(), "gazelle-sdk-"));
@@ -236,6 +325,7 @@ async function sdkPage(wav, url) {
 try {
   const reply = args.reply ?? "Sure";
   const summary = { page: await gazellePage(args.wav, args.url, args.out, reply) };
+  summary.errors = await errorStates(args.wav, args.url);
   summary.sdk = await sdkPage(args.wav, args.url);
   check(summary.sdk.wire.audio > 0, "the SDK page got no bot audio");
   console.log(`SUMMARY ${JSON.stringify(summary)}`);
