@@ -267,7 +267,7 @@ async function waitForServer() {
     setState("loading");
     showError(`The model is loading (server status: ${status}). Waiting for it…`);
     await new Promise((r) => setTimeout(r, 1e3));
-    if (ui.start.dataset.running !== "yes") return false;
+    if (stopped()) return false;
   }
 }
 async function openMic() {
@@ -289,19 +289,28 @@ async function openMic() {
     return null;
   }
 }
+var stopped = () => ui.start.dataset.running !== "yes";
 async function start() {
   clearError();
   ui.start.dataset.running = "yes";
   ui.start.textContent = "Stop";
   setState("connecting");
-  if (!await waitForServer()) return stop("error");
+  if (!await waitForServer()) return stopped() ? void 0 : stop("error");
   clearError();
   const stream = await openMic();
   if (!stream) return stop("error");
+  if (stopped()) return stream.getTracks().forEach((t) => t.stop());
   void listMics();
   const ctx = new AudioContext();
-  await ctx.resume();
-  await ctx.audioWorklet.addModule("/assets/worklet.js");
+  try {
+    await ctx.resume();
+    await ctx.audioWorklet.addModule("/assets/worklet.js");
+  } catch (e) {
+    showError(`The page's audio worklet did not load: ${e.message}. Reload the page.`);
+    stream.getTracks().forEach((t) => t.stop());
+    void ctx.close();
+    return stop("error");
+  }
   const capture = new AudioWorkletNode(ctx, "gazelle-capture");
   ctx.createMediaStreamSource(stream).connect(capture);
   const mute = ctx.createGain();
@@ -389,8 +398,8 @@ function onMessage(c, m) {
       botBubble(c).querySelector(".text").append(`${m.text} `);
       break;
     case "gazelle_clear": {
-      const stopped = c.player.clear();
-      stats.clears.push({ reply: m.reply, stopped });
+      const stopped2 = c.player.clear();
+      stats.clears.push({ reply: m.reply, stopped: stopped2 });
       if (c.bot) markInterrupted(c.bot.el, m.spoken_text);
       c.bot = null;
       break;

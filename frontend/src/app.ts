@@ -117,7 +117,7 @@ async function waitForServer(): Promise<boolean> {
     setState("loading");
     showError(`The model is loading (server status: ${status}). Waiting for it…`);
     await new Promise((r) => setTimeout(r, 1000));
-    if (ui.start.dataset.running !== "yes") return false;
+    if (stopped()) return false;
   }
 }
 
@@ -142,19 +142,30 @@ async function openMic(): Promise<MediaStream | null> {
   }
 }
 
+/** True once Stop was pressed while start() was still awaiting something. */
+const stopped = () => ui.start.dataset.running !== "yes";
+
 async function start(): Promise<void> {
   clearError();
   ui.start.dataset.running = "yes";
   ui.start.textContent = "Stop";
   setState("connecting");
-  if (!(await waitForServer())) return stop("error");
+  if (!(await waitForServer())) return stopped() ? undefined : stop("error");
   clearError();
   const stream = await openMic();
   if (!stream) return stop("error");
+  if (stopped()) return stream.getTracks().forEach((t) => t.stop());
   void listMics(); // labels are only visible once permission is granted
   const ctx = new AudioContext();
-  await ctx.resume();
-  await ctx.audioWorklet.addModule("/assets/worklet.js");
+  try {
+    await ctx.resume();
+    await ctx.audioWorklet.addModule("/assets/worklet.js");
+  } catch (e) {
+    showError(`The page's audio worklet did not load: ${(e as Error).message}. Reload the page.`);
+    stream.getTracks().forEach((t) => t.stop());
+    void ctx.close();
+    return stop("error");
+  }
   const capture = new AudioWorkletNode(ctx, "gazelle-capture");
   ctx.createMediaStreamSource(stream).connect(capture);
   // The worklet must be pulled by the graph to run; a muted path keeps it running silently.
