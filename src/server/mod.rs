@@ -1,7 +1,8 @@
-//! The HTTP server: the router (`/conversation`, `/health`, `/metrics`, `/`), the shared state
-//! every connection gets, a cap on concurrent calls, and graceful shutdown (signal → cancel every
-//! call → drain).
+//! The HTTP server: the router (`/conversation`, `/health`, `/metrics`, and the web page at `/`
+//! from [`frontend`]), the shared state every connection gets, a cap on concurrent calls, and
+//! graceful shutdown (signal → cancel every call → drain).
 
+pub mod frontend;
 pub mod setup;
 pub mod twilio;
 
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::Semaphore;
@@ -37,7 +38,6 @@ pub struct AppState {
 
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .route("/", get(index))
         .route("/conversation", get(conversation))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -45,15 +45,8 @@ pub fn app(state: AppState) -> Router {
         .route("/calls/{id}/history", get(call_history))
         .route("/twilio/voice", axum::routing::post(twilio::voice))
         .route("/twilio/stream", get(twilio::stream))
+        .merge(frontend::routes())
         .with_state(state)
-}
-
-async fn index() -> Html<&'static str> {
-    Html(
-        "<!doctype html><title>gazelle</title><p>gazelle is running. Voice clients connect to \
-         <code>/conversation</code> (the Vocode websocket protocol); see <code>/health</code> and \
-         <code>/metrics</code>.</p>",
-    )
 }
 
 async fn conversation(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {

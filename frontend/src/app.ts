@@ -1,0 +1,361 @@
+// The page gazelle serves at `/`: microphone capture through an AudioWorklet, the Vocode websocket,
+// gapless playback with barge-in, the transcript, user turns as audio bubbles, and each turn's
+// latency waterfall. Errors (no microphone permission, server down, model loading, provider
+// failure) are shown in the banner; nothing waits silently.
+
+import { audioMessage, configStart, fromBase64, type ServerMessage, type Timeline } from "./protocol";
+import { Player, type SegmentStart } from "./player";
+import { draw, stages } from "./waterfall";
+import type { CaptureChunk } from "./worklet";
+
+const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
+const ui = {
+  start: $<HTMLButtonElement>("start"),
+  state: $("state"),
+  meter: $("meter-level"),
+  error: $("error"),
+  mic: $<HTMLSelectElement>("mic"),
+  voice: $<HTMLSelectElement>("voice"),
+  systemPrompt: $<HTMLTextAreaElement>("system-prompt"),
+  firstMessage: $<HTMLInputElement>("first-message"),
+  log: $("log"),
+};
+
+/** What the browser test reads; also handy in the console. */
+const stats = {
+  state: "idle",
+  ready: false,
+  received: 0,
+  /** Microphone chunks sent, and the loudest chunk's RMS level. */
+  sent: 0,
+  peak: 0,
+  clears: [] as { reply: number; stopped: number }[],
+  timelines: [] as (Timeline & { first_audio_played_ms: number | null })[],
+  errors: [] as string[],
+  transcript: [] as string[],
+  get scheduled() {
+    return call?.player.scheduled ?? 0;
+  },
+};
+(window as unknown as { gazelle: typeof stats }).gazelle = stats;
+
+/** How long the server has to say websocket_ready after the socket opens. */
+const READY_TIMEOUT_MS = 10_000;
+
+interface Call {
+  ctx: AudioContext;
+  stream: MediaStream;
+  ws: WebSocket;
+  player: Player;
+  level: number;
+  stopping: boolean;
+  /** The bot bubble receiving text, until its audio ends or is cleared. */
+  bot: { el: HTMLElement; hadAudio: boolean } | null;
+}
+let call: Call | null = null;
+
+function showError(message: string): void {
+  stats.errors.push(message);
+  ui.error.textContent = message;
+  ui.error.hidden = false;
+}
+
+function clearError(): void {
+  ui.error.hidden = true;
+  ui.error.textContent = "";
+}
+
+function setState(s: "idle" | "connecting" | "loading" | "listening" | "speaking" | "error") {
+  stats.state = s;
+  ui.state.textContent = s;
+  ui.state.className = `state ${s}`;
+}
+
+async function loadConfig(): Promise<void> {
+  try {
+    const r = await fetch("/config");
+    const c = (await r.json()) as {
+      voices: string[];
+      system_prompt: string | null;
+      first_message: string | null;
+    };
+    ui.voice.replaceChildren(...c.voices.map((v) => new Option(v, v)));
+    // A choice is only offered when there is one to make.
+    ui.voice.disabled = c.voices.length < 2;
+    if (c.system_prompt && !ui.systemPrompt.value) ui.systemPrompt.value = c.system_prompt;
+    if (c.first_message && !ui.firstMessage.value) ui.firstMessage.value = c.first_message;
+  } catch {
+    showError("Cannot reach the gazelle server. Is `gazelle serve` running? Reload once it is.");
+  }
+}
+
+async function listMics(): Promise<void> {
+  const devices = await navigator.mediaDevices.enumerateDevices();
+  const mics = devices.filter((d) => d.kind === "audioinput");
+  const chosen = ui.mic.value;
+  ui.mic.replaceChildren(
+    new Option("default microphone", ""),
+    ...mics
+      .filter((d) => d.deviceId && d.deviceId !== "default")
+      .map((d, i) => new Option(d.label || `microphone ${i + 1}`, d.deviceId)),
+  );
+  ui.mic.value = chosen;
+}
+
+/** Waits until /health says the model is ready, showing why while it waits. */
+async function waitForServer(): Promise<boolean> {
+  for (;;) {
+    let status: string;
+    try {
+      const r = await fetch("/health", { cache: "no-store" });
+      status = ((await r.json()) as { status: string }).status;
+    } catch {
+      showError("The gazelle server is down or unreachable. Start `gazelle serve` and press Start.");
+      return false;
+    }
+    if (status === "ok") return true;
+    setState("loading");
+    showError(`The model is loading (server status: ${status}). Waiting for it…`);
+    await new Promise((r) => setTimeout(r, 1000));
+    if (stopped()) return false;
+  }
+}
+
+async function openMic(): Promise<MediaStream | null> {
+  const audio: MediaTrackConstraints = { echoCancellation: true, channelCount: 1 };
+  if (ui.mic.value) audio.deviceId = { exact: ui.mic.value };
+  try {
+    return await navigator.mediaDevices.getUserMedia({ audio });
+  } catch (e) {
+    const name = (e as DOMException).name;
+    if (name === "NotAllowedError" || name === "SecurityError") {
+      showError(
+        "Microphone permission denied. Allow microphone access for this site (the icon in the " +
+          "address bar) and press Start again.",
+      );
+    } else if (name === "NotFoundError" || name === "OverconstrainedError") {
+      showError("No microphone found. Plug one in or pick another, then press Start.");
+    } else {
+      showError(`Cannot open the microphone: ${(e as Error).message}`);
+    }
+    return null;
+  }
+}
+
+/** True once Stop was pressed while start() was still awaiting something. */
+const stopped = () => ui.start.dataset.running !== "yes";
+
+async function start(): Promise<void> {
+  clearError();
+  ui.start.dataset.running = "yes";
+  ui.start.textContent = "Stop";
+  setState("connecting");
+  if (!(await waitForServer())) return stopped() ? undefined : stop("error");
+  clearError();
+  const stream = await openMic();
+  if (!stream) return stop("error");
+  if (stopped()) return stream.getTracks().forEach((t) => t.stop());
+  void listMics(); // labels are only visible once permission is granted
+  const ctx = new AudioContext();
+  try {
+    await ctx.resume();
+    await ctx.audioWorklet.addModule("/assets/worklet.js");
+  } catch (e) {
+    showError(`The page's audio worklet did not load: ${(e as Error).message}. Reload the page.`);
+    stream.getTracks().forEach((t) => t.stop());
+    void ctx.close();
+    return stop("error");
+  }
+  const capture = new AudioWorkletNode(ctx, "gazelle-capture");
+  ctx.createMediaStreamSource(stream).connect(capture);
+  // The worklet must be pulled by the graph to run; a muted path keeps it running silently.
+  const mute = ctx.createGain();
+  mute.gain.value = 0;
+  capture.connect(mute).connect(ctx.destination);
+
+  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/conversation`;
+  const ws = new WebSocket(url);
+  const c: Call = {
+    ctx,
+    stream,
+    ws,
+    player: new Player(ctx, ctx.destination),
+    level: 0,
+    stopping: false,
+    bot: null,
+  };
+  call = c;
+  let opened = false;
+  const readyTimer = setTimeout(() => {
+    if (!stats.ready) {
+      showError("The server accepted the connection but never became ready. Check its log.");
+      stop("error");
+    }
+  }, READY_TIMEOUT_MS);
+  ws.onopen = () => {
+    opened = true;
+    ws.send(
+      configStart({
+        rate: ctx.sampleRate,
+        systemPrompt: ui.systemPrompt.value.trim(),
+        firstMessage: ui.firstMessage.value.trim(),
+      }),
+    );
+  };
+  ws.onmessage = (e) => onMessage(c, JSON.parse(e.data as string) as ServerMessage);
+  ws.onclose = (e) => {
+    clearTimeout(readyTimer);
+    if (c.stopping) return;
+    showError(
+      opened
+        ? `The connection to the server closed (code ${e.code}). The server may have stopped; ` +
+            "press Start to reconnect."
+        : `Cannot connect to ${url}. The server is down or refused the call (it may be at its ` +
+            "call limit).",
+    );
+    stop("error");
+  };
+  capture.port.onmessage = (e: MessageEvent<CaptureChunk>) => {
+    c.level = Math.max(e.data.rms, c.level * 0.85);
+    stats.peak = Math.max(stats.peak, e.data.rms);
+    if (stats.ready && ws.readyState === WebSocket.OPEN) {
+      ws.send(audioMessage(e.data.pcm));
+      stats.sent++;
+    }
+  };
+  requestAnimationFrame(tick);
+}
+
+function stop(final: "idle" | "error" = "idle"): void {
+  ui.start.dataset.running = "";
+  ui.start.textContent = "Start";
+  stats.ready = false;
+  const c = call;
+  call = null;
+  if (c) {
+    c.stopping = true;
+    c.player.clear();
+    if (c.ws.readyState === WebSocket.OPEN) c.ws.send(JSON.stringify({ type: "websocket_stop" }));
+    c.ws.close();
+    c.stream.getTracks().forEach((t) => t.stop());
+    void c.ctx.close();
+  }
+  ui.meter.style.width = "0";
+  setState(final);
+}
+
+function onMessage(c: Call, m: ServerMessage): void {
+  const now = performance.now();
+  switch (m.type) {
+    case "websocket_ready":
+      stats.ready = true;
+      setState("listening");
+      break;
+    case "websocket_audio":
+      stats.received++;
+      if (c.bot) c.bot.hadAudio = true;
+      c.player.enqueue(fromBase64(m.data), now);
+      break;
+    case "websocket_transcript":
+      stats.transcript.push(m.text);
+      botBubble(c).querySelector(".text")!.append(`${m.text} `);
+      break;
+    case "gazelle_clear": {
+      const stopped = c.player.clear();
+      stats.clears.push({ reply: m.reply, stopped });
+      if (c.bot) markInterrupted(c.bot.el, m.spoken_text);
+      c.bot = null;
+      break;
+    }
+    case "gazelle_timeline":
+      onTimeline(c, m, c.player.lastSegment);
+      break;
+    case "gazelle_error":
+      showError(errorText(m.kind, m.message));
+      break;
+    case "websocket_stop":
+      showError("The server ended the call. Press Start to begin a new one.");
+      stop("error");
+      break;
+  }
+}
+
+function errorText(kind: string, message: string): string {
+  if (kind === "tts") return `The voice (TTS provider) failed: ${message}. The call goes on.`;
+  if (kind === "slm") return `The speech-language model failed: ${message}. The call goes on.`;
+  if (kind === "call_start") return `The server could not start the call: ${message}`;
+  return `Server error (${kind}): ${message}`;
+}
+
+function botBubble(c: Call): HTMLElement {
+  if (!c.bot) {
+    const el = document.createElement("div");
+    el.className = "turn bot";
+    el.innerHTML = '<span class="who">bot</span><span class="text"></span>';
+    ui.log.append(el);
+    c.bot = { el, hadAudio: false };
+  }
+  return c.bot.el;
+}
+
+/** Splits the cut reply's text into what the user heard and what they never did. */
+function markInterrupted(el: HTMLElement, heard: string): void {
+  el.classList.add("interrupted");
+  const text = el.querySelector(".text")!;
+  const all = (text.textContent ?? "").trim();
+  const cut = heard && all.startsWith(heard) ? heard.length : 0;
+  const unheard = document.createElement("span");
+  unheard.className = "unheard";
+  unheard.textContent = all.slice(cut);
+  text.replaceChildren(all.slice(0, cut), unheard);
+}
+
+/** The user's turn: an audio bubble with its duration, and the reply's latency waterfall. */
+function onTimeline(c: Call, t: Timeline, segment: SegmentStart | null): void {
+  const el = document.createElement("div");
+  el.className = "turn user";
+  el.dataset.reply = String(t.reply);
+  const secs = (t.user_audio_ms / 1000).toFixed(1);
+  el.innerHTML =
+    `<span class="who">you</span><span class="audio-bubble"><span class="wave"></span>` +
+    `<span class="duration">${secs} s</span></span>`;
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.classList.add("waterfall");
+  el.append(svg);
+  // The user spoke before the bot's reply text began, so the bubble goes above it.
+  if (c.bot) ui.log.insertBefore(el, c.bot.el);
+  else ui.log.append(el);
+  const entry = { ...t, first_audio_played_ms: null as number | null };
+  stats.timelines.push(entry);
+  draw(svg, stages(t, null));
+  // The reply's first audio message came just before this timeline (the server sends the
+  // timeline once that audio is out), so `segment` is its first chunk.
+  if (segment && t.first_audio_sent_ms !== null) {
+    const sent = t.first_audio_sent_ms;
+    segment.whenHeard((heardAt) => {
+      entry.first_audio_played_ms = sent + (heardAt - segment.arrivedAt);
+      draw(svg, stages(t, entry.first_audio_played_ms));
+    });
+  }
+  el.scrollIntoView({ block: "nearest" });
+}
+
+function tick(): void {
+  const c = call;
+  if (!c) return;
+  const speaking = c.player.speaking;
+  if (stats.ready) setState(speaking ? "speaking" : "listening");
+  if (c.bot?.hadAudio && !speaking) c.bot = null; // the reply played out
+  c.level *= 0.9;
+  ui.meter.style.width = `${Math.min(100, Math.sqrt(c.level) * 180)}%`;
+  requestAnimationFrame(tick);
+}
+
+ui.start.onclick = () => (call || ui.start.dataset.running ? stop() : void start());
+navigator.mediaDevices?.addEventListener("devicechange", () => void listMics());
+if (!navigator.mediaDevices) {
+  showError("This page needs microphone access, which browsers only give to https or localhost.");
+} else {
+  void listMics();
+}
+void loadConfig();

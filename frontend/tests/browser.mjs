@@ -1,0 +1,335 @@
+// The end-to-end browser test, driven by tests/browser.rs (which starts the server and makes the
+// fake-microphone WAV): opens gazelle's page in headless Debian Chromium through playwright-core,
+// talks to the bot with the WAV as the microphone, and checks what the page did. Then a tiny page
+// built on the public `vocode` React SDK (bundled here with esbuild, never shipped) talks to the
+// same server. Prints one JSON summary line prefixed `SUMMARY ` and exits non-zero on any failure.
+//
+//   node tests/browser.mjs --url http://127.0.0.1:PORT/ --wav speech.wav --out DIR [--reply TEXT]
+
+import { chromium } from "playwright-core";
+import { build } from "esbuild";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { createServer } from "node:http";
+import { readFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const args = Object.fromEntries(
+  process.argv.slice(2).reduce((acc, a, i, all) => {
+    if (a.startsWith("--")) acc.push([a.slice(2), all[i + 1]]);
+    return acc;
+  }, []),
+);
+const CHROMIUM = "/usr/bin/chromium";
+// headless-shell style UA strings say "HeadlessChrome", which the SDK rejects as unsupported.
+const CHROME_UA =
+  "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0.0.0 Safari/537.36";
+
+class Failure extends Error {}
+function fail(message) {
+  throw new Failure(message);
+}
+function check(cond, message) {
+  if (!cond) fail(message);
+}
+
+async function launch(wav) {
+  if (!existsSync(CHROMIUM)) fail(`${CHROMIUM} is missing: install Debian's chromium (scripts/test does)`);
+  const profile = mkdtempSync(join(tmpdir(), "gazelle-chromium-"));
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: CHROMIUM,
+    headless: true,
+    chromiumSandbox: false,
+    userAgent: CHROME_UA,
+    viewport: { width: 1100, height: 760 },
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+      "--autoplay-policy=no-user-gesture-required",
+      "--use-fake-ui-for-media-stream",
+      "--use-fake-device-for-media-stream",
+      `--use-file-for-fake-audio-capture=${resolve(wav)}`,
+    ],
+  });
+  return {
+    context,
+    close: async () => {
+      await context.close();
+      rmSync(profile, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Polls `fn` in the page until it returns a truthy value. */
+async function until(page, what, fn, arg, timeoutMs) {
+  try {
+    const h = await page.waitForFunction(fn, arg, { timeout: timeoutMs, polling: 50 });
+    return await h.jsonValue();
+  } catch {
+    const g = await page.evaluate(() => JSON.stringify(window.gazelle ?? window.sdk ?? null));
+    fail(`timed out after ${timeoutMs} ms waiting for ${what}; page state: ${g}`);
+  }
+}
+
+async function gazellePage(wav, url, out, reply) {
+  const browser = await launch(wav);
+  const page = await browser.context.newPage();
+  const consoleLines = [];
+  page.on("console", (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.message}`));
+  try {
+    await page.goto(url);
+    await page.click("#start");
+    await until(page, "websocket_ready", () => window.gazelle.ready, null, 10_000);
+    const t0 = Date.now();
+
+    // First turn: the reply's audio is scheduled, its text shows, its waterfall is complete.
+    await until(page, "the first reply's timeline", () => window.gazelle.timelines.length >= 1, null, 20_000);
+    await until(
+      page,
+      "first audio played for turn 1",
+      () => window.gazelle.timelines[0].first_audio_played_ms !== null,
+      null,
+      5_000,
+    );
+    const firstWords = reply.split(/[ ,.]/)[0];
+    await until(
+      page,
+      "the bot's text in the transcript",
+      (w) => document.querySelector("#log .turn.bot .text")?.textContent.includes(w),
+      firstWords,
+      5_000,
+    );
+    const scheduledBeforeClear = await page.evaluate(() => window.gazelle.scheduled);
+    check(scheduledBeforeClear > 0, "no bot audio was scheduled in the page");
+    const firstWaterfall = await page.evaluate(() => {
+      const turn = document.querySelector("#log .turn.user");
+      if (!turn) return null;
+      const rows = [...turn.querySelectorAll("svg.waterfall g.stage")];
+      return Object.fromEntries(rows.map((g) => [g.dataset.stage, g.dataset.ms === "" ? null : Number(g.dataset.ms)]));
+    });
+    const wanted = [
+      "end_of_speech",
+      "vad_end",
+      "first_token",
+      "first_unit",
+      "first_synth_byte",
+      "first_audio_sent",
+      "first_audio_played",
+    ];
+    check(firstWaterfall, "no waterfall was drawn for the first turn");
+    for (const k of wanted) {
+      check(Number.isFinite(firstWaterfall[k]), `waterfall stage ${k} missing: ${JSON.stringify(firstWaterfall)}`);
+    }
+    const bars = await page.evaluate(
+      () => document.querySelectorAll("#log .turn.user svg.waterfall g.stage rect").length,
+    );
+    check(bars >= wanted.length, `only ${bars} waterfall bars drawn`);
+
+    // The second utterance lands while the reply plays: the page is told to clear and stops the
+    // sources it had scheduled.
+    const clear = await until(
+      page,
+      "gazelle_clear from the second utterance",
+      () => window.gazelle.clears[0] ?? null,
+      null,
+      15_000,
+    );
+    check(clear.stopped > 0, `the clear stopped ${clear.stopped} scheduled sources; playback was not cut`);
+    const interrupted = await page.evaluate(() => document.querySelectorAll("#log .turn.bot.interrupted").length);
+    check(interrupted >= 1, "the cut reply is not marked interrupted");
+
+    // The reply to the second utterance: screenshot mid-conversation, while the bot speaks.
+    await until(
+      page,
+      "the second reply, speaking",
+      () =>
+        window.gazelle.timelines.length >= 2 &&
+        window.gazelle.timelines[1].first_audio_played_ms !== null &&
+        window.gazelle.state === "speaking",
+      null,
+      20_000,
+    );
+    await page.waitForTimeout(600);
+    const shot = join(out, "frontend-mid-conversation.png");
+    await page.screenshot({ path: shot });
+    const g = await page.evaluate(() => ({
+      timelines: window.gazelle.timelines,
+      clears: window.gazelle.clears,
+      scheduled: window.gazelle.scheduled,
+      received: window.gazelle.received,
+      errors: window.gazelle.errors,
+      state: window.gazelle.state,
+    }));
+    check(g.errors.length === 0, `the page showed errors: ${JSON.stringify(g.errors)}`);
+    return { ...g, first_waterfall: firstWaterfall, screenshot: shot, seconds: (Date.now() - t0) / 1000 };
+  } catch (e) {
+    const detail = e instanceof Failure ? e.message : e.stack;
+    fail(`${detail}\npage console:\n${consoleLines.join("\n")}`);
+  } finally {
+    await browser.close();
+  }
+}
+
+/**
+ * Each failure the page must explain, never hang on: the real page, with the failing piece faked
+ * by playwright's routing (a denied microphone, /health saying the model loads, /health
+ * unreachable, the socket closing, a provider error message).
+ */
+async function errorStates(wav, url) {
+  const browser = await launch(wav);
+  const shown = {};
+  const cases = {
+    mic_denied: {
+      init: () => {
+        navigator.mediaDevices.getUserMedia = () =>
+          Promise.reject(new DOMException("denied", "NotAllowedError"));
+      },
+      expect: "Microphone permission denied",
+    },
+    model_loading: {
+      route: (page) =>
+        page.route("**/health", (r) => r.fulfill({ json: { status: "loading" } })),
+      expect: "model is loading",
+    },
+    server_down: {
+      route: (page) => page.route("**/health", (r) => r.abort("connectionrefused")),
+      expect: "server is down",
+    },
+    socket_refused: {
+      route: (page) => page.routeWebSocket(/\/conversation$/, (ws) => ws.close({ code: 1011 })),
+      expect: "Cannot connect to",
+    },
+    socket_closed: {
+      route: (page) =>
+        page.routeWebSocket(/\/conversation$/, (ws) => {
+          ws.onMessage(() => {
+            ws.send(JSON.stringify({ type: "websocket_ready" }));
+            ws.close({ code: 1011 });
+          });
+        }),
+      expect: "closed (code 1011)",
+    },
+    tts_failed: {
+      route: (page) =>
+        page.routeWebSocket(/\/conversation$/, (ws) => {
+          ws.onMessage((m) => {
+            if (!String(m).includes("websocket_audio_config_start")) return;
+            ws.send(JSON.stringify({ type: "websocket_ready" }));
+            const message = "speech synthesis failed";
+            ws.send(JSON.stringify({ type: "gazelle_error", kind: "tts", message }));
+          });
+        }),
+      expect: "The voice (TTS provider) failed",
+    },
+    slm_failed: {
+      route: (page) =>
+        page.routeWebSocket(/\/conversation$/, (ws) => {
+          ws.onMessage((m) => {
+            if (!String(m).includes("websocket_audio_config_start")) return;
+            ws.send(JSON.stringify({ type: "websocket_ready" }));
+            const message = "the model failed: out of memory";
+            ws.send(JSON.stringify({ type: "gazelle_error", kind: "slm", message }));
+          });
+        }),
+      expect: "speech-language model failed",
+    },
+  };
+  try {
+    for (const [name, c] of Object.entries(cases)) {
+      const page = await browser.context.newPage();
+      if (c.init) await page.addInitScript(c.init);
+      if (c.route) await c.route(page);
+      await page.goto(url);
+      await page.click("#start");
+      shown[name] = await until(
+        page,
+        `the ${name} message`,
+        (want) => {
+          const e = document.getElementById("error");
+          return !e.hidden && e.textContent.includes(want) && e.textContent;
+        },
+        c.expect,
+        5_000,
+      );
+      await page.close();
+    }
+  } finally {
+    await browser.close();
+  }
+  return shown;
+}
+
+/** The public vocode React SDK in self-hosted mode, against our /conversation. */
+async function sdkPage(wav, url) {
+  const dir = mkdtempSync(join(tmpdir(), "gazelle-sdk-"));
+  try {
+    await build({
+      entryPoints: [join(here, "sdk-page.js")],
+      outfile: join(dir, "sdk.js"),
+      bundle: true,
+      format: "iife",
+      platform: "browser",
+      define: { "process.env.NODE_ENV": '"production"' },
+      logLevel: "error",
+    });
+  } catch (e) {
+    fail(`the vocode SDK page does not bundle: ${e.message}`);
+  }
+  const js = await readFile(join(dir, "sdk.js"));
+  const html = '<!doctype html><meta charset="utf-8"><div id="root"></div><script src="/sdk.js"></script>';
+  const server = createServer((req, res) => {
+    if (req.url.startsWith("/sdk.js")) res.writeHead(200, { "content-type": "text/javascript" }).end(js);
+    else res.writeHead(200, { "content-type": "text/html" }).end(html);
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  const backend = new URL("conversation", url).href.replace(/^http/, "ws");
+  const browser = await launch(wav);
+  const page = await browser.context.newPage();
+  // Count what the server sends, beneath the SDK.
+  await page.addInitScript(() => {
+    window.wire = { audio: 0, transcripts: [], types: {} };
+    const Native = window.WebSocket;
+    window.WebSocket = class extends Native {
+      constructor(...a) {
+        super(...a);
+        this.addEventListener("message", (e) => {
+          const m = JSON.parse(e.data);
+          window.wire.types[m.type] = (window.wire.types[m.type] ?? 0) + 1;
+          if (m.type === "websocket_audio") window.wire.audio++;
+        });
+      }
+    };
+  });
+  try {
+    await page.goto(`http://127.0.0.1:${server.address().port}/?backend=${encodeURIComponent(backend)}`);
+    await page.click("#go");
+    await until(page, "the SDK to connect", () => window.sdk?.status === "connected", null, 10_000);
+    await until(page, "bot audio through the SDK", () => window.sdk.spoke, null, 20_000);
+    return await page.evaluate(() => ({ sdk: window.sdk, wire: window.wire }));
+  } finally {
+    await browser.close();
+    server.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+try {
+  const reply = args.reply ?? "Sure";
+  const summary = { page: await gazellePage(args.wav, args.url, args.out, reply) };
+  summary.errors = await errorStates(args.wav, args.url);
+  summary.sdk = await sdkPage(args.wav, args.url);
+  check(summary.sdk.wire.audio > 0, "the SDK page got no bot audio");
+  console.log(`SUMMARY ${JSON.stringify(summary)}`);
+} catch (e) {
+  console.error(`FAIL: ${e instanceof Failure ? e.message : e.stack}`);
+  process.exit(1);
+}
