@@ -1,0 +1,3 @@
+//! Model code: the Gazelle speech-language model and its command-line entry points.
+
+pub mod gazelle;
