@@ -8,13 +8,20 @@ pub mod config;
 pub mod decoder;
 #[allow(clippy::module_inception)]
 pub mod gazelle;
+pub mod generation;
 pub mod projector;
 pub mod prompt;
+pub mod session;
 pub mod wav2vec2;
 
 pub use config::{GazelleConfig, TextArch, TextConfig, Wav2Vec2Config};
 pub use decoder::{CausalLm, KvCache};
 pub use gazelle::{AudioStages, Gazelle};
+pub use generation::{GenerationParams, StopReason};
+pub use prompt::{ChatMessage, ChatPrompt};
+pub use session::{GazelleEngine, GazelleSession, HistoryTurn, Reply, Spoken, TurnStats};
 
 #[cfg(test)]
 mod parity_tests;
+#[cfg(test)]
+mod session_tests;
