@@ -9,6 +9,7 @@ pub mod decoder;
 #[allow(clippy::module_inception)]
 pub mod gazelle;
 pub mod generation;
+pub mod hub;
 pub mod projector;
 pub mod prompt;
 pub mod session;
