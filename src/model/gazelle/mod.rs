@@ -12,6 +12,7 @@ pub mod generation;
 pub mod hub;
 pub mod projector;
 pub mod prompt;
+pub mod random;
 pub mod session;
 pub mod wav2vec2;
 
@@ -23,6 +24,6 @@ pub use prompt::{ChatMessage, ChatPrompt};
 pub use session::{GazelleEngine, GazelleSession, HistoryTurn, Reply, Spoken, TurnStats};
 
 #[cfg(test)]
-mod parity_tests;
+pub(crate) mod parity_tests;
 #[cfg(test)]
 mod session_tests;

@@ -86,6 +86,8 @@ pub struct TurnStats {
     /// Positions run through the decoder for this turn.
     pub prefill_positions: usize,
     pub prefill_ms: f64,
+    /// Token ids of the whole conversation so far (each clip counts as one `<|audio|>` id).
+    pub prompt_ids: usize,
 }
 
 /// One finished (or cancelled) reply.
@@ -179,6 +181,7 @@ impl GazelleSession {
         stats.reused_positions = sync.reused_positions;
         stats.prefill_positions = sync.prefill_positions;
         stats.prefill_ms = sync.prefill_ms;
+        stats.prompt_ids = sync.prompt_ids;
         Ok((s, stats))
     }
 
@@ -274,6 +277,7 @@ impl GazelleSession {
             reused_positions: reused,
             prefill_positions: self.cache.len() - reused,
             prefill_ms: t.elapsed().as_secs_f64() * 1e3,
+            prompt_ids: self.ids.len(),
             ..Default::default()
         })
     }
