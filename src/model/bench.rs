@@ -10,7 +10,7 @@ use clap::Args;
 
 use super::cli::{open_device, DTypeArg, DeviceArg};
 use super::gazelle::random::random_gazelle;
-use super::gazelle::GazelleConfig;
+use super::gazelle::{GazelleConfig, Precision};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -62,12 +62,13 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     cfg.text.num_hidden_layers = layers;
     let device = open_device(args.device)?;
     let (dtype, audio_dtype): (DType, DType) = (args.dtype.into(), args.audio_dtype.into());
+    let name = &args.random_weights;
     eprintln!(
-        "building random {} ({layers}/{full_layers} decoder layers, {dtype:?}, audio {audio_dtype:?})",
-        args.random_weights
+        "building random {name} ({layers}/{full_layers} layers, {dtype:?}, {audio_dtype:?} audio)"
     );
     let t = Instant::now();
-    let model = random_gazelle(&cfg, dtype, audio_dtype, &device, 1)?;
+    let precision = Precision::new(dtype, audio_dtype, &device);
+    let model = random_gazelle(&cfg, precision, &device, 1)?;
     let build_s = t.elapsed().as_secs_f64();
 
     let samples = (args.audio_seconds * 16000.0) as usize;
@@ -136,7 +137,10 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         decode_tokens_per_s: best.decode_tokens_per_s / scale,
     };
     let threads = candle_core::utils::get_num_threads();
-    println!("| {} random weights, {dtype:?} decoder, {audio_dtype:?} audio, {threads} threads | measured ({layers} layers) | scaled to {full_layers} layers |", args.random_weights);
+    println!(
+        "| {name} random weights, {dtype:?} decoder, {audio_dtype:?} audio, {threads} threads \
+         | measured ({layers} layers) | scaled to {full_layers} layers |"
+    );
     println!("|---|---|---|");
     println!(
         "| encoder ms per second of audio ({:.1} s clip) | {:.0} | {:.0} |",
@@ -159,6 +163,7 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         let out = serde_json::json!({
             "preset": args.random_weights,
             "dtype": format!("{dtype:?}"),
+            "compute_dtype": format!("{:?}", precision.compute),
             "audio_dtype": format!("{audio_dtype:?}"),
             "threads": threads,
             "layers_built": layers,

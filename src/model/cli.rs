@@ -12,7 +12,7 @@ use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 
 use super::gazelle::hub::{self, HubOptions, DEFAULT_REPO};
-use super::gazelle::GenerationParams;
+use super::gazelle::{GenerationParams, Precision};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
@@ -153,7 +153,8 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let audio = read_wav_16k(&args.audio)?;
     let files = hub::resolve(&args.model.model, &args.model.hub_options(!args.json))?;
     let t = Instant::now();
-    let engine = hub::load_engine(&files, args.dtype.into(), args.audio_dtype.into(), &device)?;
+    let precision = Precision::new(args.dtype.into(), args.audio_dtype.into(), &device);
+    let engine = hub::load_engine(&files, precision, &device)?;
     let engine = Arc::new(engine);
     tracing::info!(
         "loaded {} in {:.1}s",

@@ -10,7 +10,9 @@
 //! keys and values are never repeated either.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
+
+use super::linear::Linear;
 
 use super::config::{TextArch, TextConfig};
 use super::wav2vec2::softmax_f32;
@@ -183,17 +185,17 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn load(cfg: &TextConfig, vb: VarBuilder, dt: DType) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         if nh % nkv != 0 {
             candle_core::bail!("{nh} attention heads do not divide into {nkv} key/value heads");
         }
         Ok(Self {
-            q_proj: candle_nn::linear_no_bias(h, nh * hd, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear_no_bias(h, nkv * hd, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear_no_bias(h, nkv * hd, vb.pp("v_proj"))?,
-            o_proj: candle_nn::linear_no_bias(nh * hd, h, vb.pp("o_proj"))?,
+            q_proj: Linear::load(h, nh * hd, dt, vb.pp("q_proj"))?,
+            k_proj: Linear::load(h, nkv * hd, dt, vb.pp("k_proj"))?,
+            v_proj: Linear::load(h, nkv * hd, dt, vb.pp("v_proj"))?,
+            o_proj: Linear::load(nh * hd, h, dt, vb.pp("o_proj"))?,
             heads: nh,
             kv_heads: nkv,
             head_dim: hd,
@@ -259,12 +261,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn load(cfg: &TextConfig, vb: VarBuilder, dt: DType) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: candle_nn::linear_no_bias(h, i, vb.pp("gate_proj"))?,
-            up_proj: candle_nn::linear_no_bias(h, i, vb.pp("up_proj"))?,
-            down_proj: candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?,
+            gate_proj: Linear::load(h, i, dt, vb.pp("gate_proj"))?,
+            up_proj: Linear::load(h, i, dt, vb.pp("up_proj"))?,
+            down_proj: Linear::load(i, h, dt, vb.pp("down_proj"))?,
         })
     }
 
@@ -284,17 +286,12 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
-        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+    fn load(cfg: &TextConfig, vb: VarBuilder, dt: DType) -> Result<Self> {
         Ok(Self {
-            self_attn: Attention::load(cfg, vb.pp("self_attn"))?,
-            mlp: Mlp::load(cfg, vb.pp("mlp"))?,
-            input_layernorm: candle_nn::rms_norm(h, eps, vb.pp("input_layernorm"))?,
-            post_attention_layernorm: candle_nn::rms_norm(
-                h,
-                eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
+            self_attn: Attention::load(cfg, vb.pp("self_attn"), dt)?,
+            mlp: Mlp::load(cfg, vb.pp("mlp"), dt)?,
+            input_layernorm: rms_norm(cfg, vb.pp("input_layernorm"), dt)?,
+            post_attention_layernorm: rms_norm(cfg, vb.pp("post_attention_layernorm"), dt)?,
         })
     }
 
@@ -314,6 +311,12 @@ impl DecoderLayer {
     }
 }
 
+/// An RMSNorm whose (small) weight is stored in the compute dtype.
+fn rms_norm(cfg: &TextConfig, vb: VarBuilder, dt: DType) -> Result<RmsNorm> {
+    let w = vb.get(cfg.hidden_size, "weight")?.to_dtype(dt)?;
+    Ok(RmsNorm::new(w, cfg.rms_norm_eps))
+}
+
 /// `LlamaForCausalLM` / `MistralForCausalLM` (they differ only in config and defaults).
 #[derive(Debug, Clone)]
 pub struct CausalLm {
@@ -327,26 +330,27 @@ pub struct CausalLm {
 }
 
 impl CausalLm {
-    /// `vb` points at `language_model` (holding `model.*` and `lm_head.*`).
-    pub fn load(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    /// `vb` points at `language_model` (holding `model.*` and `lm_head.*`); weights keep the
+    /// builder's dtype, activations and the KV cache use `compute` (see `linear.rs`).
+    pub fn load(cfg: &TextConfig, vb: VarBuilder, compute: DType) -> Result<Self> {
         let m = vb.pp("model");
         let embed_tokens =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(cfg, m.pp("layers").pp(i)))
+            .map(|i| DecoderLayer::load(cfg, m.pp("layers").pp(i), compute))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            Linear::new(embed_tokens.embeddings().clone(), compute)
         } else {
-            candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+            Linear::load(cfg.hidden_size, cfg.vocab_size, compute, vb.pp("lm_head"))?
         };
         Ok(Self {
             embed_tokens,
             layers,
-            norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?,
+            norm: rms_norm(cfg, m.pp("norm"), compute)?,
             lm_head,
             config: cfg.clone(),
-            dtype: vb.dtype(),
+            dtype: compute,
             device: vb.device().clone(),
         })
     }
@@ -367,7 +371,7 @@ impl CausalLm {
     /// [L] token ids -> [1, L, D] embeddings.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        self.embed_tokens.forward(&ids)
+        self.embed_tokens.forward(&ids)?.to_dtype(self.dtype)
     }
 
     /// [1, L, D] embeddings at positions cache.len().. -> [1, L, D] final-normed hidden states.
@@ -403,6 +407,7 @@ impl CausalLm {
             .to_dtype(DType::F32)
     }
 
+    /// The compute dtype (activations, KV cache).
     pub fn dtype(&self) -> DType {
         self.dtype
     }

@@ -29,6 +29,44 @@ pub struct AudioStages {
     pub audio_embeds: Tensor,
 }
 
+/// Which dtypes the parts of the model store and compute in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision {
+    /// Decoder weight storage (what the checkpoint is converted to at load).
+    pub weights: DType,
+    /// Decoder activations and KV cache.
+    pub compute: DType,
+    /// Audio tower and projector, weights and activations.
+    pub audio: DType,
+}
+
+impl Precision {
+    /// The shipping choice: on the CPU, half-precision decoder weights compute in f32 (faster
+    /// there, and closer to f32); elsewhere compute follows the weights.
+    pub fn new(weights: DType, audio: DType, device: &Device) -> Self {
+        let half = matches!(weights, DType::BF16 | DType::F16);
+        let compute = if half && device.is_cpu() {
+            DType::F32
+        } else {
+            weights
+        };
+        Self {
+            weights,
+            compute,
+            audio,
+        }
+    }
+
+    /// Everything in one dtype, as PyTorch runs a model after `.to(dtype)`.
+    pub fn uniform(dtype: DType) -> Self {
+        Self {
+            weights: dtype,
+            compute: dtype,
+            audio: dtype,
+        }
+    }
+}
+
 /// Immutable Gazelle weights.
 #[derive(Debug, Clone)]
 pub struct Gazelle {
@@ -40,16 +78,16 @@ pub struct Gazelle {
 }
 
 impl Gazelle {
-    /// Builds the model from a root `VarBuilder` holding the checkpoint keys. The audio tower and
-    /// projector use `audio_dtype`, the language model the builder's dtype.
-    pub fn new(cfg: &GazelleConfig, vb: VarBuilder, audio_dtype: DType) -> Result<Self> {
-        let avb = vb.clone().set_dtype(audio_dtype);
+    /// Builds the model from a root `VarBuilder` holding the checkpoint keys.
+    pub fn new(cfg: &GazelleConfig, vb: VarBuilder, precision: Precision) -> Result<Self> {
+        let avb = vb.clone().set_dtype(precision.audio);
+        let lvb = vb.set_dtype(precision.weights);
         Ok(Self {
             config: cfg.clone(),
             audio_tower: Wav2Vec2Model::load(&cfg.audio, avb.pp("audio_tower"))?,
             multi_modal_projector: GazelleProjector::load(cfg, avb.pp("multi_modal_projector"))?,
-            language_model: CausalLm::load(&cfg.text, vb.pp("language_model"))?,
-            audio_dtype,
+            language_model: CausalLm::load(&cfg.text, lvb.pp("language_model"), precision.compute)?,
+            audio_dtype: precision.audio,
         })
     }
 
@@ -58,8 +96,7 @@ impl Gazelle {
     pub fn load(
         cfg: &GazelleConfig,
         weights: &[PathBuf],
-        dtype: DType,
-        audio_dtype: DType,
+        precision: Precision,
         device: &Device,
     ) -> Result<Self> {
         let mut cfg = cfg.clone();
@@ -74,8 +111,9 @@ impl Gazelle {
         }
         drop(st);
         // SAFETY: as above.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device)? };
-        Self::new(&cfg, vb, audio_dtype)
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(weights, precision.weights, device)? };
+        Self::new(&cfg, vb, precision)
     }
 
     pub fn config(&self) -> &GazelleConfig {
@@ -86,7 +124,7 @@ impl Gazelle {
         &self.language_model
     }
 
-    /// The language model's dtype.
+    /// The language model's compute dtype.
     pub fn dtype(&self) -> DType {
         self.language_model.dtype()
     }

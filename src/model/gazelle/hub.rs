@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 
 use super::config::{ConfigError, GazelleConfig};
-use super::gazelle::Gazelle;
+use super::gazelle::{Gazelle, Precision};
 use super::prompt::{ChatPrompt, PromptError};
 use super::session::GazelleEngine;
 
@@ -339,12 +339,10 @@ pub enum LoadError {
     },
 }
 
-/// Reads config, weights and tokenizer into an engine. The language model uses `dtype`, the
-/// audio tower and projector `audio_dtype`.
+/// Reads config, weights and tokenizer into an engine.
 pub fn load_engine(
     files: &ModelFiles,
-    dtype: DType,
-    audio_dtype: DType,
+    precision: Precision,
     device: &Device,
 ) -> Result<GazelleEngine, LoadError> {
     let config_err = |source| LoadError::Config {
@@ -356,13 +354,12 @@ pub fn load_engine(
         source,
     })?;
     let cfg = GazelleConfig::from_json_str(&text).map_err(config_err)?;
-    let model =
-        Gazelle::load(&cfg, &files.weights, dtype, audio_dtype, device).map_err(|source| {
-            LoadError::Weights {
-                origin: files.origin.clone(),
-                source,
-            }
-        })?;
+    let model = Gazelle::load(&cfg, &files.weights, precision, device).map_err(|source| {
+        LoadError::Weights {
+            origin: files.origin.clone(),
+            source,
+        }
+    })?;
     let prompt = ChatPrompt::from_files(
         &files.tokenizer,
         files.tokenizer_config.as_deref(),
@@ -481,8 +478,8 @@ mod tests {
             ..Default::default()
         };
         let files = resolve("tiny-org/gazelle-tiny", &opts).unwrap();
-        let engine =
-            std::sync::Arc::new(load_engine(&files, DType::F32, DType::F32, &Device::Cpu).unwrap());
+        let p = Precision::uniform(candle_core::DType::F32);
+        let engine = std::sync::Arc::new(load_engine(&files, p, &Device::Cpu).unwrap());
         let mut s = engine.open_session(None).unwrap();
         s.append_user_audio_turn(&vec![0.1f32; 8000], "Hi").unwrap();
         let p = crate::model::gazelle::GenerationParams {

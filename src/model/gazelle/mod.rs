@@ -10,6 +10,7 @@ pub mod decoder;
 pub mod gazelle;
 pub mod generation;
 pub mod hub;
+pub mod linear;
 pub mod projector;
 pub mod prompt;
 pub mod random;
@@ -18,7 +19,7 @@ pub mod wav2vec2;
 
 pub use config::{GazelleConfig, TextArch, TextConfig, Wav2Vec2Config};
 pub use decoder::{CausalLm, KvCache};
-pub use gazelle::{AudioStages, Gazelle};
+pub use gazelle::{AudioStages, Gazelle, Precision};
 pub use generation::{GenerationParams, StopReason};
 pub use prompt::{ChatMessage, ChatPrompt};
 pub use session::{GazelleEngine, GazelleSession, HistoryTurn, Reply, Spoken, TurnStats};

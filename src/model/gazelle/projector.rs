@@ -53,7 +53,7 @@ pub struct GazelleProjector {
 }
 
 impl GazelleProjector {
-    /// `vb` points at `multi_modal_projector`. The hidden width comes from `config.projector_hidden`.
+    /// `vb` points at `multi_modal_projector`; the hidden width is `config.projector_hidden`.
     pub fn load(cfg: &GazelleConfig, vb: VarBuilder) -> Result<Self> {
         let d_in = cfg.audio.hidden_size * cfg.stack_factor;
         let hidden = cfg.projector_hidden;

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::GazelleConfig;
-use super::gazelle::Gazelle;
+use super::gazelle::{Gazelle, Precision};
 
 /// Every checkpoint key with its shape, in `save_pretrained` naming (parametrized pos conv).
 pub fn checkpoint_shapes(cfg: &GazelleConfig) -> Vec<(String, Vec<usize>)> {
@@ -156,14 +156,14 @@ fn random_tensor(shape: &[usize], scale: f32, rng: &mut Rng, dtype: DType) -> Re
 }
 
 /// A Gazelle with random weights: matrices uniform with std 1/sqrt(fan_in), norm weights 1,
-/// biases small. Language model in `dtype`, audio tower and projector in `audio_dtype`.
+/// biases small, stored as `precision` says.
 pub fn random_gazelle(
     cfg: &GazelleConfig,
-    dtype: DType,
-    audio_dtype: DType,
+    precision: Precision,
     device: &Device,
     seed: u64,
 ) -> Result<Gazelle> {
+    let (dtype, audio_dtype) = (precision.weights, precision.audio);
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut tensors = HashMap::new();
     for (name, shape) in checkpoint_shapes(cfg) {
@@ -183,9 +183,8 @@ pub fn random_gazelle(
         };
         tensors.insert(name, t.to_device(device)?);
     }
-    // The builder's dtype is the decoder's; `Gazelle::new` reads the audio side in audio_dtype.
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    Gazelle::new(cfg, vb, audio_dtype)
+    Gazelle::new(cfg, vb, precision)
 }
 
 #[cfg(test)]
@@ -234,7 +233,8 @@ mod tests {
             GazelleConfig::from_json_str(&std::fs::read_to_string(d.join("config.json")).unwrap())
                 .unwrap();
         cfg.projector_hidden = 128;
-        let m = random_gazelle(&cfg, DType::BF16, DType::F32, &Device::Cpu, 1).unwrap();
+        let p = Precision::new(DType::BF16, DType::F32, &Device::Cpu);
+        let m = random_gazelle(&cfg, p, &Device::Cpu, 1).unwrap();
         let audio = m.encode_audio(&vec![0.5; 16000]).unwrap();
         assert_eq!(audio.dims(), &[1, 7, 64]);
         let mut cache = m.new_cache(8).unwrap();

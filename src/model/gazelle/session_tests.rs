@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
+use super::gazelle::Precision;
 use super::generation::{GenerationParams, StopReason};
 use super::parity_tests::{fixture_dir, load_fixture_with, rel_err};
 use super::prompt::ChatPrompt;
 use super::session::{GazelleEngine, HistoryTurn, Spoken};
 
 fn engine(variant: &str) -> (Arc<GazelleEngine>, Vec<f32>, Vec<f32>) {
-    let (model, refs) = load_fixture_with(variant, DType::F32, DType::F32);
+    let (model, refs) = load_fixture_with(variant, Precision::uniform(DType::F32));
     let d = fixture_dir(variant);
     let prompt = ChatPrompt::from_files(
         &d.join("tokenizer.json"),
@@ -43,7 +44,7 @@ fn assert_close(a: &Tensor, b: &Tensor) {
 #[test]
 fn first_turn_matches_pytorch_greedy_tokens() {
     let (engine, a0, _) = engine("mistral");
-    let refs = load_fixture_with("mistral", DType::F32, DType::F32).1;
+    let refs = load_fixture_with("mistral", Precision::uniform(DType::F32)).1;
     let expected: Vec<u32> = refs["c0.greedy_tokens"]
         .to_dtype(DType::U32)
         .unwrap()
