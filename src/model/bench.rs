@@ -137,9 +137,11 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         decode_tokens_per_s: best.decode_tokens_per_s / scale,
     };
     let threads = candle_core::utils::get_num_threads();
+    let compute = precision.compute;
     println!(
-        "| {name} random weights, {dtype:?} decoder, {audio_dtype:?} audio, {threads} threads \
-         | measured ({layers} layers) | scaled to {full_layers} layers |"
+        "| {name} random weights: decoder {dtype:?} weights / {compute:?} compute, audio \
+         {audio_dtype:?}, {threads} threads | measured ({layers} layers) \
+         | scaled to {full_layers} layers |"
     );
     println!("|---|---|---|");
     println!(

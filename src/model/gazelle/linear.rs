@@ -4,8 +4,9 @@
 //! Mistral-7B layers on 2 cores), and f32 weights of a 7B model do not fit in RAM. So on the CPU
 //! the decoder keeps half-precision weights and f32 activations: each worker thread converts a
 //! block of weight rows to f32 (a ~1 MB buffer that stays in cache) and hands it to the `gemm`
-//! crate, the same f32 kernels candle uses. The result is closer to f32 than all-bf16 compute,
-//! and decode reads each weight once per token, as bandwidth allows. Elsewhere (CUDA, or when
+//! crate, the same f32 kernels candle uses (prefill). Decode steps (a few rows) instead widen
+//! bf16 in registers inside an AVX2/FMA dot product, reading each weight byte once. The result is
+//! closer to f32 than all-bf16 compute. Elsewhere (CUDA, or when
 //! weight and compute dtypes agree) this is a plain matmul.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
@@ -77,6 +78,73 @@ fn widen_bf16(src: &[half::bf16], dst: &mut [f32]) {
 
 fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
     half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
+}
+
+/// At most this many rows (decode steps) take the fused bf16 dot path.
+const FUSED_MAX_ROWS: usize = 4;
+
+macro_rules! dot_bf16_body {
+    ($w:expr, $x:expr, $fma:expr) => {{
+        let (w, x): (&[half::bf16], &[f32]) = ($w, $x);
+        let mut acc = [0f32; 16];
+        let (wc, xc) = (w.chunks_exact(16), x.chunks_exact(16));
+        let (wr, xr) = (wc.remainder(), xc.remainder());
+        for (a, b) in wc.zip(xc) {
+            for i in 0..16 {
+                let wf = f32::from_bits((a[i].to_bits() as u32) << 16);
+                acc[i] = if $fma {
+                    wf.mul_add(b[i], acc[i])
+                } else {
+                    acc[i] + wf * b[i]
+                };
+            }
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for (a, b) in wr.iter().zip(xr) {
+            sum += f32::from_bits((a.to_bits() as u32) << 16) * b;
+        }
+        sum
+    }};
+}
+
+fn dot_bf16_generic(w: &[half::bf16], x: &[f32]) -> f32 {
+    dot_bf16_body!(w, x, false)
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_bf16_avx2(w: &[half::bf16], x: &[f32]) -> f32 {
+    dot_bf16_body!(w, x, true)
+}
+
+fn dot_bf16(w: &[half::bf16], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return unsafe { dot_bf16_avx2(w, x) };
+    }
+    dot_bf16_generic(w, x)
+}
+
+/// Few rows (decode): widen in registers inside the dot product, so each weight byte is read
+/// once and nothing is written back; this is memory-bound, as decode should be.
+fn matvec_bf16(x: &[f32], w: &[half::bf16], rows: usize, in_dim: usize) -> Vec<f32> {
+    let out_dim = w.len() / in_dim;
+    let mut yt = vec![0f32; out_dim * rows];
+    yt.par_chunks_mut(64 * rows)
+        .enumerate()
+        .for_each(|(b, dst)| {
+            for (i, y) in dst.chunks_mut(rows).enumerate() {
+                let o = b * 64 + i;
+                let wr = &w[o * in_dim..(o + 1) * in_dim];
+                for (r, y) in y.iter_mut().enumerate() {
+                    *y = dot_bf16(wr, &x[r * in_dim..(r + 1) * in_dim]);
+                }
+            }
+        });
+    yt
 }
 
 fn matmul_blocks<W: Sync>(
@@ -152,6 +220,9 @@ impl CustomOp2 for HalfWeightMatMul {
         };
         let x = &x[xa..xb];
         let yt = match ws {
+            CpuStorage::BF16(w) if rows <= FUSED_MAX_ROWS => {
+                matvec_bf16(x, &w[wa..wb], rows, in_dim)
+            }
             CpuStorage::BF16(w) => matmul_blocks(x, &w[wa..wb], rows, in_dim, widen_bf16),
             CpuStorage::F16(w) => matmul_blocks(x, &w[wa..wb], rows, in_dim, widen_f16),
             _ => candle_core::bail!("half-weight-matmul: W must be bf16 or f16"),
@@ -168,7 +239,7 @@ mod tests {
     #[test]
     fn half_weights_with_f32_compute_match_f32_matmul() {
         let dev = &Device::Cpu;
-        for (rows, in_dim, out_dim) in [(1, 64, 10), (5, 300, 77), (2, 4096, 3)] {
+        for (rows, in_dim, out_dim) in [(1, 64, 10), (5, 300, 77), (2, 4096, 3), (3, 37, 130)] {
             let x = Tensor::randn(0f32, 1.0, (1, rows, in_dim), dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (out_dim, in_dim), dev).unwrap();
             for dt in [DType::BF16, DType::F16] {
