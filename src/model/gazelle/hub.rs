@@ -116,7 +116,7 @@ enum Source {
         cache: PathBuf,
     },
     Online {
-        api: hf_hub::api::sync::ApiRepo,
+        api: Box<hf_hub::api::sync::ApiRepo>,
         repo: String,
         revision: String,
         cache: PathBuf,
@@ -243,11 +243,11 @@ fn open_source(model: &str, opts: &HubOptions) -> Result<Source, HubError> {
         message: e.to_string(),
         cache: cache.display().to_string(),
     })?;
-    let api = api.repo(Repo::with_revision(
+    let api = Box::new(api.repo(Repo::with_revision(
         repo.clone(),
         RepoType::Model,
         revision.clone(),
-    ));
+    )));
     Ok(Source::Online {
         api,
         repo,
