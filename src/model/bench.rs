@@ -48,6 +48,8 @@ struct Run {
     encoder_ms: f64,
     prefill_ms: f64,
     decode_tokens_per_s: f64,
+    /// A second user turn (same clip, 8 template tokens) appended to the warm cache.
+    append_turn_ms: f64,
 }
 
 pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -105,29 +107,32 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             tok = l.argmax(0)?.to_scalar::<u32>()?;
         }
         let decode_tokens_per_s = args.decode_tokens as f64 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let turn: Vec<u32> = vec![2, 733, 16289, 28793, audio_id, 733, 28748, 16289];
+        let embeds = model.splice(&turn, &[&clip])?;
+        let hidden = model.forward_embeds(&embeds, &mut cache)?;
+        model.language_model().last_logits(&hidden)?;
+        let append_turn_ms = t.elapsed().as_secs_f64() * 1e3;
         let run = Run {
             encoder_ms,
             prefill_ms,
             decode_tokens_per_s,
+            append_turn_ms,
         };
         eprintln!("{} {run:?}", if rep == 0 { "warm-up" } else { "run" });
         if rep > 0 {
             runs.push(run);
         }
     }
+    let min = |f: fn(&Run) -> f64| runs.iter().map(f).fold(f64::INFINITY, f64::min);
     let best = Run {
-        encoder_ms: runs
-            .iter()
-            .map(|r| r.encoder_ms)
-            .fold(f64::INFINITY, f64::min),
-        prefill_ms: runs
-            .iter()
-            .map(|r| r.prefill_ms)
-            .fold(f64::INFINITY, f64::min),
+        encoder_ms: min(|r| r.encoder_ms),
+        prefill_ms: min(|r| r.prefill_ms),
         decode_tokens_per_s: runs
             .iter()
             .map(|r| r.decode_tokens_per_s)
             .fold(0.0, f64::max),
+        append_turn_ms: min(|r| r.append_turn_ms),
     };
     // Decoder time is nearly linear in depth; embedding/lm_head make this an upper bound.
     let scale = full_layers as f64 / layers as f64;
@@ -135,6 +140,7 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         encoder_ms: best.encoder_ms,
         prefill_ms: best.prefill_ms * scale,
         decode_tokens_per_s: best.decode_tokens_per_s / scale,
+        append_turn_ms: best.append_turn_ms * scale,
     };
     let threads = candle_core::utils::get_num_threads();
     let compute = precision.compute;
@@ -160,6 +166,13 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     println!(
         "| decode tok/s ({} forced tokens) | {:.2} | {:.2} |",
         args.decode_tokens, best.decode_tokens_per_s, scaled.decode_tokens_per_s
+    );
+    println!(
+        "| append a 2nd turn ({} positions onto {} cached) | {:.0} | {:.0} |",
+        positions - args.prompt_tokens + 7,
+        positions + args.decode_tokens,
+        best.append_turn_ms,
+        scaled.append_turn_ms
     );
     if let Some(path) = &args.json {
         let out = serde_json::json!({

@@ -167,3 +167,11 @@ fn generate_without_a_turn_is_an_error() {
         .unwrap_err();
     assert!(err.to_string().contains("append_user_audio_turn"));
 }
+
+#[test]
+fn engine_is_shareable_and_session_movable_across_threads() {
+    fn shared<T: Send + Sync>() {}
+    fn movable<T: Send>() {}
+    shared::<GazelleEngine>();
+    movable::<super::session::GazelleSession>();
+}
