@@ -453,6 +453,10 @@ mod tests {
         };
         let files = resolve("tiny-org/gazelle-tiny", &opts).unwrap();
         assert!(files.origin.contains("tiny-org/gazelle-tiny@main"));
+        let p = Precision::uniform(candle_core::DType::F32);
+        let engine = std::sync::Arc::new(load_engine(&files, p, &Device::Cpu).unwrap());
+        let mut s = engine.open_session(Some("Be brief.")).unwrap();
+        s.append_user_audio_turn(&vec![0.1f32; 8000], "").unwrap();
         // A required file that is not cached gives a download error that suggests --offline.
         let snap = tmp
             .path()
