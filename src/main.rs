@@ -1,4 +1,5 @@
-//! The `gazelle` command line: `serve` runs the voice server.
+//! The `gazelle` command line: `serve` runs the voice server; `generate`, `download` and
+//! `bench-model` drive the Gazelle model; `vad` prints the VAD's segments of a file.
 
 use std::path::PathBuf;
 
@@ -6,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use gazelle::config::{Config, SlmKind};
+use gazelle::model::{bench, cli};
 use gazelle::server;
 
 #[derive(Parser)]
@@ -25,6 +27,12 @@ enum Command {
     Serve(ServeArgs),
     /// Print the speech segments the VAD finds in a WAV file (as the live pipeline would).
     Vad(VadArgs),
+    /// Answer one audio clip with the Gazelle speech-language model.
+    Generate(cli::GenerateArgs),
+    /// Download a model into the Hugging Face cache.
+    Download(cli::DownloadArgs),
+    /// Measure encoder, prefill and decode speed at a real shape with random weights.
+    BenchModel(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -89,6 +97,18 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Vad(args) => vad_segments(args),
+        Command::Generate(a) => {
+            init_logging(false);
+            cli::run_generate(a)
+        }
+        Command::Download(a) => {
+            init_logging(false);
+            cli::run_download(a)
+        }
+        Command::BenchModel(a) => {
+            init_logging(false);
+            bench::run_bench(a)
+        }
     }
 }
 

@@ -2,6 +2,9 @@
 //! that stands in where no GPU or weights are at hand. A model is shared by every call; each call
 //! opens a session that owns its per-call state (for Gazelle, the KV cache).
 
+pub mod bench;
+pub mod cli;
+pub mod gazelle;
 pub mod scripted;
 
 use std::sync::Arc;

@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""Build tiny random Gazelle checkpoints in Hugging Face layout and PyTorch reference tensors.
+
+The Rust port (src/model/gazelle) is tested against these files. They are committed under
+tests/fixtures/gazelle/, so Python and torch are only needed to regenerate them:
+
+    python3 -m venv /work/venv-torch
+    /work/venv-torch/bin/pip install torch transformers safetensors tokenizers
+    /work/venv-torch/bin/python scripts/make_gazelle_fixtures.py
+
+Each variant folder holds config.json, model.safetensors, tokenizer.json, tokenizer_config.json
+(a model a loader can open as-is) and reference.safetensors with, per clip `cN`:
+audio (raw 16 kHz), normalized, conv_features [1,512',T], encoder_output [1,T,H],
+projector_output [1,N,D], prompt_ids, merged_embeddings [1,L,D], prefill_logits [1,L,V] and
+greedy_tokens [24] (EOS is not a stop token here, so exactly 24 come out), plus
+cN.bf16.{conv_features,encoder_output,projector_output,merged_embeddings,prefill_logits} from a bf16 run.
+
+The audio tower and language model are transformers' own classes. The projector and the splice
+follow tincans-ai/gazelle's GazelleProjector and merge, written here from its description.
+"""
+
+import copy
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Model,
+)
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "gazelle")
+STACK = 8
+GREEDY_STEPS = 24
+
+# A Mistral-v0.3-style template: a leading system message is folded into the first user turn.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}"
+    "{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.first and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- ' ' + message['content'] + eos_token }}"
+    "{%- else %}{{- raise_exception('Only user and assistant roles are supported!') }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+CORPUS = [
+    "[INST] hello there, how are you today? [/INST] I am fine, thank you very much.",
+    "[INST] what did you hear in the audio clip? [/INST] I heard a tone and some noise.",
+    "[INST] You are a helpful voice assistant. Answer briefly. [/INST] Sure, I can help.",
+    "Transcribe the audio. Describe the sound. What is the weather like in the city?",
+    "the quick brown fox jumps over the lazy dog while the band plays a song",
+    "please tell me a story about a gazelle running across the open plains at dawn",
+]
+
+
+def build_tokenizer(folder):
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=["\n"],
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    audio_index = tok.get_vocab_size()
+    tok.add_special_tokens([AddedToken("<|audio|>", special=True, normalized=False)])
+    assert tok.token_to_id("<|audio|>") == audio_index
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    tok_cfg = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": 512,
+        "tokenizer_class": "LlamaTokenizer",
+    }
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(tok_cfg, f, indent=2)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_file=os.path.join(folder, "tokenizer.json"),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    return hf_tok, audio_index
+
+
+def randomize(module, gen):
+    """Give every parameter a spread that keeps activations O(1) and logits well separated."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 1 or name.endswith("original0"):
+                base = 1.0 if ("norm" in name or name.endswith("original0")) and "bias" not in name else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+
+
+class Projector(torch.nn.Module):
+    """GazelleProjector: stack 8 frames, RMSNorm, Linear, SwiGLU(silu of 2nd half), Linear, RMSNorm."""
+
+    def __init__(self, audio_hidden, proj_hidden, text_hidden):
+        super().__init__()
+        self.ln_pre = torch.nn.Parameter(torch.ones(audio_hidden * STACK))
+        self.linear_1 = torch.nn.Linear(audio_hidden * STACK, proj_hidden, bias=False)
+        self.linear_2 = torch.nn.Linear(proj_hidden // 2, text_hidden, bias=False)
+        self.ln_post = torch.nn.Parameter(torch.ones(text_hidden))
+
+    @staticmethod
+    def rms(x, w, eps=1e-6):
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return w * x.to(dtype)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        # The reference pads `STACK - t % STACK` frames: a whole extra group when t % 8 == 0.
+        x = torch.nn.functional.pad(x, (0, 0, 0, STACK - t % STACK))
+        x = x.view(b, x.shape[1] // STACK, c * STACK)
+        x = self.rms(x, self.ln_pre)
+        x = self.linear_1(x)
+        first, gate = x.chunk(2, dim=-1)
+        x = torch.nn.functional.silu(gate) * first
+        x = self.linear_2(x)
+        return self.rms(x, self.ln_post)
+
+
+def make_audio(n, seed):
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / 16000.0
+    env = 0.5 + 0.5 * np.sin(2 * np.pi * 1.5 * t)
+    x = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.2 * env * np.sin(2 * np.pi * 557 * t)
+    x = x + 0.05 * rng.standard_normal(n) + 0.02  # a DC offset so normalization matters
+    return x.astype(np.float32)
+
+
+VARIANTS = {
+    # GQA: 4 query heads share 2 key/value heads, like Mistral-7B's 32/8.
+    "mistral": dict(
+        cls=MistralForCausalLM,
+        cfg_cls=MistralConfig,
+        text=dict(
+            model_type="mistral",
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-5,
+            rope_theta=1000000.0,
+            sliding_window=None,
+        ),
+        pos_conv_names="parametrizations",
+    ),
+    # MHA, Llama-2 style (gazelle v0.1).
+    "llama": dict(
+        cls=LlamaForCausalLM,
+        cfg_cls=LlamaConfig,
+        text=dict(
+            model_type="llama",
+            hidden_size=64,
+            intermediate_size=112,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-5,
+        ),
+        pos_conv_names="weight_g",
+    ),
+}
+
+AUDIO = dict(
+    model_type="wav2vec2",
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    conv_dim=[32] * 7,
+)
+
+# (samples, messages). 15600 samples -> 48 frames, a multiple of 8 (the extra-group quirk).
+CLIPS = [
+    (
+        15600,
+        [
+            {"role": "system", "content": "You are a helpful voice assistant."},
+            {"role": "user", "content": "Transcribe the audio. <|audio|>"},
+        ],
+    ),
+    (23456, [{"role": "user", "content": "<|audio|>\nWhat did you hear?"}]),
+]
+
+
+def build_variant(name, spec):
+    folder = os.path.join(OUT, name)
+    os.makedirs(folder, exist_ok=True)
+    gen = torch.Generator().manual_seed(1234 if name == "mistral" else 5678)
+    hf_tok, audio_index = build_tokenizer(folder)
+    vocab = audio_index + 1
+    text_cfg = dict(spec["text"], vocab_size=vocab)
+    proj_hidden = 128
+
+    audio_tower = Wav2Vec2Model(Wav2Vec2Config(**{k: v for k, v in AUDIO.items() if k != "model_type"}))
+    lm = spec["cls"](spec["cfg_cls"](**{k: v for k, v in text_cfg.items() if k != "model_type"}))
+    proj = Projector(AUDIO["hidden_size"], proj_hidden, text_cfg["hidden_size"])
+    for m in (audio_tower, lm, proj):
+        randomize(m, gen)
+        m.eval()
+
+    config = {
+        "architectures": ["GazelleForConditionalGeneration"],
+        "model_type": "gazelle",
+        "audio_config": AUDIO,
+        "text_config": text_cfg,
+        "audio_token_index": audio_index,
+        "vocab_size": vocab,
+        "hidden_size": proj_hidden,
+        "stack_factor": STACK,
+        "projector_type": "mlp",
+        "torch_dtype": "float32",
+    }
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+    weights = {}
+    for k, v in audio_tower.state_dict().items():
+        if spec["pos_conv_names"] == "weight_g":
+            k = k.replace("parametrizations.weight.original0", "weight_g")
+            k = k.replace("parametrizations.weight.original1", "weight_v")
+        weights["audio_tower." + k] = v
+    for k in ("ln_pre", "ln_post"):
+        weights[f"multi_modal_projector.{k}.weight"] = getattr(proj, k).data
+    weights["multi_modal_projector.linear_1.weight"] = proj.linear_1.weight.data
+    weights["multi_modal_projector.linear_2.weight"] = proj.linear_2.weight.data
+    for k, v in lm.state_dict().items():
+        weights["language_model." + k] = v
+    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(folder, "model.safetensors"),
+              metadata={"format": "pt"})
+
+    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True,
+                                  return_attention_mask=False)
+    embed = lm.get_input_embeddings()
+    refs = {}
+    for ci, (n, messages) in enumerate(CLIPS):
+        audio = make_audio(n, seed=100 + ci)
+        norm = fe(audio, sampling_rate=16000, return_tensors="pt").input_values.float()
+        conv = {}
+        hook = audio_tower.feature_extractor.register_forward_hook(
+            lambda _m, _i, out: conv.__setitem__("x", out))
+        with torch.no_grad():
+            enc = audio_tower(norm).last_hidden_state
+            hook.remove()
+            feats = proj(enc)
+            ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            ids = torch.tensor([ids], dtype=torch.long)
+            pos = (ids[0] == audio_index).nonzero().flatten().tolist()
+            assert len(pos) == 1, pos
+            p = pos[0]
+            text = embed(ids)
+            merged = torch.cat([text[:, :p], feats, text[:, p + 1:]], dim=1)
+            out = lm(inputs_embeds=merged, use_cache=True)
+            logits = out.logits
+            past = out.past_key_values
+            tokens = []
+            last = logits[:, -1]
+            gaps = []
+            for _ in range(GREEDY_STEPS):
+                top2 = last[0].topk(2).values
+                gaps.append(float(top2[0] - top2[1]))
+                nxt = int(last.argmax(-1)[0])
+                tokens.append(nxt)
+                o = lm(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+                past = o.past_key_values
+                last = o.logits[:, -1]
+        c = f"c{ci}"
+        # The same model run in bf16 by PyTorch: the reference for our bf16 path.
+        with torch.no_grad():
+            at, pj, lmb = (copy.deepcopy(m).to(torch.bfloat16) for m in (audio_tower, proj, lm))
+            hook = at.feature_extractor.register_forward_hook(
+                lambda _m, _i, out: conv.__setitem__("x16", out))
+            enc16 = at(norm.to(torch.bfloat16)).last_hidden_state
+            hook.remove()
+            feats16 = pj(enc16)
+            text16 = lmb.get_input_embeddings()(ids)
+            merged16 = torch.cat([text16[:, :p], feats16, text16[:, p + 1:]], dim=1)
+            logits16 = lmb(inputs_embeds=merged16).logits
+        refs[f"{c}.bf16.conv_features"] = conv["x16"].float()
+        refs[f"{c}.bf16.encoder_output"] = enc16.float()
+        refs[f"{c}.bf16.projector_output"] = feats16.float()
+        refs[f"{c}.bf16.merged_embeddings"] = merged16.float()
+        refs[f"{c}.bf16.prefill_logits"] = logits16.float()
+        err = float((logits16.float() - logits).abs().max() / logits.abs().max())
+        print(f"{name} clip {ci}: torch bf16 vs f32 prefill logits rel err {err:.4f}")
+        refs[f"{c}.audio"] = torch.from_numpy(audio)
+        refs[f"{c}.normalized"] = norm[0]
+        refs[f"{c}.conv_features"] = conv["x"]
+        refs[f"{c}.encoder_output"] = enc
+        refs[f"{c}.projector_output"] = feats
+        refs[f"{c}.prompt_ids"] = ids[0].to(torch.int64)
+        refs[f"{c}.merged_embeddings"] = merged
+        refs[f"{c}.prefill_logits"] = logits
+        refs[f"{c}.greedy_tokens"] = torch.tensor(tokens, dtype=torch.int64)
+        print(f"{name} clip {ci}: samples {n} frames {enc.shape[1]} audio tokens {feats.shape[1]} "
+              f"prompt {ids.shape[1]} merged {merged.shape[1]} min top-2 gap {min(gaps):.4f} "
+              f"tokens {tokens}")
+    save_file({k: v.contiguous() for k, v in refs.items()}, os.path.join(folder, "reference.safetensors"))
+    prompts = {f"c{i}": {"samples": n, "messages": m} for i, (n, m) in enumerate(CLIPS)}
+    with open(os.path.join(folder, "clips.json"), "w") as f:
+        json.dump(prompts, f, indent=2)
+
+
+def main():
+    torch.manual_seed(0)
+    only = sys.argv[1:]
+    for name, spec in VARIANTS.items():
+        if not only or name in only:
+            build_variant(name, spec)
+
+
+if __name__ == "__main__":
+    main()

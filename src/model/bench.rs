@@ -1,0 +1,197 @@
+//! `gazelle bench-model`: speed of a real-shape Gazelle with random weights (no download). It
+//! measures the three numbers a voice turn pays for: audio encoding (ms per second of audio),
+//! prefill of the spliced prompt, and decode tokens per second with a forced length.
+
+use std::time::Instant;
+
+use anyhow::bail;
+use candle_core::{DType, Tensor};
+use clap::Args;
+
+use super::cli::{open_device, DTypeArg, DeviceArg};
+use super::gazelle::random::random_gazelle;
+use super::gazelle::{GazelleConfig, Precision};
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Real-shape preset: mistral-7b (gazelle-v0.2) or llama2-7b (gazelle-v0.1).
+    #[arg(long, default_value = "mistral-7b")]
+    pub random_weights: String,
+    /// Build only this many decoder layers (memory); times are also scaled to the full depth.
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub dtype: DTypeArg,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub audio_dtype: DTypeArg,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Seconds of (random) audio in the turn.
+    #[arg(long, default_value_t = 5.0)]
+    pub audio_seconds: f64,
+    /// Text tokens around the audio (system prompt + template).
+    #[arg(long, default_value_t = 40)]
+    pub prompt_tokens: usize,
+    /// Forced decode length.
+    #[arg(long, default_value_t = 32)]
+    pub decode_tokens: usize,
+    /// Timed repetitions; the best is reported (after one warm-up run).
+    #[arg(long, default_value_t = 2)]
+    pub repeats: usize,
+    /// Also write the results here as JSON.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+struct Run {
+    encoder_ms: f64,
+    prefill_ms: f64,
+    decode_tokens_per_s: f64,
+    /// A second user turn (same clip, 8 template tokens) appended to the warm cache.
+    append_turn_ms: f64,
+}
+
+pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    let Some(mut cfg) = GazelleConfig::preset(&args.random_weights) else {
+        bail!(
+            "unknown preset `{}`; try mistral-7b or llama2-7b",
+            args.random_weights
+        );
+    };
+    let full_layers = cfg.text.num_hidden_layers;
+    let layers = args.layers.unwrap_or(full_layers).clamp(1, full_layers);
+    cfg.text.num_hidden_layers = layers;
+    let device = open_device(args.device)?;
+    let (dtype, audio_dtype): (DType, DType) = (args.dtype.into(), args.audio_dtype.into());
+    let name = &args.random_weights;
+    eprintln!(
+        "building random {name} ({layers}/{full_layers} layers, {dtype:?}, {audio_dtype:?} audio)"
+    );
+    let t = Instant::now();
+    let precision = Precision::new(dtype, audio_dtype, &device);
+    let model = random_gazelle(&cfg, precision, &device, 1)?;
+    let build_s = t.elapsed().as_secs_f64();
+
+    let samples = (args.audio_seconds * 16000.0) as usize;
+    let mut seed = 12345u32;
+    let audio: Vec<f32> = (0..samples)
+        .map(|_| {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 * 0.2 - 0.1
+        })
+        .collect();
+    let audio_id = cfg.audio_token_index;
+    let mut ids: Vec<u32> = (0..args.prompt_tokens as u32)
+        .map(|i| 100 + i % 1000)
+        .collect();
+    ids.insert(ids.len() / 2, audio_id);
+
+    let mut runs = Vec::new();
+    let mut positions = 0;
+    for rep in 0..=args.repeats {
+        let t = Instant::now();
+        let clip = model.encode_audio(&audio)?;
+        let encoder_ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut cache = model.new_cache(1024)?;
+        let t = Instant::now();
+        let embeds = model.splice(&ids, &[&clip])?;
+        let hidden = model.forward_embeds(&embeds, &mut cache)?;
+        let logits = model.language_model().last_logits(&hidden)?;
+        let mut tok = logits.argmax(0)?.to_scalar::<u32>()?;
+        let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
+        positions = cache.len();
+        let t = Instant::now();
+        for _ in 0..args.decode_tokens {
+            let l: Tensor = model.step(tok, &mut cache)?;
+            tok = l.argmax(0)?.to_scalar::<u32>()?;
+        }
+        let decode_tokens_per_s = args.decode_tokens as f64 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let turn: Vec<u32> = vec![2, 733, 16289, 28793, audio_id, 733, 28748, 16289];
+        let embeds = model.splice(&turn, &[&clip])?;
+        let hidden = model.forward_embeds(&embeds, &mut cache)?;
+        model.language_model().last_logits(&hidden)?;
+        let append_turn_ms = t.elapsed().as_secs_f64() * 1e3;
+        let run = Run {
+            encoder_ms,
+            prefill_ms,
+            decode_tokens_per_s,
+            append_turn_ms,
+        };
+        eprintln!("{} {run:?}", if rep == 0 { "warm-up" } else { "run" });
+        if rep > 0 {
+            runs.push(run);
+        }
+    }
+    let min = |f: fn(&Run) -> f64| runs.iter().map(f).fold(f64::INFINITY, f64::min);
+    let best = Run {
+        encoder_ms: min(|r| r.encoder_ms),
+        prefill_ms: min(|r| r.prefill_ms),
+        decode_tokens_per_s: runs
+            .iter()
+            .map(|r| r.decode_tokens_per_s)
+            .fold(0.0, f64::max),
+        append_turn_ms: min(|r| r.append_turn_ms),
+    };
+    // Decoder time is nearly linear in depth; embedding/lm_head make this an upper bound.
+    let scale = full_layers as f64 / layers as f64;
+    let scaled = Run {
+        encoder_ms: best.encoder_ms,
+        prefill_ms: best.prefill_ms * scale,
+        decode_tokens_per_s: best.decode_tokens_per_s / scale,
+        append_turn_ms: best.append_turn_ms * scale,
+    };
+    let threads = candle_core::utils::get_num_threads();
+    let compute = precision.compute;
+    println!(
+        "| {name} random weights: decoder {dtype:?} weights / {compute:?} compute, audio \
+         {audio_dtype:?}, {threads} threads | measured ({layers} layers) \
+         | scaled to {full_layers} layers |"
+    );
+    println!("|---|---|---|");
+    println!(
+        "| encoder ms per second of audio ({:.1} s clip) | {:.0} | {:.0} |",
+        args.audio_seconds,
+        best.encoder_ms / args.audio_seconds,
+        scaled.encoder_ms / args.audio_seconds
+    );
+    println!(
+        "| prefill ms ({positions} positions: {} text + {} audio) | {:.0} | {:.0} |",
+        args.prompt_tokens,
+        positions - args.prompt_tokens,
+        best.prefill_ms,
+        scaled.prefill_ms
+    );
+    println!(
+        "| decode tok/s ({} forced tokens) | {:.2} | {:.2} |",
+        args.decode_tokens, best.decode_tokens_per_s, scaled.decode_tokens_per_s
+    );
+    println!(
+        "| append a 2nd turn ({} positions onto {} cached) | {:.0} | {:.0} |",
+        positions - args.prompt_tokens + 7,
+        positions + args.decode_tokens,
+        best.append_turn_ms,
+        scaled.append_turn_ms
+    );
+    if let Some(path) = &args.json {
+        let out = serde_json::json!({
+            "preset": args.random_weights,
+            "dtype": format!("{dtype:?}"),
+            "compute_dtype": format!("{:?}", precision.compute),
+            "audio_dtype": format!("{audio_dtype:?}"),
+            "threads": threads,
+            "layers_built": layers,
+            "layers_full": full_layers,
+            "build_s": build_s,
+            "audio_seconds": args.audio_seconds,
+            "prefill_positions": positions,
+            "decode_tokens": args.decode_tokens,
+            "measured": best,
+            "scaled_to_full_depth": scaled,
+            "runs": runs,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+    }
+    Ok(())
+}

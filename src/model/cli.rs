@@ -1,0 +1,340 @@
+//! Command-line entry points for the model: `gazelle generate` and `gazelle download`. The binary
+//! only adds these `Args` as subcommands and calls `run_*`.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+
+use super::gazelle::hub::{self, HubOptions, DEFAULT_REPO};
+use super::gazelle::{GenerationParams, Precision};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+            DTypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+/// Opens the device; CUDA needs a build with `--features cuda`.
+pub fn open_device(d: DeviceArg) -> anyhow::Result<Device> {
+    match d {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda if cfg!(feature = "cuda") => Ok(Device::new_cuda(0)?),
+        DeviceArg::Cuda => {
+            bail!("this binary was built without CUDA; rebuild with --features cuda")
+        }
+    }
+}
+
+/// Where the model comes from (shared by generate, download and serve).
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A Hub repo id or a local directory with config.json, tokenizer.json and safetensors.
+    #[arg(long, env = "GAZELLE_MODEL", default_value = DEFAULT_REPO)]
+    pub model: String,
+    /// Hub branch, tag or commit to pin.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Use only the local Hub cache (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+    /// Hub cache root (default: HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn hub_options(&self, progress: bool) -> HubOptions {
+        HubOptions {
+            revision: self.revision.clone(),
+            offline: self.offline,
+            cache_dir: self.cache_dir.clone(),
+            endpoint: None,
+            progress,
+        }
+    }
+}
+
+/// `gazelle generate`: answer one audio clip.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// WAV file (PCM 16-bit or float; other rates are resampled to 16 kHz).
+    #[arg(long)]
+    pub audio: PathBuf,
+    /// The user message; `<|audio|>` marks where the audio goes, else it goes first.
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// 0 disables top-k.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Language model dtype.
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub dtype: DTypeArg,
+    /// Audio tower and projector dtype (f32 keeps them within 1e-4 of PyTorch; they are small).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub audio_dtype: DTypeArg,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `gazelle download`: fill the Hub cache with a model's files.
+#[derive(Debug, Clone, Args)]
+pub struct DownloadArgs {
+    /// Hub repo id.
+    #[arg(default_value = DEFAULT_REPO)]
+    pub model: String,
+    #[arg(long)]
+    pub revision: Option<String>,
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+pub fn run_download(args: DownloadArgs) -> anyhow::Result<()> {
+    let opts = HubOptions {
+        revision: args.revision,
+        cache_dir: args.cache_dir,
+        progress: true,
+        ..Default::default()
+    };
+    let files = hub::resolve(&args.model, &opts)?;
+    println!("{} is ready:", files.origin);
+    let optional = [&files.tokenizer_config, &files.chat_template];
+    let all = [&files.config, &files.tokenizer]
+        .into_iter()
+        .chain(optional.into_iter().flatten());
+    for p in all.chain(files.weights.iter()) {
+        println!("  {}", p.display());
+    }
+    Ok(())
+}
+
+pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let device = open_device(args.device)?;
+    let audio = read_wav_16k(&args.audio)?;
+    let files = hub::resolve(&args.model.model, &args.model.hub_options(!args.json))?;
+    let t = Instant::now();
+    let precision = Precision::new(args.dtype.into(), args.audio_dtype.into(), &device);
+    let engine = hub::load_engine(&files, precision, &device)?;
+    let engine = Arc::new(engine);
+    tracing::info!(
+        "loaded {} in {:.1}s",
+        files.origin,
+        t.elapsed().as_secs_f64()
+    );
+    let mut session = engine.open_session(args.system.as_deref())?;
+    let turn = session.append_user_audio_turn(&audio, &args.prompt)?;
+    let params = GenerationParams {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        stop_on_eos: true,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let json = args.json;
+    let reply = session.generate(&params, |_, piece| {
+        if !json {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        }
+        ControlFlow::Continue(())
+    })?;
+    if json {
+        let out = serde_json::json!({
+            "tokens": reply.tokens,
+            "text": reply.text,
+            "prompt_tokens": turn.prompt_ids,
+            "audio_embeddings": turn.audio_tokens,
+            "stop": reply.stop,
+            "timings": {
+                "encoder_ms": turn.encoder_ms,
+                "prefill_ms": turn.prefill_ms,
+                // From the start of audio encoding to the first sampled token.
+                "first_token_ms": turn.encoder_ms + turn.prefill_ms + reply.first_token_s * 1e3,
+                "decode_tokens_per_s": reply.decode_tokens_per_s,
+            },
+        });
+        writeln!(stdout, "{out}")?;
+    } else {
+        writeln!(stdout)?;
+    }
+    Ok(())
+}
+
+/// Reads a WAV file as mono f32 at 16 kHz (channels averaged, linear resampling if needed).
+pub fn read_wav_16k(path: &Path) -> anyhow::Result<Vec<f32>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (rate, samples) =
+        decode_wav(&bytes).with_context(|| format!("decoding {}", path.display()))?;
+    Ok(resample_linear(&samples, rate, 16000))
+}
+
+fn decode_wav(b: &[u8]) -> anyhow::Result<(u32, Vec<f32>)> {
+    if b.len() < 12 || &b[0..4] != b"RIFF" || &b[8..12] != b"WAVE" {
+        bail!("not a RIFF/WAVE file");
+    }
+    let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let (mut fmt, mut pos) = (None, 12);
+    while pos + 8 <= b.len() {
+        let (id, len) = (&b[pos..pos + 4], u32_at(pos + 4) as usize);
+        let body = pos + 8;
+        let end = (body + len).min(b.len());
+        if id == b"fmt " && len >= 16 {
+            fmt = Some((
+                u16_at(body),
+                u16_at(body + 2),
+                u32_at(body + 4),
+                u16_at(body + 14),
+            ));
+        } else if id == b"data" {
+            let (format, channels, rate, bits) = fmt.context("data chunk before fmt chunk")?;
+            let data = &b[body..end];
+            let ch = channels.max(1) as usize;
+            let frames: Vec<f32> = match (format, bits) {
+                (1, 16) | (0xFFFE, 16) => data
+                    .chunks_exact(2)
+                    .map(|c| i16::from_le_bytes([c[0], c[1]]) as f32 / 32768.0)
+                    .collect(),
+                (3, 32) | (0xFFFE, 32) => data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                (1, 8) => data.iter().map(|&x| (x as f32 - 128.0) / 128.0).collect(),
+                _ => bail!("unsupported WAV encoding (format {format}, {bits} bits); use PCM16"),
+            };
+            let mono = frames
+                .chunks_exact(ch)
+                .map(|f| f.iter().sum::<f32>() / ch as f32)
+                .collect();
+            return Ok((rate, mono));
+        }
+        pos = body + len + (len & 1);
+    }
+    bail!("no data chunk")
+}
+
+/// Linear interpolation; adequate for speech going into wav2vec2.
+pub fn resample_linear(x: &[f32], from: u32, to: u32) -> Vec<f32> {
+    if from == to || x.is_empty() {
+        return x.to_vec();
+    }
+    let n = (x.len() as u64 * to as u64 / from as u64) as usize;
+    let step = from as f64 / to as f64;
+    (0..n)
+        .map(|i| {
+            let p = i as f64 * step;
+            let j = p as usize;
+            let f = (p - j as f64) as f32;
+            let a = x[j.min(x.len() - 1)];
+            let b = x[(j + 1).min(x.len() - 1)];
+            a + (b - a) * f
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wav16(rate: u32, samples: &[i16]) -> Vec<u8> {
+        let mut v = b"RIFF\0\0\0\0WAVEfmt ".to_vec();
+        v.extend(16u32.to_le_bytes());
+        v.extend(1u16.to_le_bytes());
+        v.extend(1u16.to_le_bytes());
+        v.extend(rate.to_le_bytes());
+        v.extend((rate * 2).to_le_bytes());
+        v.extend(2u16.to_le_bytes());
+        v.extend(16u16.to_le_bytes());
+        v.extend(b"data");
+        v.extend((samples.len() as u32 * 2).to_le_bytes());
+        samples.iter().for_each(|s| v.extend(s.to_le_bytes()));
+        v
+    }
+
+    #[test]
+    fn wav_pcm16_decodes_and_resamples() {
+        let (rate, x) = decode_wav(&wav16(8000, &[0, 16384, -32768])).unwrap();
+        assert_eq!((rate, x), (8000, vec![0.0, 0.5, -1.0]));
+        assert_eq!(
+            resample_linear(&[0.0, 1.0], 8000, 16000),
+            vec![0.0, 0.5, 1.0, 1.0]
+        );
+        assert!(decode_wav(b"nope").is_err());
+    }
+
+    #[test]
+    fn generate_cli_runs_on_the_tiny_fixture_as_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let wav = dir.path().join("a.wav");
+        let samples: Vec<i16> = (0..16000)
+            .map(|i| ((i as f32 * 0.07).sin() * 8000.0) as i16)
+            .collect();
+        std::fs::write(&wav, wav16(16000, &samples)).unwrap();
+        let model = crate::model::gazelle::parity_tests::fixture_dir("llama");
+        let args = GenerateArgs {
+            model: ModelArgs {
+                model: model.to_string_lossy().into(),
+                revision: None,
+                offline: true,
+                cache_dir: None,
+            },
+            audio: wav,
+            prompt: "What did you hear?".into(),
+            system: Some("Be brief.".into()),
+            max_new_tokens: 5,
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: 0,
+            repetition_penalty: 1.1,
+            seed: 3,
+            dtype: DTypeArg::F32,
+            audio_dtype: DTypeArg::F32,
+            device: DeviceArg::Cpu,
+            json: true,
+        };
+        run_generate(args).unwrap();
+    }
+}

@@ -1,0 +1,325 @@
+//! Prompt text for Gazelle: the `tokenizers` tokenizer, the chat template from
+//! `tokenizer_config.json` (rendered with minijinja the way transformers' `apply_chat_template`
+//! renders it with jinja2), and incremental detokenization for streaming.
+
+use std::path::Path;
+
+use minijinja::{context, Environment, ErrorKind};
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+/// The placeholder that marks where a clip's audio embeddings go.
+pub const AUDIO_PLACEHOLDER: &str = "<|audio|>";
+
+/// Used when a checkpoint ships no chat template: the Llama-2/Mistral `[INST]` format.
+const FALLBACK_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}\
+{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}\
+{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}";
+
+/// Errors from tokenizer files, templates and tokenization.
+#[derive(Debug, thiserror::Error)]
+pub enum PromptError {
+    #[error("cannot read tokenizer file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("tokenizer.json could not be loaded: {0}")]
+    Tokenizer(String),
+    #[error("tokenizer_config.json is not valid JSON: {0}")]
+    Config(#[from] serde_json::Error),
+    #[error("chat template failed to render: {0}")]
+    Template(#[from] minijinja::Error),
+    #[error("the tokenizer has no token `{0}`; is this a Gazelle tokenizer?")]
+    MissingToken(String),
+}
+
+/// One chat message, as chat templates see it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// The user message for a clip: `prompt` with `<|audio|>` where the audio goes, or the audio
+/// first when `prompt` does not say.
+pub fn user_content_with_audio(prompt: &str) -> String {
+    if prompt.contains(AUDIO_PLACEHOLDER) {
+        prompt.to_string()
+    } else if prompt.trim().is_empty() {
+        AUDIO_PLACEHOLDER.to_string()
+    } else {
+        format!("{AUDIO_PLACEHOLDER}\n{prompt}")
+    }
+}
+
+/// Tokenizer plus chat template.
+#[derive(Debug, Clone)]
+pub struct ChatPrompt {
+    tokenizer: Tokenizer,
+    template: String,
+    bos_token: String,
+    eos_token: String,
+    eos_token_id: Option<u32>,
+}
+
+fn token_string(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+fn read(path: &Path) -> Result<String, PromptError> {
+    std::fs::read_to_string(path).map_err(|source| PromptError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl ChatPrompt {
+    /// `tokenizer_config` supplies bos/eos and `chat_template`; a `chat_template.jinja` file
+    /// (newer transformers) wins over both; with neither, the `[INST]` format is used.
+    pub fn from_files(
+        tokenizer_json: &Path,
+        tokenizer_config: Option<&Path>,
+        chat_template_file: Option<&Path>,
+    ) -> Result<Self, PromptError> {
+        let tokenizer = Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| PromptError::Tokenizer(e.to_string()))?;
+        let cfg: Value = match tokenizer_config {
+            Some(p) => serde_json::from_str(&read(p)?)?,
+            None => Value::Null,
+        };
+        let template = match chat_template_file {
+            Some(p) => read(p)?,
+            None => match cfg.get("chat_template") {
+                Some(Value::String(s)) => s.clone(),
+                // A list of named templates: take "default".
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template").and_then(Value::as_str))
+                    .unwrap_or(FALLBACK_TEMPLATE)
+                    .to_string(),
+                _ => FALLBACK_TEMPLATE.to_string(),
+            },
+        };
+        let bos_token = token_string(cfg.get("bos_token")).unwrap_or_else(|| "<s>".into());
+        let eos_token = token_string(cfg.get("eos_token")).unwrap_or_else(|| "</s>".into());
+        let eos_token_id = tokenizer.token_to_id(&eos_token);
+        Ok(Self {
+            tokenizer,
+            template,
+            bos_token,
+            eos_token,
+            eos_token_id,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token_id
+    }
+
+    /// Checks that `<|audio|>` is a single token with the model's `audio_token_index`.
+    pub fn check_audio_token(&self, audio_token_index: u32) -> Result<(), PromptError> {
+        match self.tokenizer.token_to_id(AUDIO_PLACEHOLDER) {
+            Some(id) if id == audio_token_index => Ok(()),
+            _ => Err(PromptError::MissingToken(format!(
+                "{AUDIO_PLACEHOLDER} with id {audio_token_index}"
+            ))),
+        }
+    }
+
+    fn render_raw(&self, messages: &[ChatMessage], gen: bool) -> Result<String, minijinja::Error> {
+        let mut env = Environment::new();
+        // transformers compiles chat templates with trim_blocks and lstrip_blocks.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_template("chat", &self.template)?;
+        env.get_template("chat")?.render(context! {
+            messages => messages,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+            add_generation_prompt => gen,
+        })
+    }
+
+    /// Renders a conversation. Templates that reject a system role (Mistral v0.1/v0.2) get the
+    /// system text folded into the first user message instead.
+    pub fn render(&self, messages: &[ChatMessage], gen: bool) -> Result<String, PromptError> {
+        match self.render_raw(messages, gen) {
+            Ok(s) => Ok(s),
+            Err(e) if messages.first().is_some_and(|m| m.role == "system") => {
+                let system = &messages[0].content;
+                let mut rest = messages[1..].to_vec();
+                match rest.iter_mut().find(|m| m.role == "user") {
+                    Some(first) => first.content = format!("{system}\n\n{}", first.content),
+                    None => return Err(e.into()),
+                }
+                Ok(self.render_raw(&rest, gen)?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Text -> ids, without adding special tokens (the template writes `<s>` itself).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, PromptError> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| PromptError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids -> text, skipping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, PromptError> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| PromptError::Tokenizer(e.to_string()))
+    }
+}
+
+/// Turns a growing list of generated ids into text pieces. Decoding the whole reply each time
+/// keeps Metaspace/byte-fallback spacing right; a piece that ends in an incomplete UTF-8
+/// sequence (U+FFFD) is held back until the next token completes it.
+#[derive(Debug, Default, Clone)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl TextStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one id and returns the new text, possibly empty.
+    pub fn push(&mut self, prompt: &ChatPrompt, id: u32) -> Result<String, PromptError> {
+        self.ids.push(id);
+        let text = prompt.decode(&self.ids)?;
+        if text.ends_with('\u{fffd}') || text.len() < self.emitted {
+            return Ok(String::new());
+        }
+        let piece = text.get(self.emitted..).unwrap_or_default().to_string();
+        self.emitted = text.len();
+        Ok(piece)
+    }
+
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gazelle::parity_tests::fixture_dir;
+
+    fn load(variant: &str) -> ChatPrompt {
+        let d = fixture_dir(variant);
+        ChatPrompt::from_files(
+            &d.join("tokenizer.json"),
+            Some(&d.join("tokenizer_config.json")),
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn template_and_tokenizer_match_transformers_prompt_ids() {
+        for variant in ["mistral", "llama"] {
+            let p = load(variant);
+            let d = fixture_dir(variant);
+            let clips: Value =
+                serde_json::from_str(&std::fs::read_to_string(d.join("clips.json")).unwrap())
+                    .unwrap();
+            let refs = candle_core::safetensors::load(
+                d.join("reference.safetensors"),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            for c in ["c0", "c1"] {
+                let msgs: Vec<ChatMessage> = clips[c]["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| {
+                        ChatMessage::new(
+                            m["role"].as_str().unwrap(),
+                            m["content"].as_str().unwrap(),
+                        )
+                    })
+                    .collect();
+                let text = p.render(&msgs, true).unwrap();
+                let ours = p.encode(&text).unwrap();
+                let expected: Vec<u32> = refs[&format!("{c}.prompt_ids")]
+                    .to_dtype(candle_core::DType::U32)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(ours, expected, "{variant} {c}: {text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn system_role_folds_into_first_user_turn_when_template_rejects_it() {
+        let mut p = load("mistral");
+        p.template = FALLBACK_TEMPLATE.replace(
+            "{% endif %}{% endfor %}",
+            "{% else %}{{ raise_exception('no system') }}{% endif %}{% endfor %}",
+        );
+        let msgs = [
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Hi"),
+        ];
+        assert_eq!(
+            p.render(&msgs, true).unwrap(),
+            "<s>[INST] Be brief.\n\nHi [/INST]"
+        );
+    }
+
+    #[test]
+    fn audio_placeholder_defaults_to_first() {
+        assert_eq!(
+            user_content_with_audio("What is this?"),
+            "<|audio|>\nWhat is this?"
+        );
+        assert_eq!(
+            user_content_with_audio("Hear <|audio|> now"),
+            "Hear <|audio|> now"
+        );
+        assert_eq!(user_content_with_audio(""), "<|audio|>");
+    }
+
+    #[test]
+    fn text_stream_pieces_concatenate_to_decode() {
+        let p = load("mistral");
+        let ids = p.encode("the quick brown fox jumps").unwrap();
+        let mut s = TextStream::new();
+        let text: String = ids.iter().map(|&i| s.push(&p, i).unwrap()).collect();
+        assert_eq!(text, p.decode(&ids).unwrap());
+    }
+}
