@@ -13,6 +13,7 @@ use clap::{Args, ValueEnum};
 
 use super::gazelle::hub::{self, HubOptions, DEFAULT_REPO};
 use super::gazelle::{GenerationParams, Precision};
+use crate::audio::{resample::resample_all, wav, MODEL_RATE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
@@ -203,116 +204,24 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads a WAV file as mono f32 at 16 kHz (channels averaged, linear resampling if needed).
+/// Reads a WAV file as mono f32 at 16 kHz (channels averaged, resampled if needed).
 pub fn read_wav_16k(path: &Path) -> anyhow::Result<Vec<f32>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (rate, samples) =
-        decode_wav(&bytes).with_context(|| format!("decoding {}", path.display()))?;
-    Ok(resample_linear(&samples, rate, 16000))
-}
-
-fn decode_wav(b: &[u8]) -> anyhow::Result<(u32, Vec<f32>)> {
-    if b.len() < 12 || &b[0..4] != b"RIFF" || &b[8..12] != b"WAVE" {
-        bail!("not a RIFF/WAVE file");
-    }
-    let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let (mut fmt, mut pos) = (None, 12);
-    while pos + 8 <= b.len() {
-        let (id, len) = (&b[pos..pos + 4], u32_at(pos + 4) as usize);
-        let body = pos + 8;
-        let end = (body + len).min(b.len());
-        if id == b"fmt " && len >= 16 {
-            fmt = Some((
-                u16_at(body),
-                u16_at(body + 2),
-                u32_at(body + 4),
-                u16_at(body + 14),
-            ));
-        } else if id == b"data" {
-            let (format, channels, rate, bits) = fmt.context("data chunk before fmt chunk")?;
-            let data = &b[body..end];
-            let ch = channels.max(1) as usize;
-            let frames: Vec<f32> = match (format, bits) {
-                (1, 16) | (0xFFFE, 16) => data
-                    .chunks_exact(2)
-                    .map(|c| i16::from_le_bytes([c[0], c[1]]) as f32 / 32768.0)
-                    .collect(),
-                (3, 32) | (0xFFFE, 32) => data
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                (1, 8) => data.iter().map(|&x| (x as f32 - 128.0) / 128.0).collect(),
-                _ => bail!("unsupported WAV encoding (format {format}, {bits} bits); use PCM16"),
-            };
-            let mono = frames
-                .chunks_exact(ch)
-                .map(|f| f.iter().sum::<f32>() / ch as f32)
-                .collect();
-            return Ok((rate, mono));
-        }
-        pos = body + len + (len & 1);
-    }
-    bail!("no data chunk")
-}
-
-/// Linear interpolation; adequate for speech going into wav2vec2.
-pub fn resample_linear(x: &[f32], from: u32, to: u32) -> Vec<f32> {
-    if from == to || x.is_empty() {
-        return x.to_vec();
-    }
-    let n = (x.len() as u64 * to as u64 / from as u64) as usize;
-    let step = from as f64 / to as f64;
-    (0..n)
-        .map(|i| {
-            let p = i as f64 * step;
-            let j = p as usize;
-            let f = (p - j as f64) as f32;
-            let a = x[j.min(x.len() - 1)];
-            let b = x[(j + 1).min(x.len() - 1)];
-            a + (b - a) * f
-        })
-        .collect()
+    let clip = wav::read(&bytes).with_context(|| format!("decoding {}", path.display()))?;
+    Ok(resample_all(&clip.samples, clip.sample_rate, MODEL_RATE)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn wav16(rate: u32, samples: &[i16]) -> Vec<u8> {
-        let mut v = b"RIFF\0\0\0\0WAVEfmt ".to_vec();
-        v.extend(16u32.to_le_bytes());
-        v.extend(1u16.to_le_bytes());
-        v.extend(1u16.to_le_bytes());
-        v.extend(rate.to_le_bytes());
-        v.extend((rate * 2).to_le_bytes());
-        v.extend(2u16.to_le_bytes());
-        v.extend(16u16.to_le_bytes());
-        v.extend(b"data");
-        v.extend((samples.len() as u32 * 2).to_le_bytes());
-        samples.iter().for_each(|s| v.extend(s.to_le_bytes()));
-        v
-    }
-
-    #[test]
-    fn wav_pcm16_decodes_and_resamples() {
-        let (rate, x) = decode_wav(&wav16(8000, &[0, 16384, -32768])).unwrap();
-        assert_eq!((rate, x), (8000, vec![0.0, 0.5, -1.0]));
-        assert_eq!(
-            resample_linear(&[0.0, 1.0], 8000, 16000),
-            vec![0.0, 0.5, 1.0, 1.0]
-        );
-        assert!(decode_wav(b"nope").is_err());
-    }
-
     #[test]
     fn generate_cli_runs_on_the_tiny_fixture_as_json() {
         let dir = tempfile::tempdir().unwrap();
         let wav = dir.path().join("a.wav");
-        let samples: Vec<i16> = (0..16000)
-            .map(|i| ((i as f32 * 0.07).sin() * 8000.0) as i16)
-            .collect();
-        std::fs::write(&wav, wav16(16000, &samples)).unwrap();
+        let samples: Vec<f32> = (0..16000).map(|i| (i as f32 * 0.07).sin() * 0.25).collect();
+        let bytes = crate::audio::wav::write(&samples, 16000, crate::audio::Encoding::Linear16);
+        std::fs::write(&wav, bytes).unwrap();
         let model = crate::model::gazelle::parity_tests::fixture_dir("llama");
         let args = GenerateArgs {
             model: ModelArgs {
