@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::cli::{DTypeArg, DeviceArg};
 use crate::pipeline::PipelineSettings;
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +89,55 @@ pub struct AssetConfig {
 pub enum SlmKind {
     /// A fixed reply, for checking the pipeline without a GPU or weights.
     Scripted,
+    /// The Gazelle joint speech-language model (`[slm.gazelle]`).
+    Gazelle,
+}
+
+/// The Gazelle model and how to run it. Hyperparameters come from the checkpoint's config.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GazelleSlmConfig {
+    /// A Hub repo id (in the standard Hugging Face cache) or a local directory.
+    pub model: String,
+    /// Branch, tag or commit to pin.
+    pub revision: Option<String>,
+    /// Use only the local cache; never touch the network.
+    pub offline: bool,
+    /// The Hub cache root (default: HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub).
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Language-model weights: f32, bf16 or f16.
+    pub dtype: DTypeArg,
+    /// Audio tower and projector: f32 keeps them within 1e-4 of PyTorch.
+    pub audio_dtype: DTypeArg,
+    pub device: DeviceArg,
+    pub max_new_tokens: usize,
+    /// 0 is greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for GazelleSlmConfig {
+    fn default() -> Self {
+        GazelleSlmConfig {
+            model: crate::model::gazelle::hub::DEFAULT_REPO.into(),
+            revision: None,
+            offline: false,
+            cache_dir: None,
+            dtype: DTypeArg::Bf16,
+            audio_dtype: DTypeArg::F32,
+            device: DeviceArg::Cpu,
+            max_new_tokens: 128,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,6 +148,7 @@ pub struct SlmConfig {
     pub reply: String,
     /// Delay before each token of the scripted reply.
     pub token_delay_ms: u64,
+    pub gazelle: GazelleSlmConfig,
 }
 
 impl Default for SlmConfig {
@@ -108,6 +159,7 @@ impl Default for SlmConfig {
                     me, so your microphone, voice detection and speech output all work."
                 .into(),
             token_delay_ms: 0,
+            gazelle: GazelleSlmConfig::default(),
         }
     }
 }

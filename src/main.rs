@@ -69,6 +69,21 @@ struct ServeArgs {
     /// The scripted model's reply.
     #[arg(long)]
     reply: Option<String>,
+    /// Use Gazelle from this Hub repo id or local directory (implies --slm gazelle).
+    #[arg(long)]
+    model: Option<String>,
+    /// Hub branch, tag or commit of --model.
+    #[arg(long)]
+    revision: Option<String>,
+    /// Load --model from the local Hub cache only.
+    #[arg(long)]
+    offline: bool,
+    /// Gazelle language-model dtype.
+    #[arg(long, value_enum)]
+    dtype: Option<cli::DTypeArg>,
+    /// Where Gazelle runs (cuda needs a build with --features cuda).
+    #[arg(long, value_enum)]
+    device: Option<cli::DeviceArg>,
     /// Delay before each token of the scripted reply, in milliseconds.
     #[arg(long)]
     token_delay_ms: Option<u64>,
@@ -125,6 +140,20 @@ fn merged_config(a: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(r) = &a.reply {
         c.slm.reply = r.clone();
+    }
+    if let Some(m) = &a.model {
+        c.slm.kind = SlmKind::Gazelle;
+        c.slm.gazelle.model = m.clone();
+    }
+    if let Some(r) = &a.revision {
+        c.slm.gazelle.revision = Some(r.clone());
+    }
+    c.slm.gazelle.offline |= a.offline;
+    if let Some(d) = a.dtype {
+        c.slm.gazelle.dtype = d;
+    }
+    if let Some(d) = a.device {
+        c.slm.gazelle.device = d;
     }
     if let Some(d) = a.token_delay_ms {
         c.slm.token_delay_ms = d;

@@ -15,7 +15,8 @@ use super::gazelle::hub::{self, HubOptions, DEFAULT_REPO};
 use super::gazelle::{GenerationParams, Precision};
 use crate::audio::{resample::resample_all, wav, MODEL_RATE};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DTypeArg {
     F32,
     Bf16,
@@ -32,7 +33,8 @@ impl From<DTypeArg> for DType {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DeviceArg {
     Cpu,
     Cuda,

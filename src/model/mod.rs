@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cli;
 pub mod gazelle;
 pub mod scripted;
+pub mod worker;
 
 use std::sync::Arc;
 

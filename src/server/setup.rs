@@ -9,8 +9,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::AppState;
 use crate::assets::{self, AssetError};
-use crate::config::{Config, SlmKind, TtsProvider};
+use crate::config::{Config, GazelleSlmConfig, SlmKind, TtsProvider};
 use crate::metrics::Metrics;
+use crate::model::cli::open_device;
+use crate::model::gazelle::hub::{self, HubOptions};
+use crate::model::gazelle::{GenerationParams, Precision};
+use crate::model::worker::GazelleModel;
 use crate::model::{scripted::ScriptedModel, SpeechLanguageModel};
 use crate::pipeline::call::Services;
 use crate::transport::vocode::handler::Limits;
@@ -27,6 +31,8 @@ pub enum SetupError {
     Vad(#[from] VadError),
     #[error("cannot start the voice: {0}")]
     Tts(#[from] TtsError),
+    #[error("cannot load the Gazelle model: {0}")]
+    Model(String),
 }
 
 /// Loads everything calls share.
@@ -48,6 +54,7 @@ pub fn services(config: &Config) -> Result<Services, SetupError> {
             config.slm.reply.clone(),
             Duration::from_millis(config.slm.token_delay_ms),
         )),
+        SlmKind::Gazelle => Arc::new(gazelle(&config.slm.gazelle)?),
     };
     tracing::info!(slm = slm.name(), tts = tts.name(), vad = %vad_model.display(), "services ready");
     Ok(Services {
@@ -58,6 +65,34 @@ pub fn services(config: &Config) -> Result<Services, SetupError> {
         settings: Arc::new(config.pipeline.clone()),
         registry: Default::default(),
     })
+}
+
+/// Finds, loads and starts the Gazelle model (downloading it first unless offline).
+fn gazelle(c: &GazelleSlmConfig) -> Result<GazelleModel, SetupError> {
+    let err = |e: &dyn std::fmt::Display| SetupError::Model(e.to_string());
+    let device = open_device(c.device).map_err(|e| err(&e))?;
+    let opts = HubOptions {
+        revision: c.revision.clone(),
+        offline: c.offline,
+        cache_dir: c.cache_dir.clone(),
+        endpoint: None,
+        progress: true,
+    };
+    let files = hub::resolve(&c.model, &opts).map_err(|e| err(&e))?;
+    let started = std::time::Instant::now();
+    let precision = Precision::new(c.dtype.into(), c.audio_dtype.into(), &device);
+    let engine = hub::load_engine(&files, precision, &device).map_err(|e| err(&e))?;
+    tracing::info!(model = %files.origin, secs = started.elapsed().as_secs_f64(), "Gazelle loaded");
+    let params = GenerationParams {
+        max_new_tokens: c.max_new_tokens,
+        temperature: c.temperature,
+        top_p: c.top_p,
+        top_k: c.top_k,
+        repetition_penalty: c.repetition_penalty,
+        seed: c.seed,
+        stop_on_eos: true,
+    };
+    Ok(GazelleModel::start(Arc::new(engine), params))
 }
 
 /// The router state for a config and its services.

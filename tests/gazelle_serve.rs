@@ -1,0 +1,91 @@
+//! `gazelle serve` with the Gazelle model: the tiny random Llama-variant Gazelle from the
+//! fixtures, the real VAD and the local voice, through two spoken turns over the websocket. The
+//! model's text is nonsense (random weights), but every stage is real: audio tower, projector,
+//! spliced prompt, KV-cache decode per call, sentence units, speech.
+
+mod common;
+
+use std::path::Path;
+
+use gazelle::audio::Encoding;
+use gazelle::config::{Config, SlmKind};
+use gazelle::model::cli::DTypeArg;
+use gazelle::transport::vocode::client::{ClientConfig, EventKind, VocodeClient};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_spoken_turns_through_gazelle() {
+    let mut config = Config::default();
+    config.slm.kind = SlmKind::Gazelle;
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gazelle/llama");
+    config.slm.gazelle.model = fixture.display().to_string();
+    config.slm.gazelle.offline = true;
+    config.slm.gazelle.dtype = DTypeArg::F32;
+    config.slm.gazelle.max_new_tokens = 24;
+    let server = common::start_server(config).await;
+    let health = common::http(&server, "GET", "/health", &[], "").await.1;
+    assert!(health.contains("\"slm\":\"gazelle\""), "{health}");
+
+    let rate = 16_000;
+    let mut cc = ClientConfig::new(rate, Encoding::Linear16);
+    cc.system_prompt = Some("You are a helpful assistant.".into());
+    let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
+    let mut timelines = Vec::new();
+    let mut transcripts = Vec::new();
+    let mut audio_seconds = 0.0;
+    for question in [
+        "Hello, what is the weather like today?",
+        "And what about tomorrow?",
+    ] {
+        let mut clip = common::silence(300, rate);
+        clip.extend(common::speech(question, rate).await);
+        clip.extend(common::silence(6_000, rate));
+        client.stream_realtime(&clip, 20).await.unwrap();
+        while let Ok(e) = client.events.try_recv() {
+            match e.kind {
+                EventKind::Timeline(t) => timelines.push(t),
+                EventKind::Transcript(t) => transcripts.push(t),
+                EventKind::Audio { samples, rate } => {
+                    audio_seconds += samples.len() as f64 / rate as f64
+                }
+                EventKind::Error { kind, message } => panic!("{kind}: {message}"),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(timelines.len(), 2, "one timeline per turn: {timelines:?}");
+    for t in &timelines {
+        for stage in [
+            "vad_end_ms",
+            "first_token_ms",
+            "first_unit_ms",
+            "first_synth_byte_ms",
+            "first_audio_sent_ms",
+        ] {
+            assert!(t[stage].as_f64().is_some(), "{stage} missing: {t}");
+        }
+    }
+    assert!(!transcripts.is_empty() && transcripts.iter().all(|t| !t.trim().is_empty()));
+    assert!(
+        audio_seconds > 1.0,
+        "only {audio_seconds:.2} s of reply audio"
+    );
+    eprintln!("gazelle said {transcripts:?}; timelines {timelines:?}");
+
+    // The history holds both user turns and both replies, as spoken.
+    client.request_history().await.unwrap();
+    let history = loop {
+        let e = client.events.recv().await.expect("connection open");
+        if let EventKind::History(h) = e.kind {
+            break h;
+        }
+    };
+    let roles: Vec<&str> = history["turns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["user", "bot", "user", "bot"], "{history}");
+    client.stop().await.unwrap();
+    server.shutdown().await;
+}
