@@ -554,7 +554,9 @@ enum ReplyEvent {
 }
 
 /// The next milestone of the reply in flight; pending while there is none. A stage's channel that
-/// closes is forgotten so it cannot wake the actor again.
+/// closes is forgotten so it cannot wake the actor again. Text events go first: a unit's event is
+/// queued before the unit reaches the synthesizer, so taking text first keeps the timeline in
+/// causal order (a unit is never seen after audio made from it).
 async fn next_reply_event(reply: &mut Option<Reply>) -> ReplyEvent {
     let Some(r) = reply else {
         return std::future::pending().await;
@@ -565,6 +567,7 @@ async fn next_reply_event(reply: &mut Option<Reply>) -> ReplyEvent {
             return std::future::pending().await;
         }
         tokio::select! {
+            biased;
             ev = async { r.text_events.as_mut().expect("checked").recv().await }, if text_open => {
                 match ev {
                     Some(ev) => return ReplyEvent::Text(ev),
