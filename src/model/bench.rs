@@ -41,6 +41,19 @@ pub struct BenchArgs {
     /// Also write the results here as JSON.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Run the GPU suite instead (decode per context, prefill, encoder, time to first token,
+    /// memory, roofline; see bench_suite.rs). Medians of --repeats runs.
+    #[arg(long)]
+    pub suite: bool,
+    /// --suite: context lengths for decode tok/s.
+    #[arg(long, value_delimiter = ',', default_values_t = [128usize, 1024, 4096])]
+    pub contexts: Vec<usize>,
+    /// --suite: prompt lengths for prefill.
+    #[arg(long, value_delimiter = ',', default_values_t = [64usize, 512])]
+    pub prefill_lengths: Vec<usize>,
+    /// --suite: clip lengths (seconds) for the audio encoder.
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0f64, 5.0, 15.0])]
+    pub encoder_seconds: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -72,6 +85,20 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let precision = Precision::new(dtype, audio_dtype, &device);
     let model = random_gazelle(&cfg, precision, &device, 1)?;
     let build_s = t.elapsed().as_secs_f64();
+    if args.suite {
+        let report = super::bench_suite::run_suite(&model, &args)?;
+        super::bench_suite::print_suite(&report);
+        if let Some(path) = &args.json {
+            let mut out = serde_json::to_value(&report)?;
+            out["preset"] = args.random_weights.clone().into();
+            out["layers_built"] = layers.into();
+            out["layers_full"] = full_layers.into();
+            out["build_s"] = build_s.into();
+            out["decode_tokens"] = args.decode_tokens.into();
+            std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+        }
+        return Ok(());
+    }
 
     let samples = (args.audio_seconds * 16000.0) as usize;
     let mut seed = 12345u32;

@@ -3,6 +3,7 @@
 //! opens a session that owns its per-call state (for Gazelle, the KV cache).
 
 pub mod bench;
+pub mod bench_suite;
 pub mod cli;
 pub mod gazelle;
 pub mod scripted;

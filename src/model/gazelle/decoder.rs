@@ -14,6 +14,9 @@ use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use super::linear::Linear;
 
+#[cfg(feature = "cuda")]
+use super::kernels;
+
 use super::config::{TextArch, TextConfig};
 use super::wav2vec2::softmax_f32;
 
@@ -98,6 +101,13 @@ impl KvCache {
         Ok(())
     }
 
+    /// One layer's whole preallocated (k, v), for kernels that write or read it directly.
+    #[cfg(feature = "cuda")]
+    fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        let (k, v) = &self.layers[layer];
+        (k, v)
+    }
+
     /// Writes [1, KV, L, hd] keys/values at `self.len` and returns views of all valid positions.
     fn write(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (ck, cv) = &self.layers[layer];
@@ -173,6 +183,19 @@ fn attention_mask(
     ))
 }
 
+/// `lin(x)`, through our bf16 GEMV kernel for a single CUDA row when `GAZELLE_KERNELS` asks.
+fn project(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if kernels::enabled().gemv
+        && kernels::usable(x)
+        && lin.weight().dtype() == DType::BF16
+        && x.elem_count() == x.dim(candle_core::D::Minus1)?
+    {
+        return kernels::gemv(x, lin.weight());
+    }
+    lin.forward(x)
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Linear,
@@ -182,6 +205,9 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// Mistral's sliding window, for the decode-attention kernel's first visible position.
+    #[cfg(feature = "cuda")]
+    window: Option<usize>,
 }
 
 impl Attention {
@@ -199,6 +225,8 @@ impl Attention {
             heads: nh,
             kv_heads: nkv,
             head_dim: hd,
+            #[cfg(feature = "cuda")]
+            window: cfg.sliding_window,
         })
     }
 
@@ -213,24 +241,64 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let hd = self.head_dim;
-        let q = self
-            .q_proj
-            .forward(x)?
-            .reshape((b, l, self.heads, hd))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape((b, l, self.kv_heads, hd))?
-            .transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((b, l, self.kv_heads, hd))?
-            .transpose(1, 2)?;
+        let (q, k, v) = (
+            project(&self.q_proj, x)?,
+            project(&self.k_proj, x)?,
+            project(&self.v_proj, x)?,
+        );
+        #[cfg(feature = "cuda")]
+        if kernels::enabled().rope && kernels::usable(x) {
+            return self.forward_fused(q, k, v, rope, mask, cache, layer);
+        }
+        let q = q.reshape((b, l, self.heads, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b, l, self.kv_heads, hd))?.transpose(1, 2)?;
+        let v = v.reshape((b, l, self.kv_heads, hd))?.transpose(1, 2)?;
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         let (k, v) = cache.write(layer, &k, &v.contiguous()?)?;
+        self.attend(&q, &k, &v, mask)
+    }
+
+    /// Rotary + cache append in one kernel, then our decode-attention kernel for a single
+    /// position (head_dim 128) or the matmul attention over the cache views otherwise.
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    fn forward_fused(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (b, l, _) = q.dims3()?;
+        let (offset, total) = (cache.len, cache.len + l);
+        let (kc, vc) = cache.layer(layer);
+        let shape = (self.heads, self.kv_heads, self.head_dim);
+        let q = kernels::rope_kv_append(&q, &k, &v, &rope.cos, &rope.sin, kc, vc, shape, offset)?;
+        let rep = self.heads / self.kv_heads;
+        if l == 1
+            && kernels::enabled().attention
+            && self.head_dim == kernels::ATTENTION_HEAD_DIM
+            && rep <= kernels::ATTENTION_MAX_REP
+        {
+            let start = self.window.map_or(0, |w| total.saturating_sub(w));
+            let scale = (self.head_dim as f64).powf(-0.5);
+            let y = kernels::decode_attention(&q, kc, vc, start, total, scale)?;
+            return project(
+                &self.o_proj,
+                &y.reshape((b, l, self.heads * self.head_dim))?,
+            );
+        }
+        let (k, v) = (kc.narrow(2, 0, total)?, vc.narrow(2, 0, total)?);
+        self.attend(&q, &k, &v, mask)
+    }
+
+    /// q [1, H, L, hd] over the valid cache k, v [1, KV, S, hd] -> o_proj output [1, L, D].
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _, l, hd) = q.dims4()?;
         let s = k.dim(2)?;
         let rep = self.heads / self.kv_heads;
         // Query heads kv*rep..kv*rep+rep share key/value head kv: fold them into rows.
@@ -244,12 +312,12 @@ impl Attention {
             None => att,
         };
         let att = softmax_f32(&att)?;
-        let y = att.matmul(&v)?; // [1, KV, rep*L, hd]
+        let y = att.matmul(v)?; // [1, KV, rep*L, hd]
         let y = y
             .reshape((b, self.heads, l, hd))?
             .transpose(1, 2)?
             .reshape((b, l, self.heads * hd))?;
-        self.o_proj.forward(&y)
+        project(&self.o_proj, &y)
     }
 }
 
@@ -272,8 +340,13 @@ impl Mlp {
 
     /// [1, L, D] -> [1, L, D]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let (gate, up) = (project(&self.gate_proj, x)?, project(&self.up_proj, x)?);
+        #[cfg(feature = "cuda")]
+        if kernels::enabled().swiglu && kernels::usable(&gate) {
+            return project(&self.down_proj, &kernels::swiglu(&gate, &up)?);
+        }
+        let gate = candle_nn::ops::silu(&gate)?;
+        project(&self.down_proj, &(gate * up)?)
     }
 }
 
@@ -305,7 +378,14 @@ impl DecoderLayer {
         layer: usize,
     ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let x = (x + self.self_attn.forward(&h, rope, mask, cache, layer)?)?;
+        let a = self.self_attn.forward(&h, rope, mask, cache, layer)?;
+        #[cfg(feature = "cuda")]
+        if kernels::enabled().rmsnorm && kernels::usable(x) {
+            let norm = &self.post_attention_layernorm;
+            let (h, x) = kernels::rms_norm_residual(x, &a, norm.weight(), norm.eps())?;
+            return x + self.mlp.forward(&h)?;
+        }
+        let x = (x + a)?;
         let h = self.post_attention_layernorm.forward(&x)?;
         x + self.mlp.forward(&h)?
     }
@@ -400,8 +480,7 @@ impl CausalLm {
     pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let l = hidden.dim(1)?;
         let last = hidden.narrow(1, l - 1, 1)?;
-        self.lm_head
-            .forward(&last)?
+        project(&self.lm_head, &last)?
             .squeeze(0)?
             .squeeze(0)?
             .to_dtype(DType::F32)

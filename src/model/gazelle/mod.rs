@@ -10,6 +10,8 @@ pub mod decoder;
 pub mod gazelle;
 pub mod generation;
 pub mod hub;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod linear;
 pub mod projector;
 pub mod prompt;
@@ -24,6 +26,8 @@ pub use generation::{GenerationParams, StopReason};
 pub use prompt::{ChatMessage, ChatPrompt};
 pub use session::{GazelleEngine, GazelleSession, HistoryTurn, Reply, Spoken, TurnStats};
 
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
 #[cfg(test)]
 pub(crate) mod parity_tests;
 #[cfg(test)]

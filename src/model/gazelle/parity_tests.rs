@@ -20,16 +20,19 @@ pub(crate) fn load_fixture_with(
     variant: &str,
     precision: Precision,
 ) -> (Gazelle, HashMap<String, Tensor>) {
+    load_fixture_on(variant, precision, &Device::Cpu)
+}
+
+/// The fixture's model on `device`; the reference tensors stay on the CPU.
+pub(crate) fn load_fixture_on(
+    variant: &str,
+    precision: Precision,
+    device: &Device,
+) -> (Gazelle, HashMap<String, Tensor>) {
     let dir = fixture_dir(variant);
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
     let cfg = GazelleConfig::from_json_str(&cfg).unwrap();
-    let model = Gazelle::load(
-        &cfg,
-        &[dir.join("model.safetensors")],
-        precision,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = Gazelle::load(&cfg, &[dir.join("model.safetensors")], precision, device).unwrap();
     let refs =
         candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
     (model, refs)
@@ -89,8 +92,20 @@ fn check(variant: &str, dtype: DType, tol: f32) {
 }
 
 fn check_with(variant: &str, precision: Precision, tol: f32, bf16_refs: bool) {
+    check_on(variant, precision, tol, bf16_refs, &Device::Cpu);
+}
+
+/// Returns, per clip, how many leading greedy tokens equal the reference's (bf16 runs).
+pub(crate) fn check_on(
+    variant: &str,
+    precision: Precision,
+    tol: f32,
+    bf16_refs: bool,
+    device: &Device,
+) -> Vec<usize> {
     let (dtype, audio_dtype) = (precision.weights, precision.audio);
-    let (model, refs) = load_fixture_with(variant, precision);
+    let (model, refs) = load_fixture_on(variant, precision, device);
+    let mut agreement = Vec::new();
     let bf16 = dtype == DType::BF16;
     for c in ["c0", "c1"] {
         let r = |k: &str| -> Tensor {
@@ -101,6 +116,7 @@ fn check_with(variant: &str, precision: Precision, tol: f32, bf16_refs: bool) {
         };
         let cmp = |name: &str, ours: &Tensor| {
             let reference = r(name);
+            let ours = &ours.to_device(&Device::Cpu).unwrap();
             let (max, l2) = (rel_err(ours, &reference), rel_err_l2(ours, &reference));
             eprintln!(
                 "{variant} {dtype:?}/{audio_dtype:?} {c} {name}: max-rel {max:.2e} l2-rel {l2:.2e}"
@@ -142,11 +158,19 @@ fn check_with(variant: &str, precision: Precision, tol: f32, bf16_refs: bool) {
                 .zip(&expected)
                 .take_while(|(a, b)| a == b)
                 .count();
-            eprintln!("{variant} bf16 {c}: first {same} of 24 greedy tokens equal f32 torch");
+            let which = if bf16_refs {
+                "the reference"
+            } else {
+                "f32 torch"
+            };
+            eprintln!("{variant} bf16 {c}: first {same} of 24 greedy tokens equal {which}");
+            agreement.push(same);
         } else {
             assert_eq!(tokens, expected, "{variant} {c} greedy tokens");
+            agreement.push(tokens.len());
         }
     }
+    agreement
 }
 
 #[test]
