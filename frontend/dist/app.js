@@ -325,7 +325,7 @@ async function start() {
     player: new Player(ctx, ctx.destination),
     level: 0,
     stopping: false,
-    bot: null
+    bots: /* @__PURE__ */ new Map()
   };
   call = c;
   let opened = false;
@@ -390,18 +390,17 @@ function onMessage(c, m) {
       break;
     case "websocket_audio":
       stats.received++;
-      if (c.bot) c.bot.hadAudio = true;
       c.player.enqueue(fromBase64(m.data), now);
       break;
     case "websocket_transcript":
       stats.transcript.push(m.text);
-      botBubble(c).querySelector(".text").append(`${m.text} `);
+      botBubble(c, m.reply).querySelector(".text").append(`${m.text} `);
       break;
     case "gazelle_clear": {
       const stopped2 = c.player.clear();
       stats.clears.push({ reply: m.reply, stopped: stopped2 });
-      if (c.bot) markInterrupted(c.bot.el, m.spoken_text);
-      c.bot = null;
+      const bubble = c.bots.get(m.reply);
+      if (bubble) markInterrupted(bubble, m.spoken_text);
       break;
     }
     case "gazelle_timeline":
@@ -422,15 +421,17 @@ function errorText(kind, message) {
   if (kind === "call_start") return `The server could not start the call: ${message}`;
   return `Server error (${kind}): ${message}`;
 }
-function botBubble(c) {
-  if (!c.bot) {
-    const el2 = document.createElement("div");
+function botBubble(c, reply) {
+  let el2 = c.bots.get(reply);
+  if (!el2) {
+    el2 = document.createElement("div");
     el2.className = "turn bot";
+    el2.dataset.reply = String(reply);
     el2.innerHTML = '<span class="who">bot</span><span class="text"></span>';
     ui.log.append(el2);
-    c.bot = { el: el2, hadAudio: false };
+    c.bots.set(reply, el2);
   }
-  return c.bot.el;
+  return el2;
 }
 function markInterrupted(el2, heard) {
   el2.classList.add("interrupted");
@@ -451,7 +452,8 @@ function onTimeline(c, t, segment) {
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.classList.add("waterfall");
   el2.append(svg);
-  if (c.bot) ui.log.insertBefore(el2, c.bot.el);
+  const bot = c.bots.get(t.reply);
+  if (bot) ui.log.insertBefore(el2, bot);
   else ui.log.append(el2);
   const entry = { ...t, first_audio_played_ms: null };
   stats.timelines.push(entry);
@@ -470,7 +472,6 @@ function tick() {
   if (!c) return;
   const speaking = c.player.speaking;
   if (stats.ready) setState(speaking ? "speaking" : "listening");
-  if (c.bot?.hadAudio && !speaking) c.bot = null;
   c.level *= 0.9;
   ui.meter.style.width = `${Math.min(100, Math.sqrt(c.level) * 180)}%`;
   requestAnimationFrame(tick);

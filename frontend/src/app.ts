@@ -49,8 +49,8 @@ interface Call {
   player: Player;
   level: number;
   stopping: boolean;
-  /** The bot bubble receiving text, until its audio ends or is cleared. */
-  bot: { el: HTMLElement; hadAudio: boolean } | null;
+  /** Each reply's bot bubble, by the reply id the server's messages carry. */
+  bots: Map<number, HTMLElement>;
 }
 let call: Call | null = null;
 
@@ -182,7 +182,7 @@ async function start(): Promise<void> {
     player: new Player(ctx, ctx.destination),
     level: 0,
     stopping: false,
-    bot: null,
+    bots: new Map(),
   };
   call = c;
   let opened = false;
@@ -253,18 +253,17 @@ function onMessage(c: Call, m: ServerMessage): void {
       break;
     case "websocket_audio":
       stats.received++;
-      if (c.bot) c.bot.hadAudio = true;
       c.player.enqueue(fromBase64(m.data), now);
       break;
     case "websocket_transcript":
       stats.transcript.push(m.text);
-      botBubble(c).querySelector(".text")!.append(`${m.text} `);
+      botBubble(c, m.reply).querySelector(".text")!.append(`${m.text} `);
       break;
     case "gazelle_clear": {
       const stopped = c.player.clear();
       stats.clears.push({ reply: m.reply, stopped });
-      if (c.bot) markInterrupted(c.bot.el, m.spoken_text);
-      c.bot = null;
+      const bubble = c.bots.get(m.reply);
+      if (bubble) markInterrupted(bubble, m.spoken_text);
       break;
     }
     case "gazelle_timeline":
@@ -287,15 +286,17 @@ function errorText(kind: string, message: string): string {
   return `Server error (${kind}): ${message}`;
 }
 
-function botBubble(c: Call): HTMLElement {
-  if (!c.bot) {
-    const el = document.createElement("div");
+function botBubble(c: Call, reply: number): HTMLElement {
+  let el = c.bots.get(reply);
+  if (!el) {
+    el = document.createElement("div");
     el.className = "turn bot";
+    el.dataset.reply = String(reply);
     el.innerHTML = '<span class="who">bot</span><span class="text"></span>';
     ui.log.append(el);
-    c.bot = { el, hadAudio: false };
+    c.bots.set(reply, el);
   }
-  return c.bot.el;
+  return el;
 }
 
 /** Splits the cut reply's text into what the user heard and what they never did. */
@@ -323,7 +324,8 @@ function onTimeline(c: Call, t: Timeline, segment: SegmentStart | null): void {
   svg.classList.add("waterfall");
   el.append(svg);
   // The user spoke before the bot's reply text began, so the bubble goes above it.
-  if (c.bot) ui.log.insertBefore(el, c.bot.el);
+  const bot = c.bots.get(t.reply);
+  if (bot) ui.log.insertBefore(el, bot);
   else ui.log.append(el);
   const entry = { ...t, first_audio_played_ms: null as number | null };
   stats.timelines.push(entry);
@@ -345,7 +347,6 @@ function tick(): void {
   if (!c) return;
   const speaking = c.player.speaking;
   if (stats.ready) setState(speaking ? "speaking" : "listening");
-  if (c.bot?.hadAudio && !speaking) c.bot = null; // the reply played out
   c.level *= 0.9;
   ui.meter.style.width = `${Math.min(100, Math.sqrt(c.level) * 180)}%`;
   requestAnimationFrame(tick);

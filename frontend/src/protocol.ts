@@ -14,7 +14,7 @@ export interface Timeline {
 export type ServerMessage =
   | { type: "websocket_ready" }
   | { type: "websocket_audio"; data: string }
-  | { type: "websocket_transcript"; text: string; sender: string; timestamp: string }
+  | { type: "websocket_transcript"; text: string; sender: string; timestamp: string; reply: number }
   | { type: "websocket_stop" }
   | { type: "gazelle_clear"; reply: number; spoken_text: string }
   | ({ type: "gazelle_timeline" } & Timeline)

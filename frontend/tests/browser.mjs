@@ -170,6 +170,8 @@ async function gazellePage(wav, url, out, reply) {
       state: window.gazelle.state,
     }));
     check(g.errors.length === 0, `the page showed errors: ${JSON.stringify(g.errors)}`);
+    const consoleErrors = consoleLines.filter((l) => l.startsWith("error:") || l.startsWith("pageerror:"));
+    check(consoleErrors.length === 0, `the page logged errors: ${JSON.stringify(consoleErrors)}`);
     return { ...g, first_waterfall: firstWaterfall, screenshot: shot, seconds: (Date.now() - t0) / 1000 };
   } catch (e) {
     const detail = e instanceof Failure ? e.message : e.stack;

@@ -421,11 +421,11 @@ impl Actor {
             TextEvent::FirstToken(at) => self.stage(at, |t| &mut t.first_token_ms),
             TextEvent::Unit(text, at) => {
                 self.stage(at, |t| &mut t.first_unit_ms);
-                if let Some(r) = self.reply.as_mut() {
-                    r.units.push(text.clone());
-                }
+                let Some(r) = self.reply.as_mut() else { return };
+                r.units.push(text.clone());
+                let reply = r.id;
                 if self.options.subscribe_transcript {
-                    let _ = self.out.send(Outbound::Transcript { text }).await;
+                    let _ = self.out.send(Outbound::Transcript { reply, text }).await;
                 }
             }
             TextEvent::Done => {

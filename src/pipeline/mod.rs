@@ -35,8 +35,8 @@ pub enum Outbound {
         unit: usize,
         token: CancellationToken,
     },
-    /// A unit of bot text as it goes to the synthesizer.
-    Transcript { text: String },
+    /// A unit of bot text of reply `reply` as it goes to the synthesizer.
+    Transcript { reply: u64, text: String },
     /// Barge-in: the client must stop playback at once. `spoken` is what the user heard.
     Clear { reply: u64, spoken: String },
     /// The latency timeline of a reply, once its first audio is out.

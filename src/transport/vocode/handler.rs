@@ -296,8 +296,9 @@ fn encode(m: Outbound, rate: u32, encoding: Encoding) -> Option<String> {
             }
             protocol::audio_message(&samples, rate, encoding)
         }
-        Outbound::Transcript { text } => ServerMessage::Transcript {
+        Outbound::Transcript { reply, text } => ServerMessage::Transcript {
             text: &text,
+            reply,
             sender: "bot",
             timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
         }

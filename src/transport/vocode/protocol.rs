@@ -123,6 +123,8 @@ pub enum ServerMessage<'a> {
         text: &'a str,
         sender: &'static str,
         timestamp: String,
+        /// Extension: which reply the text belongs to (matches `gazelle_clear.reply`).
+        reply: u64,
     },
     #[serde(rename = "websocket_stop")]
     Stop,
