@@ -194,16 +194,31 @@ fn init_logging(json: bool) {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = merged_config(&args)?;
     init_logging(config.server.log_json);
-    let services = server::setup::services(&config)?;
-    let state = server::setup::state(&config, services);
     let runtime = tokio::runtime::Runtime::new()?;
+    let (services, load) = server::setup::services(&config)?;
+    let state = server::setup::state(&config, services);
     runtime.block_on(async move {
         let addr = format!("{}:{}", config.server.host, config.server.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         eprintln!("gazelle listening on http://{}", listener.local_addr()?);
-        server::serve(listener, state, shutdown_signal()).await?;
+        // A model that fails to load ends the server, with the reason, instead of leaving it up
+        // and useless.
+        let failed = std::sync::Arc::new(std::sync::OnceLock::new());
+        let stop = {
+            let failed = failed.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown_signal() => {}
+                    e = load.failure() => { let _ = failed.set(e); }
+                }
+            }
+        };
+        server::serve(listener, state, stop).await?;
+        if let Some(e) = failed.get() {
+            anyhow::bail!("cannot load the speech-language model: {e}");
+        }
         anyhow::Ok(())
     })
 }

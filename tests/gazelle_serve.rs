@@ -22,7 +22,22 @@ async fn two_spoken_turns_through_gazelle() {
     config.slm.gazelle.dtype = DTypeArg::F32;
     config.slm.gazelle.max_new_tokens = 24;
     let server = common::start_server(config).await;
-    let health = common::http(&server, "GET", "/health", &[], "").await.1;
+    // The server listens while the model loads; /health says so until it is ready.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let health = loop {
+        let (code, body) = common::http(&server, "GET", "/health", &[], "").await;
+        if code == 200 {
+            break body;
+        }
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("\"status\":\"loading\""), "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still loading: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
     assert!(health.contains("\"slm\":\"gazelle\""), "{health}");
 
     let rate = 16_000;
@@ -87,5 +102,33 @@ async fn two_spoken_turns_through_gazelle() {
         .collect();
     assert_eq!(roles, ["user", "bot", "user", "bot"], "{history}");
     client.stop().await.unwrap();
+    server.shutdown().await;
+}
+
+/// A model that cannot load: /health says why (503), a caller gets a `call_start` error naming
+/// the reason, and nothing hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_fails_to_load_is_reported() {
+    let mut config = Config::default();
+    config.slm.kind = SlmKind::Gazelle;
+    let missing = std::env::temp_dir().join("gazelle-no-such-model-dir");
+    config.slm.gazelle.model = missing.display().to_string();
+    config.slm.gazelle.offline = true;
+    let server = common::start_server(config).await;
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(30), server.load.failure())
+        .await
+        .expect("the load neither failed nor finished");
+    assert!(reason.contains("gazelle-no-such-model-dir"), "{reason}");
+    let (code, body) = common::http(&server, "GET", "/health", &[], "").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"status\":\"error\""), "{body}");
+    assert!(body.contains("gazelle-no-such-model-dir"), "{body}");
+
+    let cc = ClientConfig::new(16_000, Encoding::Linear16);
+    let err = match VocodeClient::connect(&server.ws_url(), cc).await {
+        Ok(_) => panic!("a call started on a model that failed to load"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("failed to load"), "{err}");
     server.shutdown().await;
 }

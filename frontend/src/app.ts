@@ -105,17 +105,22 @@ async function listMics(): Promise<void> {
 /** Waits until /health says the model is ready, showing why while it waits. */
 async function waitForServer(): Promise<boolean> {
   for (;;) {
-    let status: string;
+    let health: { status: string; loading_s?: number; error?: string };
     try {
       const r = await fetch("/health", { cache: "no-store" });
-      status = ((await r.json()) as { status: string }).status;
+      health = await r.json();
     } catch {
       showError("The gazelle server is down or unreachable. Start `gazelle serve` and press Start.");
       return false;
     }
-    if (status === "ok") return true;
+    if (health.status === "ok") return true;
+    if (health.status === "error") {
+      showError(`The model failed to load: ${health.error ?? "no reason given"}. See the server log.`);
+      return false;
+    }
     setState("loading");
-    showError(`The model is loading (server status: ${status}). Waiting for it…`);
+    const sofar = health.loading_s === undefined ? "" : ` (${Math.floor(health.loading_s)} s so far)`;
+    showError(`The model is loading${sofar}. Waiting for it…`);
     await new Promise((r) => setTimeout(r, 1000));
     if (stopped()) return false;
   }

@@ -199,8 +199,17 @@ async function errorStates(wav, url) {
     },
     model_loading: {
       route: (page) =>
-        page.route("**/health", (r) => r.fulfill({ json: { status: "loading" } })),
-      expect: "model is loading",
+        page.route("**/health", (r) =>
+          r.fulfill({ status: 503, json: { status: "loading", loading_s: 12.5 } }),
+        ),
+      expect: "model is loading (12 s so far)",
+    },
+    model_failed: {
+      route: (page) =>
+        page.route("**/health", (r) =>
+          r.fulfill({ status: 503, json: { status: "error", error: "config.json not found" } }),
+        ),
+      expect: "The model failed to load: config.json not found",
     },
     server_down: {
       route: (page) => page.route("**/health", (r) => r.abort("connectionrefused")),

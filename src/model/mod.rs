@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_suite;
 pub mod cli;
 pub mod gazelle;
+pub mod loading;
 pub mod scripted;
 pub mod worker;
 
@@ -41,9 +42,22 @@ pub type TokenStream = mpsc::Receiver<Result<String, SlmError>>;
 /// it is full, which only happens if synthesis falls far behind.
 pub const TOKEN_QUEUE: usize = 256;
 
+/// Whether a model can take calls, as `/health` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelStatus {
+    Ready,
+    Loading { elapsed: std::time::Duration },
+    Failed(String),
+}
+
 pub trait SpeechLanguageModel: Send + Sync + 'static {
     /// A short name for logs and metrics.
     fn name(&self) -> &str;
+
+    /// Whether calls can open sessions now.
+    fn status(&self) -> ModelStatus {
+        ModelStatus::Ready
+    }
 
     /// Opens the per-call state of one conversation.
     fn open_session(&self) -> Result<Box<dyn SlmSession>, SlmError>;

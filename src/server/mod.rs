@@ -18,6 +18,7 @@ use axum::{Json, Router};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::model::ModelStatus;
 use crate::pipeline::call::Services;
 use crate::transport::vocode::handler::{self, Limits};
 
@@ -66,13 +67,27 @@ async fn conversation(State(state): State<AppState>, ws: WebSocketUpgrade) -> Re
         })
 }
 
+/// `status` is `ok` (200) once calls can start, `loading` (503, with `loading_s`) while the model
+/// loads, and `error` (503, with `error`) if it failed to load.
 async fn health(State(state): State<AppState>) -> impl IntoResponse {
-    Json(serde_json::json!({
-        "status": "ok",
+    let model = state.services.slm.status();
+    let mut body = serde_json::json!({
+        "status": model.word(),
         "active_calls": state.services.metrics.active_calls.get(),
         "slm": state.services.slm.name(),
         "tts": state.services.tts.name(),
-    }))
+    });
+    if let Some(t) = model.loading_for() {
+        body["loading_s"] = t.as_secs_f64().into();
+    }
+    if let ModelStatus::Failed(e) = &model {
+        body["error"] = e.as_str().into();
+    }
+    let code = match model {
+        ModelStatus::Ready => StatusCode::OK,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (code, Json(body))
 }
 
 async fn list_calls(State(state): State<AppState>) -> impl IntoResponse {

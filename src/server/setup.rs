@@ -14,6 +14,7 @@ use crate::metrics::Metrics;
 use crate::model::cli::open_device;
 use crate::model::gazelle::hub::{self, HubOptions};
 use crate::model::gazelle::{GenerationParams, Precision};
+use crate::model::loading::LoadingModel;
 use crate::model::worker::GazelleModel;
 use crate::model::{scripted::ScriptedModel, SpeechLanguageModel};
 use crate::pipeline::call::Services;
@@ -31,12 +32,33 @@ pub enum SetupError {
     Vad(#[from] VadError),
     #[error("cannot start the voice: {0}")]
     Tts(#[from] TtsError),
-    #[error("cannot load the Gazelle model: {0}")]
-    Model(String),
 }
 
-/// Loads everything calls share.
-pub fn services(config: &Config) -> Result<Services, SetupError> {
+/// The model's background load: `serve` stops if it fails, tests wait until it is ready.
+#[derive(Clone, Default)]
+pub struct ModelLoad(Option<Arc<LoadingModel>>);
+
+impl ModelLoad {
+    /// Resolves with the reason if loading fails; never resolves otherwise.
+    pub async fn failure(&self) -> String {
+        match &self.0 {
+            Some(m) => m.failure().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Waits until the model is ready, or for the reason it failed.
+    pub async fn ready(&self) -> Result<(), String> {
+        match &self.0 {
+            Some(m) => m.ready().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Loads everything calls share. A model that takes long to load (Gazelle) goes on loading in
+/// the background after this returns; [`ModelLoad`] follows it.
+pub fn services(config: &Config) -> Result<(Services, ModelLoad), SetupError> {
     let ort_lib = assets::ort_lib(config.assets.ort_lib.as_deref())?;
     let vad_model = assets::vad_model(config.assets.vad_model.as_deref())?;
     let espeak_dir = assets::espeak_dir(config.assets.espeak_dir.as_deref())?;
@@ -49,27 +71,40 @@ pub fn services(config: &Config) -> Result<Services, SetupError> {
         let second = synthesizer(config, second, &espeak_dir, &metrics)?;
         tts = Arc::new(fallback::Fallback::new(tts, second, metrics.clone()));
     }
-    let slm: Arc<dyn SpeechLanguageModel> = match config.slm.kind {
-        SlmKind::Scripted => Arc::new(ScriptedModel::new(
-            config.slm.reply.clone(),
-            Duration::from_millis(config.slm.token_delay_ms),
-        )),
-        SlmKind::Gazelle => Arc::new(gazelle(&config.slm.gazelle)?),
+    let (slm, load): (Arc<dyn SpeechLanguageModel>, _) = match config.slm.kind {
+        SlmKind::Scripted => (
+            Arc::new(ScriptedModel::new(
+                config.slm.reply.clone(),
+                Duration::from_millis(config.slm.token_delay_ms),
+            )),
+            ModelLoad::default(),
+        ),
+        SlmKind::Gazelle => {
+            let c = config.slm.gazelle.clone();
+            let m = Arc::new(LoadingModel::spawn("gazelle", move || {
+                gazelle(&c).map(|m| Arc::new(m) as Arc<dyn SpeechLanguageModel>)
+            }));
+            (
+                m.clone() as Arc<dyn SpeechLanguageModel>,
+                ModelLoad(Some(m)),
+            )
+        }
     };
     tracing::info!(slm = slm.name(), tts = tts.name(), vad = %vad_model.display(), "services ready");
-    Ok(Services {
+    let services = Services {
         slm,
         tts,
         vad,
         metrics,
         settings: Arc::new(config.pipeline.clone()),
         registry: Default::default(),
-    })
+    };
+    Ok((services, load))
 }
 
 /// Finds, loads and starts the Gazelle model (downloading it first unless offline).
-fn gazelle(c: &GazelleSlmConfig) -> Result<GazelleModel, SetupError> {
-    let err = |e: &dyn std::fmt::Display| SetupError::Model(e.to_string());
+fn gazelle(c: &GazelleSlmConfig) -> Result<GazelleModel, String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
     let device = open_device(c.device).map_err(|e| err(&e))?;
     let opts = HubOptions {
         revision: c.revision.clone(),

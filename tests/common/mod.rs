@@ -17,6 +17,8 @@ use tokio::sync::oneshot;
 pub struct TestServer {
     pub addr: SocketAddr,
     pub state: AppState,
+    /// The model's background load (Gazelle); ready at once for the scripted model.
+    pub load: server::setup::ModelLoad,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -54,7 +56,7 @@ pub async fn start_server_with(config: Config, adjust: impl FnOnce(&mut AppState
         )
         .with_test_writer()
         .try_init();
-    let services = server::setup::services(&config).unwrap_or_else(|e| {
+    let (services, load) = server::setup::services(&config).unwrap_or_else(|e| {
         panic!("cannot start the server's services: {e}\n(run scripts/setup first)")
     });
     let mut state = server::setup::state(&config, services);
@@ -73,6 +75,7 @@ pub async fn start_server_with(config: Config, adjust: impl FnOnce(&mut AppState
     TestServer {
         addr,
         state,
+        load,
         stop: Some(stop),
         task: Some(task),
     }
