@@ -68,6 +68,11 @@ impl KvCache {
         self.capacity
     }
 
+    /// The most positions it can ever hold (`max_position_embeddings`).
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
     /// Forgets every position from `len` on (barge-in, or a re-prefill from a common prefix).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

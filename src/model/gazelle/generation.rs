@@ -54,6 +54,8 @@ pub enum StopReason {
     Eos,
     MaxTokens,
     Cancelled,
+    /// The context (`max_position_embeddings`) is full.
+    ContextFull,
 }
 
 /// HF `RepetitionPenaltyLogitsProcessor`, applied once per distinct id in `context`.
@@ -209,6 +211,10 @@ pub fn generate(
             break;
         }
         if out.tokens.len() == params.max_new_tokens {
+            break;
+        }
+        if cache.len() >= cache.max_len() {
+            out.stop = StopReason::ContextFull;
             break;
         }
         logits = model.step(id, cache)?.to_vec1()?;

@@ -18,7 +18,9 @@ use candle_core::Tensor;
 use super::decoder::KvCache;
 use super::gazelle::Gazelle;
 use super::generation::{generate, GenerationParams, StopReason};
-use super::prompt::{user_content_with_audio, ChatMessage, ChatPrompt, PromptError, TextStream};
+use super::prompt::{
+    user_content_with_audio, ChatMessage, ChatPrompt, PromptError, TextStream, AUDIO_PLACEHOLDER,
+};
 
 /// Errors from a session step.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,18 @@ pub enum SessionError {
     Prompt(#[from] PromptError),
     #[error("generate() needs a user turn first; call append_user_audio_turn")]
     NoUserTurn,
+    #[error(
+        "the newest turn needs {needed} positions with the system prompt and room for a reply, \
+         more than the model's context of {max} (max_position_embeddings); shorten the turn \
+         (pipeline.vad max turn length) or the system prompt"
+    )]
+    TurnTooLong { needed: usize, max: usize },
+}
+
+/// Positions kept free for the reply when a turn is appended: when the conversation would leave
+/// less than this of the context, its oldest exchanges are dropped.
+fn reply_room(max_len: usize) -> usize {
+    (max_len / 8).clamp(16, 1024)
 }
 
 /// Weights plus tokenizer; one per process.
@@ -223,7 +237,17 @@ impl GazelleSession {
         let encoder_ms = t.elapsed().as_secs_f64() * 1e3;
         let audio_tokens = clip.dim(1)?;
         self.push_user(clip, text);
-        let stats = self.sync()?;
+        let stats = match self.sync() {
+            Err(e @ SessionError::TurnTooLong { .. }) => {
+                // The turn can never fit: forget it, so the call can go on with shorter ones.
+                if let Some(m) = self.messages.pop() {
+                    let n = m.content.matches(AUDIO_PLACEHOLDER).count();
+                    self.clips.truncate(self.clips.len().saturating_sub(n));
+                }
+                return Err(e);
+            }
+            r => r?,
+        };
         Ok(TurnStats {
             audio_tokens,
             encoder_ms,
@@ -231,12 +255,67 @@ impl GazelleSession {
         })
     }
 
-    /// Brings the cache in line with the rendered conversation, reusing the common prefix.
+    /// The rendered conversation's ids, and the cache positions they take.
+    fn render(&self) -> Result<(Vec<u32>, usize), SessionError> {
+        let text = self.engine.prompt.render(&self.messages, true)?;
+        let ids = self.engine.prompt.encode(&text)?;
+        let audio_id = self.engine.model.config().audio_token_index;
+        let n_audio = ids.iter().filter(|&&id| id == audio_id).count();
+        let mut positions = ids.len() - n_audio;
+        for clip in self.clips.iter().take(n_audio) {
+            positions += clip.dim(1)?;
+        }
+        Ok((ids, positions))
+    }
+
+    /// Drops the oldest exchange (a user message and the replies after it, with any greeting
+    /// before it); the system prompt and the newest user message stay. False if nothing is left
+    /// to drop.
+    fn drop_oldest_exchange(&mut self) -> bool {
+        let first = usize::from(self.messages.first().is_some_and(|m| m.role == "system"));
+        let users: Vec<usize> = (first..self.messages.len())
+            .filter(|&i| self.messages[i].role == "user")
+            .collect();
+        let [_, next, ..] = users[..] else {
+            return false;
+        };
+        let clips: usize = self.messages[first..next]
+            .iter()
+            .map(|m| m.content.matches(AUDIO_PLACEHOLDER).count())
+            .sum();
+        self.messages.drain(first..next);
+        self.clips.drain(..clips.min(self.clips.len()));
+        self.last_reply = None;
+        true
+    }
+
+    /// Brings the cache in line with the rendered conversation, reusing the common prefix. When
+    /// the conversation would crowd out the reply, the oldest exchanges go first, down to half the
+    /// context so that the re-prefill this costs happens rarely.
     fn sync(&mut self) -> Result<TurnStats, SessionError> {
         let t = Instant::now();
         let engine = self.engine.clone();
-        let text = engine.prompt.render(&self.messages, true)?;
-        let new_ids = engine.prompt.encode(&text)?;
+        let max = self.cache.max_len();
+        let room = reply_room(max);
+        let (mut new_ids, mut positions) = self.render()?;
+        if positions + room > max {
+            let before = self.messages.len();
+            while positions + room > max / 2 && self.drop_oldest_exchange() {
+                (new_ids, positions) = self.render()?;
+            }
+            tracing::info!(
+                dropped_messages = before - self.messages.len(),
+                positions,
+                max,
+                "context full: dropped the oldest exchanges"
+            );
+            if positions + room > max {
+                return Err(SessionError::TurnTooLong {
+                    needed: positions + room,
+                    max,
+                });
+            }
+        }
         let mut keep = self
             .ids
             .iter()

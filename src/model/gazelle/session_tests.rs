@@ -9,7 +9,7 @@ use super::gazelle::Precision;
 use super::generation::{GenerationParams, StopReason};
 use super::parity_tests::{fixture_dir, load_fixture_with, rel_err};
 use super::prompt::ChatPrompt;
-use super::session::{GazelleEngine, HistoryTurn, Spoken};
+use super::session::{GazelleEngine, GazelleSession, HistoryTurn, SessionError, Spoken};
 
 fn engine(variant: &str) -> (Arc<GazelleEngine>, Vec<f32>, Vec<f32>) {
     let (model, refs) = load_fixture_with(variant, Precision::uniform(DType::F32));
@@ -174,4 +174,99 @@ fn engine_is_shareable_and_session_movable_across_threads() {
     fn movable<T: Send>() {}
     shared::<GazelleEngine>();
     movable::<super::session::GazelleSession>();
+}
+
+/// A call longer than the context: the oldest exchanges go, the system prompt and the newest
+/// turn stay, the cache never outgrows `max_position_embeddings`, and what is left equals a fresh
+/// prefill of the kept conversation.
+#[test]
+fn a_long_call_drops_its_oldest_exchanges_and_goes_on() {
+    let (engine, a0, a1) = engine("llama");
+    let system = "Be brief.";
+    let mut s = engine.open_session(Some(system)).unwrap();
+    let max = s.cache().max_len();
+    let mut audio_of_turn: Vec<&[f32]> = Vec::new();
+    let mut drops = 0;
+    for turn in 0..30 {
+        let audio: &[f32] = if turn % 2 == 0 { &a0 } else { &a1 };
+        audio_of_turn.push(audio);
+        let before = s.messages().len();
+        s.append_user_audio_turn(audio, "").unwrap();
+        if s.messages().len() <= before {
+            drops += 1;
+        }
+        assert!(s.cache().len() <= max, "cache {} > {max}", s.cache().len());
+        let reply = s
+            .generate(&greedy(24), |_, _| ControlFlow::Continue(()))
+            .unwrap();
+        assert_eq!(reply.tokens.len(), 24);
+        assert!(s.cache().len() <= max);
+    }
+    assert!(
+        drops >= 2,
+        "a 30-turn call on a {max}-position model dropped {drops} times"
+    );
+    assert_eq!(s.messages()[0].role, "system");
+
+    // One more turn, then compare with a session prefilled from the kept messages in one go.
+    audio_of_turn.push(&a0);
+    s.append_user_audio_turn(&a0, "").unwrap();
+    let kept = &s.messages()[1..];
+    assert_eq!(kept.last().unwrap().role, "user");
+    let users = kept.iter().filter(|m| m.role == "user").count();
+    let mut audio = audio_of_turn[audio_of_turn.len() - users..].iter();
+    let history: Vec<HistoryTurn> = kept
+        .iter()
+        .map(|m| match m.role.as_str() {
+            "user" => HistoryTurn::User {
+                audio_16k: audio.next().unwrap(),
+                text: "",
+            },
+            _ => HistoryTurn::Assistant(&m.content),
+        })
+        .collect();
+    let (fresh, _) = GazelleSession::with_history(engine.clone(), Some(system), &history).unwrap();
+    assert_eq!(fresh.cache().len(), s.cache().len());
+    assert_close(s.next_logits().unwrap(), fresh.next_logits().unwrap());
+}
+
+/// A turn that cannot fit even alone is refused with a clear error and forgotten; the call goes
+/// on with the next, shorter turn.
+#[test]
+fn a_turn_longer_than_the_context_is_refused_and_forgotten() {
+    let (engine, a0, _) = engine("mistral");
+    let mut s = engine.open_session(None).unwrap();
+    let max = s.cache().max_len();
+    let long: Vec<f32> = a0
+        .iter()
+        .copied()
+        .cycle()
+        .take(16_000 * 8 * max / 50)
+        .collect();
+    let err = s.append_user_audio_turn(&long, "").unwrap_err();
+    assert!(
+        matches!(err, SessionError::TurnTooLong { max: m, .. } if m == max),
+        "{err}"
+    );
+    assert!(err.to_string().contains("max_position_embeddings"), "{err}");
+    assert!(s.messages().is_empty());
+    s.append_user_audio_turn(&a0, "").unwrap();
+    let reply = s
+        .generate(&greedy(4), |_, _| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(reply.tokens.len(), 4);
+}
+
+/// Generation stops, without an error, when the context is full.
+#[test]
+fn generation_stops_when_the_context_is_full() {
+    let (engine, a0, _) = engine("mistral");
+    let mut s = engine.open_session(None).unwrap();
+    let max = s.cache().max_len();
+    s.append_user_audio_turn(&a0, "").unwrap();
+    let reply = s
+        .generate(&greedy(10 * max), |_, _| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(reply.stop, StopReason::ContextFull);
+    assert_eq!(s.cache().len(), max);
 }
