@@ -152,6 +152,11 @@ pub fn run_download(args: DownloadArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    generate_to(args, &mut std::io::stdout().lock())
+}
+
+/// `gazelle generate`, writing the streamed text (or the JSON object) to `out`.
+fn generate_to(args: GenerateArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let device = open_device(args.device)?;
     let audio = read_wav_16k(&args.audio)?;
     let files = hub::resolve(&args.model.model, &args.model.hub_options(!args.json))?;
@@ -175,17 +180,25 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         stop_on_eos: true,
     };
-    let mut stdout = std::io::stdout().lock();
     let json = args.json;
+    let mut write_err = None;
     let reply = session.generate(&params, |_, piece| {
-        if !json {
-            let _ = write!(stdout, "{piece}");
-            let _ = stdout.flush();
+        if json {
+            return ControlFlow::Continue(());
         }
-        ControlFlow::Continue(())
+        match write!(out, "{piece}").and_then(|_| out.flush()) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                write_err = Some(e); // e.g. a closed pipe: stop generating
+                ControlFlow::Break(())
+            }
+        }
     })?;
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
     if json {
-        let out = serde_json::json!({
+        let json = serde_json::json!({
             "tokens": reply.tokens,
             "text": reply.text,
             "prompt_tokens": turn.prompt_ids,
@@ -199,9 +212,9 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
                 "decode_tokens_per_s": reply.decode_tokens_per_s,
             },
         });
-        writeln!(stdout, "{out}")?;
+        writeln!(out, "{json}")?;
     } else {
-        writeln!(stdout)?;
+        writeln!(out)?;
     }
     Ok(())
 }
@@ -218,7 +231,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn generate_cli_runs_on_the_tiny_fixture_as_json() {
+    fn generate_cli_runs_on_the_tiny_fixture() {
         let dir = tempfile::tempdir().unwrap();
         let wav = dir.path().join("a.wav");
         let samples: Vec<f32> = (0..16000).map(|i| (i as f32 * 0.07).sin() * 0.25).collect();
@@ -246,6 +259,32 @@ mod tests {
             device: DeviceArg::Cpu,
             json: true,
         };
-        run_generate(args).unwrap();
+        let mut out = Vec::new();
+        generate_to(args.clone(), &mut out).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let tokens = v["tokens"].as_array().unwrap();
+        assert!(!tokens.is_empty() && tokens.len() <= 5, "{v}");
+        // 1 s of audio: 49 wav2vec2 frames, padded to 56, stacked by 8.
+        assert_eq!(v["audio_embeddings"], 7, "{v}");
+        assert!(v["prompt_tokens"].as_u64().unwrap() > 7, "{v}");
+        let t = &v["timings"];
+        assert!(t["encoder_ms"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(
+            t["first_token_ms"].as_f64() >= t["encoder_ms"].as_f64(),
+            "{v}"
+        );
+
+        // Streaming text mode prints the same reply (same seed) and a newline.
+        let mut text = Vec::new();
+        generate_to(
+            GenerateArgs {
+                json: false,
+                ..args
+            },
+            &mut text,
+        )
+        .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert_eq!(text.trim_end_matches('\n'), v["text"].as_str().unwrap());
     }
 }
