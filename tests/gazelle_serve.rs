@@ -130,5 +130,18 @@ async fn a_model_that_fails_to_load_is_reported() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("failed to load"), "{err}");
+
+    // A phone caller is told, and hung up on, rather than connected to a call that cannot start.
+    let ct = ("Content-Type", "application/x-www-form-urlencoded");
+    let (code, twiml) = common::http(&server, "POST", "/twilio/voice", &[ct], "CallSid=CA1").await;
+    assert_eq!(code, 200, "{twiml}");
+    assert!(
+        twiml.contains("<Say>Sorry, the assistant is unavailable"),
+        "{twiml}"
+    );
+    assert!(
+        twiml.contains("<Hangup/>") && !twiml.contains("<Connect>"),
+        "{twiml}"
+    );
     server.shutdown().await;
 }

@@ -400,6 +400,24 @@ async fn twiml_webhook_and_signatures() {
     assert!(body.contains("<Parameter name=\"system_prompt\" value=\"Be kind &amp; brief\"/>"));
     server.shutdown().await;
 
+    // At the call limit, the caller is told so and the call ends, instead of dead air.
+    let server = common::start_server_with(config("Hi."), |s| {
+        s.calls = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    })
+    .await;
+    let ct = ("Content-Type", "application/x-www-form-urlencoded");
+    let (status, body) = common::http(&server, "POST", "/twilio/voice", &[ct], form).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("<Say>Sorry, all our lines are busy."),
+        "{body}"
+    );
+    assert!(
+        body.contains("<Hangup/>") && !body.contains("<Connect>"),
+        "{body}"
+    );
+    server.shutdown().await;
+
     // With an auth token, unsigned or wrongly signed requests are refused.
     let server = common::start_server_with(config("Hi."), |s| {
         s.twilio.auth_token = Some("secret-token".into());

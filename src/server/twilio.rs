@@ -1,5 +1,6 @@
 //! Twilio's HTTP side: the voice webhook that answers with TwiML connecting the call to our media
-//! stream, the media-stream websocket route, and request-signature checks when an auth token is
+//! stream (or saying why not and hanging up, when the model is not ready or the server is full), the
+//! media-stream websocket route, and request-signature checks when an auth token is
 //! configured.
 
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
+use crate::model::ModelStatus;
 use crate::transport::twilio::{handler, protocol};
 
 /// A request whose `X-Twilio-Signature` is missing or wrong.
@@ -107,6 +109,25 @@ pub async fn voice(
         state.services.metrics.error("twilio_signature");
         return r.into_response();
     }
+    let call = form.get("CallSid").map(String::as_str).unwrap_or("?");
+    // A caller hears why, instead of dead air, when no conversation can start.
+    let unavailable = match state.services.slm.status() {
+        ModelStatus::Ready if state.calls.available_permits() == 0 => {
+            state.services.metrics.error("busy");
+            Some(("at its call limit", BUSY_SAY))
+        }
+        ModelStatus::Ready => None,
+        ModelStatus::Loading { .. } => Some(("model still loading", LOADING_SAY)),
+        ModelStatus::Failed(_) => Some(("model failed to load", UNAVAILABLE_SAY)),
+    };
+    if let Some((why, say)) = unavailable {
+        tracing::warn!(call, why, "Twilio call turned away");
+        return (
+            [(header::CONTENT_TYPE, "text/xml")],
+            protocol::twiml_say_and_hang_up(say),
+        )
+            .into_response();
+    }
     let stream_url = state
         .twilio
         .url(&headers, &"/twilio/stream".parse().expect("valid"), "wss");
@@ -114,16 +135,19 @@ pub async fn voice(
         .into_iter()
         .filter(|(k, _)| matches!(k.as_str(), "system_prompt" | "first_message" | "voice"))
         .collect();
-    tracing::info!(
-        call = form.get("CallSid").map(String::as_str).unwrap_or("?"),
-        "Twilio call"
-    );
+    tracing::info!(call, "Twilio call");
     (
         [(header::CONTENT_TYPE, "text/xml")],
         protocol::twiml_connect(&stream_url, &parameters),
     )
         .into_response()
 }
+
+const BUSY_SAY: &str = "Sorry, all our lines are busy. Please call again in a few minutes.";
+const LOADING_SAY: &str =
+    "Sorry, the assistant is still starting up. Please call again in a minute.";
+const UNAVAILABLE_SAY: &str =
+    "Sorry, the assistant is unavailable right now. Please try again later.";
 
 /// `GET /twilio/stream`: the bidirectional media-stream websocket.
 pub async fn stream(

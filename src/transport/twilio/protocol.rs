@@ -179,6 +179,14 @@ pub fn twiml_connect(stream_url: &str, parameters: &BTreeMap<String, String>) ->
     )
 }
 
+/// The TwiML that tells the caller why no conversation can start now, then hangs up.
+pub fn twiml_say_and_hang_up(message: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Say>{}</Say><Hangup/></Response>",
+        xml_escape(message)
+    )
+}
+
 /// Twilio's request signature: base64(HMAC-SHA1(auth token, full URL followed by every POST
 /// parameter's name and value, sorted by name)).
 pub fn signature(auth_token: &str, url: &str, params: &BTreeMap<String, String>) -> String {
