@@ -4,17 +4,19 @@
 
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 use clap::Args;
 
+use super::bench_suite::{random_audio, text_id, token_ids};
 use super::cli::{open_device, DTypeArg, DeviceArg};
 use super::gazelle::random::random_gazelle;
 use super::gazelle::{GazelleConfig, Precision};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Real-shape preset: mistral-7b (gazelle-v0.2) or llama2-7b (gazelle-v0.1).
+    /// Real-shape preset, mistral-7b (gazelle-v0.2) or llama2-7b (gazelle-v0.1), or any Gazelle
+    /// config.json (or a directory holding one).
     #[arg(long, default_value = "mistral-7b")]
     pub random_weights: String,
     /// Build only this many decoder layers (memory); times are also scaled to the full depth.
@@ -65,13 +67,34 @@ struct Run {
     append_turn_ms: f64,
 }
 
-pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
-    let Some(mut cfg) = GazelleConfig::preset(&args.random_weights) else {
-        bail!(
-            "unknown preset `{}`; try mistral-7b or llama2-7b",
-            args.random_weights
-        );
+/// A preset name, or a Gazelle config.json (or a directory holding one) at any shape.
+fn random_config(spec: &str) -> anyhow::Result<GazelleConfig> {
+    if let Some(c) = GazelleConfig::preset(spec) {
+        return Ok(c);
+    }
+    let path = std::path::Path::new(spec);
+    let file = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
     };
+    if !file.is_file() {
+        bail!(
+            "`{spec}` is neither a preset (mistral-7b, llama2-7b) nor a Gazelle config.json or \
+             a directory holding one"
+        );
+    }
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let mut cfg = GazelleConfig::from_json_str(&text)
+        .with_context(|| format!("parsing {}", file.display()))?;
+    // The vocabulary must hold the `<|audio|>` id (checkpoints take it from the embedding).
+    cfg.text.vocab_size = cfg.text.vocab_size.max(cfg.audio_token_index as usize + 1);
+    Ok(cfg)
+}
+
+pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    let mut cfg = random_config(&args.random_weights)?;
     let full_layers = cfg.text.num_hidden_layers;
     let layers = args.layers.unwrap_or(full_layers).clamp(1, full_layers);
     cfg.text.num_hidden_layers = layers;
@@ -100,18 +123,9 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let samples = (args.audio_seconds * 16000.0) as usize;
-    let mut seed = 12345u32;
-    let audio: Vec<f32> = (0..samples)
-        .map(|_| {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 * 0.2 - 0.1
-        })
-        .collect();
+    let audio = random_audio(args.audio_seconds);
     let audio_id = cfg.audio_token_index;
-    let mut ids: Vec<u32> = (0..args.prompt_tokens as u32)
-        .map(|i| 100 + i % 1000)
-        .collect();
+    let mut ids = token_ids(&cfg, args.prompt_tokens);
     ids.insert(ids.len() / 2, audio_id);
 
     let mut runs = Vec::new();
@@ -135,7 +149,11 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         let decode_tokens_per_s = args.decode_tokens as f64 / t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let turn: Vec<u32> = vec![2, 733, 16289, 28793, audio_id, 733, 28748, 16289];
+        // `</s>[INST] <audio> [/INST]` in Mistral's vocabulary.
+        let mut turn: Vec<u32> = [2, 733, 16289, 28793, 0, 733, 28748, 16289]
+            .map(|i| text_id(&cfg, i))
+            .to_vec();
+        turn[4] = audio_id;
         let embeds = model.splice(&turn, &[&clip])?;
         let hidden = model.forward_embeds(&embeds, &mut cache)?;
         model.language_model().last_logits(&hidden)?;
@@ -221,4 +239,76 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn args(argv: &[&str]) -> BenchArgs {
+        Cli::parse_from(std::iter::once("bench").chain(argv.iter().copied())).bench
+    }
+
+    /// Random weights at a config from a file (the tiny fixture's), measured and written as JSON.
+    #[test]
+    fn benchmarks_random_weights_at_a_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("bench.json");
+        let fixture = crate::model::gazelle::parity_tests::fixture_dir("mistral");
+        let spec = fixture.join("config.json");
+        let (spec, json_arg) = (spec.to_str().unwrap(), json.to_str().unwrap());
+        let argv = [
+            "--random-weights",
+            spec,
+            "--dtype",
+            "f32",
+            "--audio-seconds",
+            "1",
+            "--prompt-tokens",
+            "6",
+            "--decode-tokens",
+            "3",
+            "--repeats",
+            "1",
+            "--json",
+            json_arg,
+        ];
+        run_bench(args(&argv)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(v["decode_tokens"], 3, "{v}");
+        assert_eq!(v["layers_built"], v["layers_full"], "{v}");
+        // 6 text ids + 7 audio tokens for 1 s of audio.
+        assert_eq!(v["prefill_positions"], 13, "{v}");
+        let m = &v["measured"];
+        for k in [
+            "encoder_ms",
+            "prefill_ms",
+            "decode_tokens_per_s",
+            "append_turn_ms",
+        ] {
+            assert!(m[k].as_f64().unwrap() > 0.0, "{k}: {v}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_spec_says_what_it_accepts() {
+        let e = random_config("mistral-70b").unwrap_err().to_string();
+        assert!(
+            e.contains("neither a preset (mistral-7b, llama2-7b)"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let e = random_config(dir.path().to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config.json"), "{e}");
+    }
 }

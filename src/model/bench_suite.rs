@@ -94,7 +94,8 @@ fn kv_bytes(cfg: &GazelleConfig, context: usize, bytes: u64) -> u64 {
     2 * (t.num_hidden_layers * t.num_key_value_heads * t.head_dim * context) as u64 * bytes
 }
 
-fn random_audio(seconds: f64) -> Vec<f32> {
+/// Seconds of reproducible noise at 16 kHz (speed does not depend on what the audio says).
+pub(super) fn random_audio(seconds: f64) -> Vec<f32> {
     let mut seed = 12345u32;
     (0..(seconds * 16000.0) as usize)
         .map(|_| {
@@ -104,8 +105,22 @@ fn random_audio(seconds: f64) -> Vec<f32> {
         .collect()
 }
 
-fn token_ids(n: usize) -> Vec<u32> {
-    (0..n as u32).map(|i| 100 + (i * 7919) % 30000).collect()
+/// `i` as a text id of `cfg`'s vocabulary: below its size and never the `<|audio|>` id.
+pub(super) fn text_id(cfg: &GazelleConfig, i: u32) -> u32 {
+    let vocab = cfg.text.vocab_size as u32;
+    let id = i % vocab;
+    if id == cfg.audio_token_index {
+        (id + 1) % vocab
+    } else {
+        id
+    }
+}
+
+/// `n` text ids spread over the vocabulary.
+pub(super) fn token_ids(cfg: &GazelleConfig, n: usize) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| text_id(cfg, 100 + (i * 7919) % 30000))
+        .collect()
 }
 
 /// Runs the suite on an already built model.
@@ -134,7 +149,7 @@ pub fn run_suite(model: &Gazelle, args: &BenchArgs) -> anyhow::Result<SuiteRepor
         let mut times = Vec::new();
         for rep in 0..=reps {
             let mut cache = model.new_cache(ctx + args.decode_tokens + 8)?;
-            for chunk in token_ids(ctx).chunks(512) {
+            for chunk in token_ids(&cfg, ctx).chunks(512) {
                 lm.forward_embeds(&lm.embed(chunk)?, &mut cache)?;
             }
             let mut tok = 1u32;
@@ -163,7 +178,7 @@ pub fn run_suite(model: &Gazelle, args: &BenchArgs) -> anyhow::Result<SuiteRepor
     }
 
     for &n in &args.prefill_lengths {
-        let ids = token_ids(n);
+        let ids = token_ids(&cfg, n);
         let mut times = Vec::new();
         for rep in 0..=reps {
             let mut cache = model.new_cache(n + 8)?;
@@ -201,7 +216,7 @@ pub fn run_suite(model: &Gazelle, args: &BenchArgs) -> anyhow::Result<SuiteRepor
 
     // A 5 s turn: end of speech (all audio in hand) -> first token id on the host.
     let audio = random_audio(5.0);
-    let mut ids = token_ids(30);
+    let mut ids = token_ids(&cfg, 30);
     ids.insert(15, cfg.audio_token_index);
     let mut times = Vec::new();
     for rep in 0..=reps {
