@@ -110,6 +110,10 @@ pub struct GazelleSlmConfig {
     /// Audio tower and projector: f32 keeps them within 1e-4 of PyTorch.
     pub audio_dtype: DTypeArg,
     pub device: DeviceArg,
+    /// Positions of context a call may hold (at most the model's `max_position_embeddings`).
+    /// It bounds each call's KV-cache memory (Mistral-7B bf16: 128 KiB per position, so 1 GiB at
+    /// 8192); beyond it the oldest exchanges are dropped.
+    pub max_context: usize,
     pub max_new_tokens: usize,
     /// 0 is greedy.
     pub temperature: f64,
@@ -130,6 +134,7 @@ impl Default for GazelleSlmConfig {
             dtype: DTypeArg::Bf16,
             audio_dtype: DTypeArg::F32,
             device: DeviceArg::Cpu,
+            max_context: 8192,
             max_new_tokens: 128,
             temperature: 0.0,
             top_p: 1.0,
@@ -328,6 +333,14 @@ impl Config {
         if used(TtsProvider::Xtts) {
             self.tts.xtts.validate().map_err(ConfigError::Invalid)?;
         }
+        let g = &self.slm.gazelle;
+        if g.max_context < 2 * g.max_new_tokens.max(64) {
+            return Err(ConfigError::Invalid(format!(
+                "slm.gazelle.max_context ({}) must be at least twice max_new_tokens ({}) and 128, \
+                 to hold a turn and its reply",
+                g.max_context, g.max_new_tokens
+            )));
+        }
         if self.server.max_frame_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "server.max_frame_bytes must be at least 1024".into(),
@@ -340,6 +353,15 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_context_too_small_for_a_reply_is_refused() {
+        let e = Config::parse("[slm.gazelle]\nmax_context = 100\nmax_new_tokens = 128\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("slm.gazelle.max_context (100)"), "{e}");
+        Config::parse("[slm.gazelle]\nmax_context = 512\n").unwrap();
+    }
 
     #[test]
     fn file_overrides_defaults_and_unknown_keys_fail() {

@@ -116,7 +116,9 @@ fn gazelle(c: &GazelleSlmConfig) -> Result<GazelleModel, String> {
     let files = hub::resolve(&c.model, &opts).map_err(|e| err(&e))?;
     let started = std::time::Instant::now();
     let precision = Precision::new(c.dtype.into(), c.audio_dtype.into(), &device);
-    let engine = hub::load_engine(&files, precision, &device).map_err(|e| err(&e))?;
+    let engine = hub::load_engine(&files, precision, &device)
+        .map_err(|e| err(&e))?
+        .with_max_context(c.max_context);
     tracing::info!(model = %files.origin, secs = started.elapsed().as_secs_f64(), "Gazelle loaded");
     let params = GenerationParams {
         max_new_tokens: c.max_new_tokens,

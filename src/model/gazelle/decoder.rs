@@ -68,9 +68,14 @@ impl KvCache {
         self.capacity
     }
 
-    /// The most positions it can ever hold (`max_position_embeddings`).
+    /// The most positions it can ever hold (`max_position_embeddings`, or a lower limit).
     pub fn max_len(&self) -> usize {
         self.max_len
+    }
+
+    /// Caps the positions it may hold below `max_position_embeddings`, bounding its memory.
+    pub fn limit(&mut self, max_len: usize) {
+        self.max_len = self.max_len.min(max_len.max(1));
     }
 
     /// Forgets every position from `len` on (barge-in, or a re-prefill from a common prefix).
@@ -82,7 +87,7 @@ impl KvCache {
         let needed = self.len + extra;
         if needed > self.max_len {
             candle_core::bail!(
-                "sequence of {needed} positions exceeds max_position_embeddings {}",
+                "sequence of {needed} positions exceeds the context limit of {}",
                 self.max_len
             );
         }

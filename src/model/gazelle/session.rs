@@ -33,8 +33,9 @@ pub enum SessionError {
     NoUserTurn,
     #[error(
         "the newest turn needs {needed} positions with the system prompt and room for a reply, \
-         more than the model's context of {max} (max_position_embeddings); shorten the turn \
-         (pipeline.vad max turn length) or the system prompt"
+         more than the call's context of {max} (slm.gazelle.max_context, at most the model's \
+         max_position_embeddings); shorten the turn (pipeline.vad max turn length) or the \
+         system prompt"
     )]
     TurnTooLong { needed: usize, max: usize },
 }
@@ -51,6 +52,8 @@ pub struct GazelleEngine {
     pub model: Gazelle,
     pub prompt: ChatPrompt,
     stop_ids: Vec<u32>,
+    /// Positions a call's KV cache may hold; older exchanges are dropped beyond it.
+    max_context: usize,
 }
 
 impl GazelleEngine {
@@ -60,11 +63,24 @@ impl GazelleEngine {
         stop_ids.extend(prompt.eos_token_id());
         stop_ids.sort_unstable();
         stop_ids.dedup();
+        let max_context = model.config().text.max_position_embeddings;
         Ok(Self {
             model,
             prompt,
             stop_ids,
+            max_context,
         })
+    }
+
+    /// Limits every call's context to `positions` (at most `max_position_embeddings`), which
+    /// bounds a call's KV-cache memory and so sets how many calls fit on a device.
+    pub fn with_max_context(mut self, positions: usize) -> Self {
+        self.max_context = positions.clamp(1, self.max_context);
+        self
+    }
+
+    pub fn max_context(&self) -> usize {
+        self.max_context
     }
 
     pub fn stop_ids(&self) -> &[u32] {
@@ -152,7 +168,8 @@ impl GazelleSession {
         engine: Arc<GazelleEngine>,
         system_prompt: Option<&str>,
     ) -> candle_core::Result<Self> {
-        let cache = engine.model.new_cache(1024)?;
+        let mut cache = engine.model.new_cache(1024.min(engine.max_context))?;
+        cache.limit(engine.max_context);
         let messages = system_prompt
             .filter(|s| !s.trim().is_empty())
             .map(|s| vec![ChatMessage::new("system", s)])

@@ -12,6 +12,12 @@ use super::prompt::ChatPrompt;
 use super::session::{GazelleEngine, GazelleSession, HistoryTurn, SessionError, Spoken};
 
 fn engine(variant: &str) -> (Arc<GazelleEngine>, Vec<f32>, Vec<f32>) {
+    engine_with(variant, usize::MAX)
+}
+
+/// The fixture's engine with each call's context limited to `max_context` positions, and its
+/// two clips.
+fn engine_with(variant: &str, max_context: usize) -> (Arc<GazelleEngine>, Vec<f32>, Vec<f32>) {
     let (model, refs) = load_fixture_with(variant, Precision::uniform(DType::F32));
     let d = fixture_dir(variant);
     let prompt = ChatPrompt::from_files(
@@ -22,7 +28,10 @@ fn engine(variant: &str) -> (Arc<GazelleEngine>, Vec<f32>, Vec<f32>) {
     .unwrap();
     let a0 = refs["c0.audio"].to_vec1().unwrap();
     let a1 = refs["c1.audio"].to_vec1().unwrap();
-    (Arc::new(GazelleEngine::new(model, prompt).unwrap()), a0, a1)
+    let engine = GazelleEngine::new(model, prompt)
+        .unwrap()
+        .with_max_context(max_context);
+    (Arc::new(engine), a0, a1)
 }
 
 fn greedy(n: usize) -> GenerationParams {
@@ -269,4 +278,21 @@ fn generation_stops_when_the_context_is_full() {
         .unwrap();
     assert_eq!(reply.stop, StopReason::ContextFull);
     assert_eq!(s.cache().len(), max);
+}
+
+/// `max_context` below the model's limit bounds each call's cache; the call goes on past it.
+#[test]
+fn a_context_limit_bounds_the_cache() {
+    let (engine, a0, _) = engine_with("llama", 200);
+    assert_eq!(engine.max_context(), 200);
+    let mut s = engine.open_session(None).unwrap();
+    assert_eq!(s.cache().max_len(), 200);
+    let mut most = 0;
+    for _ in 0..12 {
+        s.append_user_audio_turn(&a0, "").unwrap();
+        s.generate(&greedy(16), |_, _| ControlFlow::Continue(()))
+            .unwrap();
+        most = most.max(s.cache().len());
+    }
+    assert!(most <= 200 && most > 100, "largest cache {most}");
 }
