@@ -95,7 +95,7 @@ async fn full_turn(rate: u32, encoding: Encoding, wav_header_first: bool) {
     let transcript: Vec<String> = events
         .iter()
         .filter_map(|e| match &e.kind {
-            EventKind::Transcript(t) => Some(t.clone()),
+            EventKind::Transcript { text: t, .. } => Some(t.clone()),
             _ => None,
         })
         .collect();
@@ -218,11 +218,28 @@ async fn barge_in_stops_audio_and_keeps_only_what_was_heard() {
     let clear = events
         .iter()
         .find_map(|e| match &e.kind {
-            EventKind::Clear { spoken_text, .. } => Some((e.at, spoken_text.clone())),
+            EventKind::Clear { reply, spoken_text } => Some((e.at, *reply, spoken_text.clone())),
             _ => None,
         })
         .expect("a gazelle_clear message");
-    let (cleared_at, spoken) = clear;
+    let (cleared_at, cut_reply, spoken) = clear;
+    // The clear names the reply whose text the transcript carried.
+    let transcript_replies: Vec<u64> = events
+        .iter()
+        .filter(|e| e.at < cleared_at)
+        .filter_map(|e| match &e.kind {
+            EventKind::Transcript { reply, .. } => Some(*reply),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !transcript_replies.is_empty(),
+        "no transcript before the clear"
+    );
+    assert!(
+        transcript_replies.iter().all(|&r| r == cut_reply),
+        "transcript replies {transcript_replies:?}, clear names {cut_reply}"
+    );
     let delay = cleared_at.saturating_duration_since(speech_began);
     eprintln!("clear {delay:?} after the interrupting speech began; heard {spoken:?}");
     assert!(
@@ -344,9 +361,9 @@ async fn bad_input_gets_errors_and_the_call_goes_on() {
     clip.extend(common::speech("How are you doing?", rate).await);
     let events = talk(&mut client, &clip, rate, 2_500).await;
     assert!(
-        events
-            .iter()
-            .any(|e| matches!(&e.kind, EventKind::Transcript(t) if t == "Fine, thanks.")),
+        events.iter().any(
+            |e| matches!(&e.kind, EventKind::Transcript { text: t, .. } if t == "Fine, thanks.")
+        ),
         "no reply after bad input"
     );
     let metrics = http_get(&server, "/metrics").await;
@@ -402,9 +419,9 @@ async fn first_message_is_spoken_at_call_start() {
     let events = talk(&mut client, &[], 16_000, 2_500).await;
     let (audio, _) = audio_of(&events);
     assert!(audio.len() > 16_000 / 2, "first message not spoken");
-    assert!(events
-        .iter()
-        .any(|e| matches!(&e.kind, EventKind::Transcript(t) if t == "Welcome to the line.")));
+    assert!(events.iter().any(
+        |e| matches!(&e.kind, EventKind::Transcript { text: t, .. } if t == "Welcome to the line.")
+    ));
     let history = history(&mut client).await;
     assert_eq!(history["system_prompt"], "Be brief.");
     assert_eq!(history["turns"][0]["text"], "Welcome to the line.");

@@ -58,7 +58,7 @@ async fn two_spoken_turns_through_gazelle() {
         while let Ok(e) = client.events.try_recv() {
             match e.kind {
                 EventKind::Timeline(t) => timelines.push(t),
-                EventKind::Transcript(t) => transcripts.push(t),
+                EventKind::Transcript { text: t, .. } => transcripts.push(t),
                 EventKind::Audio { samples, rate } => {
                     audio_seconds += samples.len() as f64 / rate as f64
                 }

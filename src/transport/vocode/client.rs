@@ -64,7 +64,11 @@ pub enum EventKind {
         samples: Vec<f32>,
         rate: u32,
     },
-    Transcript(String),
+    /// Bot text of reply `reply`.
+    Transcript {
+        reply: u64,
+        text: String,
+    },
     Clear {
         reply: u64,
         spoken_text: String,
@@ -249,7 +253,10 @@ fn parse_event(text: &str) -> EventKind {
                 None => EventKind::Other(v),
             }
         }
-        "websocket_transcript" => EventKind::Transcript(s("text")),
+        "websocket_transcript" => EventKind::Transcript {
+            reply: v["reply"].as_u64().unwrap_or_default(),
+            text: s("text"),
+        },
         "gazelle_clear" => EventKind::Clear {
             reply: v["reply"].as_u64().unwrap_or_default(),
             spoken_text: s("spoken_text"),
