@@ -3,7 +3,9 @@
 //! talk in real time (an espeak-ng utterance, then silence while the reply plays, then a pause,
 //! again and again), and measures per reply the server's VAD-end → first-audio-sent time, late
 //! output frames at the callers (a frame that arrives after the caller's playout needed it), the
-//! VAD cost per frame, RSS per call and server CPU. Prints a table; `--json FILE` writes it too.
+//! server's own count of frames it sent after the caller's playback ran dry (from `/metrics`,
+//! `gazelle_output_underrun_seconds`, free of the callers' scheduling), the VAD cost per frame,
+//! RSS per call and server CPU. Prints a table; `--json FILE` writes it too.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -53,6 +55,9 @@ struct Row {
     max_ms: f64,
     late_frames: usize,
     max_late_ms: f64,
+    /// Frames the server itself sent after the caller's playback had run dry, by cause.
+    server_late_scheduling: u64,
+    server_late_synthesis: u64,
     frames: usize,
     vad_us_per_frame: f64,
     rss_idle_mb: f64,
@@ -90,7 +95,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ]));
     let mut rows = Vec::new();
     println!(
-        "{:>6} {:>8} {:>7} {:>8} {:>8} {:>8} {:>7} {:>9} {:>10} {:>9} {:>10} {:>8} {:>5}",
+        "{:>6} {:>8} {:>7} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9} {:>10} {:>9} {:>10} {:>8} {:>5}",
         "calls",
         "replies",
         "failed",
@@ -99,6 +104,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "max ms",
         "late",
         "late ms",
+        "srv late",
         "VAD µs/fr",
         "RSS MB",
         "RSS/call",
@@ -147,7 +153,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         let cpu = (cpu_seconds(pid) - cpu0) / started.elapsed().as_secs_f64() * 100.0;
-        let vad = vad_us_per_frame(port).await.unwrap_or(f64::NAN);
+        let metrics = http_get(port, "/metrics").await.unwrap_or_default();
+        let vad = metric(&metrics, "gazelle_vad_frame_seconds_sum")
+            / metric(&metrics, "gazelle_vad_frame_seconds_count")
+            * 1e6;
+        let underruns = |cause: &str| {
+            let key = format!("gazelle_output_underrun_seconds_count{{cause=\"{cause}\"}}");
+            metric(&metrics, &key) as u64
+        };
         let _ = Command::new("kill").arg(pid.to_string()).status();
         let _ = server.wait();
         stats.latencies.sort_by(f64::total_cmp);
@@ -168,6 +181,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_ms: pct(1.0),
             late_frames: stats.late,
             max_late_ms: stats.max_late_ms,
+            server_late_scheduling: underruns("scheduling"),
+            server_late_synthesis: underruns("synthesis"),
             frames: stats.frames,
             vad_us_per_frame: vad,
             rss_idle_mb: rss_idle,
@@ -181,7 +196,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             && row.failed_turns == 0
             && row.replies > 0;
         println!(
-            "{:>6} {:>8} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>7} {:>9.1} {:>10.1} {:>9.0} {:>8.0}KB {:>8.0} {:>5}",
+            "{:>6} {:>8} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>7} {:>9.1} {:>9} {:>10.1} {:>9.0} {:>8.0}KB {:>8.0} {:>5}",
             row.calls,
             row.replies,
             row.failed_turns,
@@ -190,6 +205,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             row.max_ms,
             row.late_frames,
             row.max_late_ms,
+            row.server_late_scheduling + row.server_late_synthesis,
             row.vad_us_per_frame,
             row.rss_peak_mb,
             row.rss_per_call_kb,
@@ -356,22 +372,14 @@ async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
     Ok(body)
 }
 
-async fn vad_us_per_frame(port: u16) -> anyhow::Result<f64> {
-    let m = http_get(port, "/metrics").await?;
-    let (mut sum, mut count) = (0.0, 0.0);
-    for line in m.lines() {
-        let mut parts = line.split_whitespace();
-        let (Some(k), Some(v)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        let v: f64 = v.parse().unwrap_or(0.0);
-        if k.starts_with("gazelle_vad_frame_seconds_sum") {
-            sum += v;
-        } else if k.starts_with("gazelle_vad_frame_seconds_count") {
-            count += v;
-        }
-    }
-    Ok(sum / count * 1e6)
+/// The sum of the samples in a Prometheus text exposition whose name (with labels) starts with
+/// `key`.
+fn metric(exposition: &str, key: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(key))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }
 
 fn rss_mb(pid: u32) -> f64 {

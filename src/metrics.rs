@@ -20,6 +20,9 @@ pub struct Metrics {
     pub barge_ins: IntCounterVec,
     /// Seconds from a text unit reaching a speech provider to its first audio byte, by provider.
     pub tts_ttfb_seconds: HistogramVec,
+    /// Seconds a caller's playback ran dry mid-reply before the next frame went out, by cause:
+    /// `synthesis` (its audio was not ready) or `scheduling` (ready, but sent late).
+    pub output_underrun_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -69,6 +72,17 @@ impl Metrics {
             &["provider"],
         )
         .expect("valid metric");
+        let output_underrun_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "output_underrun_seconds",
+                "Seconds a caller's playback ran dry mid-reply before the next frame, by cause",
+            )
+            .buckets(vec![
+                0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+            ]),
+            &["cause"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(active_calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(turn_stage_seconds.clone()),
@@ -76,6 +90,7 @@ impl Metrics {
             Box::new(errors.clone()),
             Box::new(barge_ins.clone()),
             Box::new(tts_ttfb_seconds.clone()),
+            Box::new(output_underrun_seconds.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -87,6 +102,7 @@ impl Metrics {
             errors,
             barge_ins,
             tts_ttfb_seconds,
+            output_underrun_seconds,
         }
     }
 

@@ -71,8 +71,18 @@ pub enum PacerEvent {
     Finished {
         plays_until: Instant,
     },
+    /// The caller's playback ran dry for `by` before this frame went out: a gap the caller
+    /// hears. `synthesis` says the audio was not ready in time; otherwise it was ready but the
+    /// pacer ran late (an overloaded server).
+    Underrun {
+        by: Duration,
+        synthesis: bool,
+    },
     Failed,
 }
+
+/// Gaps shorter than this are timer noise, not an underrun.
+const UNDERRUN_TOLERANCE: Duration = Duration::from_millis(1);
 
 #[derive(Debug, Clone, Copy)]
 pub struct PacerSettings {
@@ -108,6 +118,8 @@ pub async fn run(
     let mut plays_until = now();
     let mut first_synth = true;
     let mut first_sent = true;
+    // When the newest synthesized audio arrived, to tell the causes of an underrun apart.
+    let mut last_input_at = now();
     ledger.send_modify(|l| {
         *l = Playout {
             sample_rate: rate,
@@ -143,6 +155,7 @@ pub async fn run(
                         continue;
                     }
                 };
+                last_input_at = now();
                 if first_synth && !chunk.samples.is_empty() {
                     first_synth = false;
                     let _ = events.send(PacerEvent::FirstSynthAudio(now())).await;
@@ -187,7 +200,13 @@ pub async fn run(
             }
             _ = tokio::time::sleep_until(send_at.into()), if sendable => {
                 let frame: Vec<f32> = pending.drain(..n).collect();
-                let start = plays_until.max(now());
+                let at = now();
+                if !first_sent && at > plays_until + UNDERRUN_TOLERANCE {
+                    let by = at - plays_until;
+                    let synthesis = last_input_at > plays_until;
+                    let _ = events.send(PacerEvent::Underrun { by, synthesis }).await;
+                }
+                let start = plays_until.max(at);
                 plays_until = start + secs(n);
                 // Attribute the frame's samples to units, oldest first.
                 let mut left = n;
@@ -342,6 +361,41 @@ mod tests {
             spoken_text(&units, &l, at_end),
             ("one two three four five six".into(), true)
         );
+    }
+
+    /// Audio that comes after the caller's playback ran dry is reported as a synthesis underrun;
+    /// audio that was ready in time is not reported at all.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_unit_is_reported_as_a_synthesis_underrun() {
+        let (atx, arx) = mpsc::channel(8);
+        let (ftx, mut frx) = mpsc::channel(1024);
+        let (etx, mut erx) = mpsc::channel(16);
+        let (ltx, _lrx) = watch::channel(Playout::default());
+        let settings = PacerSettings {
+            reply: 1,
+            output_rate: 8_000,
+            frame_ms: 20,
+            lead: Duration::from_millis(100),
+        };
+        let task = tokio::spawn(run(settings, arx, ftx, etx, ltx, CancellationToken::new()));
+        // 0.5 s of audio, then the next unit only 0.8 s later: 0.3 s of silence for the caller.
+        atx.send(Ok(chunk(0, 0.5, 8_000, true))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        atx.send(Ok(chunk(1, 0.2, 8_000, true))).await.unwrap();
+        drop(atx);
+        while frx.recv().await.is_some() {}
+        task.await.unwrap();
+        let mut underruns = Vec::new();
+        while let Ok(ev) = erx.try_recv() {
+            if let PacerEvent::Underrun { by, synthesis } = ev {
+                underruns.push((by, synthesis));
+            }
+        }
+        assert_eq!(underruns.len(), 1, "{underruns:?}");
+        let (by, synthesis) = underruns[0];
+        assert!(synthesis);
+        let ms = by.as_millis();
+        assert!((290..=310).contains(&ms), "gap of {ms} ms");
     }
 
     #[tokio::test(start_paused = true)]
