@@ -3,8 +3,8 @@
 //! talk in real time (an espeak-ng utterance, then silence while the reply plays, then a pause,
 //! again and again), and measures per reply the server's VAD-end → first-audio-sent time, late
 //! output frames at the callers (a frame that arrives after the caller's playout needed it), the
-//! server's own count of frames it sent after the caller's playback ran dry (from `/metrics`,
-//! `gazelle_output_underrun_seconds`, free of the callers' scheduling), the VAD cost per frame,
+//! server's own count of frames it wrote to the socket after the caller's playback ran dry (from
+//! `/metrics`, `gazelle_output_underrun_seconds`, free of the callers' scheduling), the VAD cost per frame,
 //! RSS per call and server CPU. Prints a table; `--json FILE` writes it too.
 
 use std::path::PathBuf;
@@ -56,8 +56,9 @@ struct Row {
     late_frames: usize,
     max_late_ms: f64,
     /// Frames the server itself sent after the caller's playback had run dry, by cause.
-    server_late_scheduling: u64,
     server_late_synthesis: u64,
+    server_late_scheduling: u64,
+    server_late_transport: u64,
     frames: usize,
     vad_us_per_frame: f64,
     rss_idle_mb: f64,
@@ -181,8 +182,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_ms: pct(1.0),
             late_frames: stats.late,
             max_late_ms: stats.max_late_ms,
-            server_late_scheduling: underruns("scheduling"),
             server_late_synthesis: underruns("synthesis"),
+            server_late_scheduling: underruns("scheduling"),
+            server_late_transport: underruns("transport"),
             frames: stats.frames,
             vad_us_per_frame: vad,
             rss_idle_mb: rss_idle,
@@ -205,7 +207,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             row.max_ms,
             row.late_frames,
             row.max_late_ms,
-            row.server_late_scheduling + row.server_late_synthesis,
+            row.server_late_synthesis + row.server_late_scheduling + row.server_late_transport,
             row.vad_us_per_frame,
             row.rss_peak_mb,
             row.rss_per_call_kb,

@@ -2,9 +2,14 @@
 //! are sized to what each measures: the VAD to its 32 ms frame budget, turn stages to the
 //! end-of-speech → first-audio budget.
 
+use std::time::{Duration, Instant};
+
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
+
+/// Playback gaps shorter than this are timer noise, not an underrun.
+pub const UNDERRUN_TOLERANCE: Duration = Duration::from_millis(1);
 
 pub struct Metrics {
     pub registry: Registry,
@@ -21,7 +26,8 @@ pub struct Metrics {
     /// Seconds from a text unit reaching a speech provider to its first audio byte, by provider.
     pub tts_ttfb_seconds: HistogramVec,
     /// Seconds a caller's playback ran dry mid-reply before the next frame went out, by cause:
-    /// `synthesis` (its audio was not ready) or `scheduling` (ready, but sent late).
+    /// `synthesis` (its audio was not ready), `scheduling` (ready, but the pacer sent it late) or
+    /// `transport` (handed over in time, but written to the socket late).
     pub output_underrun_seconds: HistogramVec,
 }
 
@@ -118,10 +124,55 @@ impl Metrics {
     pub fn error(&self, kind: &str) {
         self.errors.with_label_values(&[kind]).inc();
     }
+
+    /// A gap of `by` in a caller's playback, by cause (`synthesis`, `scheduling`, `transport`).
+    pub fn underrun(&self, cause: &str, by: Duration) {
+        self.output_underrun_seconds
+            .with_label_values(&[cause])
+            .observe(by.as_secs_f64());
+    }
+
+    /// A transport has just written an audio frame that the caller's playback needed at `due`;
+    /// a write after that is a gap the caller hears, caused by the transport.
+    pub fn frame_delivered(&self, due: Option<Instant>) {
+        let Some(due) = due else { return };
+        let now = tokio::time::Instant::now().into_std();
+        if now > due + UNDERRUN_TOLERANCE {
+            self.underrun("transport", now - due);
+        }
+    }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transport_gaps(m: &Metrics) -> (u64, f64) {
+        let h = m.output_underrun_seconds.with_label_values(&["transport"]);
+        (h.get_sample_count(), h.get_sample_sum())
+    }
+
+    #[tokio::test]
+    async fn a_frame_written_after_its_due_time_is_a_transport_underrun() {
+        let m = Metrics::new();
+        let now = Instant::now();
+        m.frame_delivered(None); // it started playback: nothing was waiting for it
+        m.frame_delivered(Some(now + Duration::from_millis(200))); // in time
+        assert_eq!(transport_gaps(&m).0, 0);
+        m.frame_delivered(Some(now - Duration::from_millis(50)));
+        let (n, secs) = transport_gaps(&m);
+        assert_eq!(n, 1);
+        assert!((0.05..0.2).contains(&secs), "{secs}");
+        let text = m.render();
+        assert!(
+            text.contains("gazelle_output_underrun_seconds_count{cause=\"transport\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -462,11 +462,7 @@ impl Actor {
             PacerEvent::Underrun { by, synthesis } => {
                 let cause = if synthesis { "synthesis" } else { "scheduling" };
                 tracing::debug!(gap_ms = by.as_secs_f64() * 1e3, cause, "playback underrun");
-                self.services
-                    .metrics
-                    .output_underrun_seconds
-                    .with_label_values(&[cause])
-                    .observe(by.as_secs_f64());
+                self.services.metrics.underrun(cause, by);
             }
             PacerEvent::Failed => {
                 self.services.metrics.error("tts");

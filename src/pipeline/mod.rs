@@ -22,10 +22,14 @@ use crate::vad::TurnSettings;
 #[derive(Debug, Clone)]
 pub enum Outbound {
     /// One frame of bot audio at the caller's output rate. `reply` is the reply's token: a frame
-    /// whose reply was cancelled while it waited in the queue is dropped, never sent.
+    /// whose reply was cancelled while it waited in the queue is dropped, never sent. `due` is
+    /// when the caller's playback reaches this frame, when it continues audio already queued
+    /// there (`None` for a frame that starts playback); a transport that delivers it later
+    /// reports the gap with [`crate::metrics::Metrics::frame_delivered`].
     Audio {
         samples: Vec<f32>,
         reply: CancellationToken,
+        due: Option<std::time::Instant>,
     },
     /// All audio of unit `unit` of reply `reply` has been handed over (after its last `Audio`).
     /// Transports that can learn when playback reaches a point (Twilio marks) place one there

@@ -81,8 +81,7 @@ pub enum PacerEvent {
     Failed,
 }
 
-/// Gaps shorter than this are timer noise, not an underrun.
-const UNDERRUN_TOLERANCE: Duration = Duration::from_millis(1);
+use crate::metrics::UNDERRUN_TOLERANCE;
 
 #[derive(Debug, Clone, Copy)]
 pub struct PacerSettings {
@@ -238,7 +237,8 @@ pub async fn run(
                     }
                     l.ends_at = Some(plays_until);
                 });
-                let out = Outbound::Audio { samples: frame, reply: cancel.clone() };
+                let due = (plays_until > at).then_some(plays_until);
+                let out = Outbound::Audio { samples: frame, reply: cancel.clone(), due };
                 if send.send(out).await.is_err() {
                     return;
                 }

@@ -3,6 +3,8 @@
 //! send loop (call → media frames, a mark after each unit, `clear` on barge-in). Malformed events
 //! are logged and counted; the call goes on.
 
+use std::sync::Arc;
+
 use axum::extract::ws::{Message, WebSocket};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
@@ -10,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::protocol::{self, Event, Start};
 use crate::audio::{mulaw, Encoding};
+use crate::metrics::Metrics;
 use crate::pipeline::call::{self, CallHandle, CallOptions, Services};
 use crate::pipeline::Outbound;
 
@@ -85,6 +88,7 @@ pub async fn serve(mut socket: WebSocket, services: Services, server: Cancellati
         sink,
         out_rx,
         start.stream_sid.clone(),
+        services.metrics.clone(),
         stop.clone(),
     ));
     read_loop(stream, &call, &services, &stop, &server).await;
@@ -164,6 +168,7 @@ async fn write_loop(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
     mut calls: mpsc::Receiver<Outbound>,
     stream_sid: String,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
     loop {
@@ -172,9 +177,15 @@ async fn write_loop(
             _ = stop.cancelled() => break,
             m = calls.recv() => match m { Some(m) => m, None => break },
         };
+        let mut due = None;
         let json = match out {
             // Frames and marks of a reply cut off while they waited are never sent.
-            Outbound::Audio { samples, reply } if !reply.is_cancelled() => {
+            Outbound::Audio {
+                samples,
+                reply,
+                due: d,
+            } if !reply.is_cancelled() => {
+                due = d;
                 protocol::media(&stream_sid, &mulaw::encode_from_f32(&samples))
             }
             Outbound::UnitSent { reply, unit, token } if !token.is_cancelled() => {
@@ -186,6 +197,7 @@ async fn write_loop(
         if sink.send(Message::Text(json.into())).await.is_err() {
             break;
         }
+        metrics.frame_delivered(due);
     }
     let _ = sink.close().await;
     stop.cancel();

@@ -13,6 +13,7 @@ use super::protocol::{self, AudioConfigStart, ClientMessage, ServerMessage};
 use crate::audio::resample::StreamResampler;
 use crate::audio::wav::{SampleFormat, StreamDecoder, WavFormat};
 use crate::audio::Encoding;
+use crate::metrics::Metrics;
 use crate::pipeline::call::{self, CallHandle, CallOptions, Services};
 use crate::pipeline::Outbound;
 
@@ -103,7 +104,14 @@ pub async fn serve(
         config.output_audio_config.audio_encoding,
     );
     let stop = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(sink, out_rx, ctl_rx, output, stop.clone()));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        out_rx,
+        ctl_rx,
+        output,
+        services.metrics.clone(),
+        stop.clone(),
+    ));
     read_loop(
         stream, &call, &config, limits, ctl_tx, &services, &stop, &server,
     )
@@ -261,18 +269,25 @@ async fn write_loop(
     mut calls: mpsc::Receiver<Outbound>,
     mut control: mpsc::Receiver<String>,
     (rate, encoding): (u32, Encoding),
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
     loop {
+        let mut due = None;
         let json = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
             c = control.recv() => match c { Some(j) => j, None => break },
             m = calls.recv() => match m {
-                Some(m) => match encode(m, rate, encoding) {
-                    Some(j) => j,
-                    None => continue,
-                },
+                Some(m) => {
+                    if let Outbound::Audio { due: d, .. } = &m {
+                        due = *d;
+                    }
+                    match encode(m, rate, encoding) {
+                        Some(j) => j,
+                        None => continue,
+                    }
+                }
                 // The call ended on its own (e.g. its VAD failed): say so and close.
                 None => {
                     let _ = sink.send(Message::Text(ServerMessage::Stop.to_json().into())).await;
@@ -283,6 +298,7 @@ async fn write_loop(
         if sink.send(Message::Text(json.into())).await.is_err() {
             break;
         }
+        metrics.frame_delivered(due);
     }
     let _ = sink.close().await;
     stop.cancel();
@@ -290,7 +306,7 @@ async fn write_loop(
 
 fn encode(m: Outbound, rate: u32, encoding: Encoding) -> Option<String> {
     Some(match m {
-        Outbound::Audio { samples, reply } => {
+        Outbound::Audio { samples, reply, .. } => {
             if reply.is_cancelled() {
                 return None; // cut off by a barge-in while it waited
             }
