@@ -24,7 +24,8 @@ struct Args {
     /// The gazelle binary to benchmark.
     #[arg(long, default_value = "target/release/gazelle")]
     bin: PathBuf,
-    /// Caller counts to try, in order; stops after the first that fails the target.
+    /// Caller counts to try, in order; stops after the first that fails the target (judged by the
+    /// server's clock).
     #[arg(long, value_delimiter = ',', default_value = "50,100,200,300,400,500")]
     calls: Vec<usize>,
     /// Seconds of conversation per step.
@@ -65,7 +66,11 @@ struct Row {
     rss_peak_mb: f64,
     rss_per_call_kb: f64,
     server_cpu_pct: f64,
+    /// p99 under target, no failed turn, and no frame late as the callers saw it.
     pass: bool,
+    /// The same, but with no frame late by the server's own clock (the callers' own scheduling
+    /// on the shared cores left out).
+    pass_server: bool,
 }
 
 #[derive(Default)]
@@ -192,11 +197,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             rss_per_call_kb: (rss_peak - rss_idle) * 1024.0 / n as f64,
             server_cpu_pct: cpu,
             pass: false,
+            pass_server: false,
         };
-        row.pass = row.p99_ms < TARGET_P99_MS
-            && row.late_frames == 0
-            && row.failed_turns == 0
-            && row.replies > 0;
+        let served = row.p99_ms < TARGET_P99_MS && row.failed_turns == 0 && row.replies > 0;
+        let server_late =
+            row.server_late_synthesis + row.server_late_scheduling + row.server_late_transport;
+        row.pass = served && row.late_frames == 0;
+        row.pass_server = served && server_late == 0;
         println!(
             "{:>6} {:>8} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>7} {:>9.1} {:>9} {:>10.1} {:>9.0} {:>8.0}KB {:>8.0} {:>5}",
             row.calls,
@@ -207,28 +214,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
             row.max_ms,
             row.late_frames,
             row.max_late_ms,
-            row.server_late_synthesis + row.server_late_scheduling + row.server_late_transport,
+            server_late,
             row.vad_us_per_frame,
             row.rss_peak_mb,
             row.rss_per_call_kb,
             row.server_cpu_pct,
-            if row.pass { "yes" } else { "no" }
+            match (row.pass, row.pass_server) {
+                (true, _) => "yes",
+                (false, true) => "srv",
+                (false, false) => "no",
+            }
         );
-        let pass = row.pass;
+        let pass = row.pass_server;
         rows.push(row);
         if !pass && !args.all {
             break;
         }
     }
     let best = rows.iter().filter(|r| r.pass).map(|r| r.calls).max();
-    match best {
-        Some(n) => println!(
-            "largest N meeting p99(VAD end → first audio) < {TARGET_P99_MS} ms with no late frame: {n}"
-        ),
-        None => println!("no N met the target"),
-    }
+    let best_server = rows.iter().filter(|r| r.pass_server).map(|r| r.calls).max();
+    let say = |n: Option<usize>| n.map_or("none".to_string(), |n| n.to_string());
+    println!(
+        "largest N with p99(VAD end → first audio) < {TARGET_P99_MS} ms and no late frame: {} as \
+         the callers saw it, {} by the server's clock (ok: yes = both, srv = server only)",
+        say(best),
+        say(best_server)
+    );
     if let Some(path) = args.json {
-        let out = serde_json::json!({ "target_p99_ms": TARGET_P99_MS, "best": best, "rows": rows });
+        let out = serde_json::json!({
+            "target_p99_ms": TARGET_P99_MS,
+            "best": best,
+            "best_server": best_server,
+            "rows": rows,
+        });
         std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
     }
     Ok(())
