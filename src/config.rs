@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::model::cli::{DTypeArg, DeviceArg};
+use crate::pipeline::limits::Limits;
 use crate::pipeline::PipelineSettings;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,8 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub limits: Limits,
     pub assets: AssetConfig,
     pub pipeline: PipelineSettings,
     pub slm: SlmConfig,
@@ -41,6 +44,12 @@ pub struct TwilioConfig {
     /// The environment variable holding the account's auth token. When it is set, every Twilio
     /// request must carry a valid `X-Twilio-Signature`.
     pub auth_token_env: String,
+    /// Largest media-stream frame (Twilio's are a few hundred bytes); a larger one ends the
+    /// stream with close code 1009.
+    pub max_frame_bytes: usize,
+    /// Streams must carry the per-call token that `/twilio/voice` signs into its TwiML, so a
+    /// stream can only follow a webhook call, once. Turn off only for TwiML you write yourself.
+    pub require_stream_token: bool,
 }
 
 impl Default for TwilioConfig {
@@ -48,6 +57,37 @@ impl Default for TwilioConfig {
         TwilioConfig {
             public_url: None,
             auth_token_env: "TWILIO_AUTH_TOKEN".into(),
+            max_frame_bytes: 64 * 1024,
+            require_stream_token: true,
+        }
+    }
+}
+
+/// Who may use the server. Secrets come from the environment variables named here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The variable holding the API key. When it is set, `/conversation` needs the key as an
+    /// `Authorization: Bearer` header, or a call token from `POST /auth/token` in `?token=`.
+    pub api_key_env: String,
+    /// The variable holding the admin token. `/calls` and `/calls/{id}/history` are off unless
+    /// it is set, and then need it as an `Authorization: Bearer` header.
+    pub admin_token_env: String,
+    /// Seconds a call token stays valid; each is good for one call.
+    pub token_ttl_s: u64,
+    /// Browser origins (`https://app.example.com`) that may open `/conversation` besides the
+    /// server's own; `"*"` allows any. Requests without an Origin header (non-browser clients)
+    /// are not affected.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            api_key_env: "GAZELLE_API_KEY".into(),
+            admin_token_env: "GAZELLE_ADMIN_TOKEN".into(),
+            token_ttl_s: 60,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -59,8 +99,28 @@ pub struct ServerConfig {
     pub port: u16,
     /// Calls served at once; further callers are refused with 503.
     pub max_calls: usize,
-    /// Largest websocket text frame accepted from a caller.
+    /// Largest websocket text frame accepted from a Vocode caller; larger ones get a
+    /// `frame_too_large` error, and frames over twice this end the call (close code 1009).
     pub max_frame_bytes: usize,
+    /// Websockets waiting for their start message; beyond this, upgrades get HTTP 503.
+    pub max_pending_sockets: usize,
+    /// HTTP connections served at once (requests and idle keep-alives; not websockets, which
+    /// `max_calls` and `max_pending_sockets` bound). Further connections wait in the kernel's
+    /// accept queue.
+    pub max_connections: usize,
+    /// HTTP connections one client address may hold at once; 0 for no cap (behind a reverse
+    /// proxy, where every connection comes from the proxy).
+    pub max_connections_per_ip: usize,
+    /// A client must send a request's headers within this.
+    pub header_read_timeout_ms: u64,
+    /// A websocket must send its start message within this.
+    pub start_timeout_ms: u64,
+    /// A websocket ping goes out this often.
+    pub ping_interval_ms: u64,
+    /// A call that receives nothing for this long is ended.
+    pub idle_timeout_ms: u64,
+    /// A write to a caller that does not finish within this ends the call.
+    pub send_timeout_ms: u64,
     pub log_json: bool,
 }
 
@@ -71,8 +131,63 @@ impl Default for ServerConfig {
             port: 3000,
             max_calls: 1000,
             max_frame_bytes: 1 << 20,
+            max_pending_sockets: 256,
+            max_connections: 1024,
+            max_connections_per_ip: 128,
+            header_read_timeout_ms: 10_000,
+            start_timeout_ms: 10_000,
+            ping_interval_ms: 15_000,
+            idle_timeout_ms: 45_000,
+            send_timeout_ms: 10_000,
             log_json: false,
         }
+    }
+}
+
+impl ServerConfig {
+    /// The bounds of a call's socket, for a protocol whose frames are at most `max_frame_bytes`.
+    pub fn socket(&self, max_frame_bytes: usize) -> crate::transport::socket::SocketSettings {
+        use std::time::Duration;
+        crate::transport::socket::SocketSettings {
+            max_frame_bytes,
+            start_timeout: Duration::from_millis(self.start_timeout_ms),
+            ping_interval: Duration::from_millis(self.ping_interval_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            send_timeout: Duration::from_millis(self.send_timeout_ms),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.max_calls == 0 {
+            return Err("server.max_calls must be at least 1".into());
+        }
+        if self.max_frame_bytes < 1024 {
+            return Err("server.max_frame_bytes must be at least 1024".into());
+        }
+        if self.max_pending_sockets == 0 || self.max_connections == 0 {
+            return Err(
+                "server.max_pending_sockets and server.max_connections must be at least 1".into(),
+            );
+        }
+        for (name, ms) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("start_timeout_ms", self.start_timeout_ms),
+            ("ping_interval_ms", self.ping_interval_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            ("send_timeout_ms", self.send_timeout_ms),
+        ] {
+            if !(100..=3_600_000).contains(&ms) {
+                return Err(format!("server.{name} must be within 100..=3600000"));
+            }
+        }
+        if self.idle_timeout_ms <= self.ping_interval_ms {
+            return Err(
+                "server.idle_timeout_ms must exceed server.ping_interval_ms, so a live peer's \
+                 pong can arrive in time"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -315,10 +430,24 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.pipeline.validate().map_err(ConfigError::Invalid)?;
-        if self.server.max_calls == 0 {
+        self.server.validate().map_err(ConfigError::Invalid)?;
+        self.limits.validate().map_err(ConfigError::Invalid)?;
+        if !(5..=3_600).contains(&self.auth.token_ttl_s) {
             return Err(ConfigError::Invalid(
-                "server.max_calls must be at least 1".into(),
+                "auth.token_ttl_s must be within 5..=3600".into(),
             ));
+        }
+        if self.twilio.max_frame_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "twilio.max_frame_bytes must be at least 1024".into(),
+            ));
+        }
+        for o in &self.auth.allowed_origins {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "auth.allowed_origins entry {o:?} must be \"*\" or start with http:// or https://"
+                )));
+            }
         }
         if self.tts.fallback == Some(self.tts.provider) {
             return Err(ConfigError::Invalid(
@@ -340,11 +469,6 @@ impl Config {
                  to hold a turn and its reply",
                 g.max_context, g.max_new_tokens
             )));
-        }
-        if self.server.max_frame_bytes < 1024 {
-            return Err(ConfigError::Invalid(
-                "server.max_frame_bytes must be at least 1024".into(),
-            ));
         }
         Ok(())
     }

@@ -194,6 +194,7 @@ fn init_logging(json: bool) {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = merged_config(&args)?;
     init_logging(config.server.log_json);
+    check_fd_limit(&config);
     let runtime = tokio::runtime::Runtime::new()?;
     let (services, load) = server::setup::services(&config)?;
     let state = server::setup::state(&config, services);
@@ -221,6 +222,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+/// Raises the open-file limit and warns when the connection caps could still exceed it.
+fn check_fd_limit(config: &Config) {
+    let s = &config.server;
+    let needed = (s.max_connections + s.max_pending_sockets + s.max_calls) as u64 + 256;
+    match server::listener::raise_fd_limit() {
+        Some(limit) if limit < needed => tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit is below server.max_connections + max_pending_sockets + \
+             max_calls (+256 for the rest); lower those or raise `ulimit -n`"
+        ),
+        Some(_) => {}
+        None => tracing::warn!("cannot read the open-file limit"),
+    }
 }
 
 fn vad_segments(args: VadArgs) -> anyhow::Result<()> {

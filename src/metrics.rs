@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Counter, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// Playback gaps shorter than this are timer noise, not an underrun.
@@ -15,6 +16,13 @@ pub struct Metrics {
     pub registry: Registry,
     /// Calls with an open transport.
     pub active_calls: IntGauge,
+    /// Websockets open but not yet started as calls (waiting for their start message).
+    pub pending_sockets: IntGauge,
+    /// TCP connections the HTTP server is serving (requests and idle keep-alives; a websocket
+    /// leaves this count once upgraded and is counted as a pending socket or a call).
+    pub open_connections: IntGauge,
+    /// Seconds callers were made to wait because they sent audio faster than real time.
+    pub input_throttled_seconds: Counter,
     /// Seconds from the true end of the user's speech to each turn stage.
     pub turn_stage_seconds: HistogramVec,
     /// Seconds of Silero inference per frame, by batch size class.
@@ -36,6 +44,18 @@ impl Metrics {
         let registry = Registry::new_custom(Some("gazelle".into()), None).expect("valid prefix");
         let active_calls =
             IntGauge::new("active_calls", "Calls with an open transport").expect("valid metric");
+        let pending_sockets = IntGauge::new(
+            "pending_sockets",
+            "Websockets waiting for their start message",
+        )
+        .expect("valid metric");
+        let open_connections =
+            IntGauge::new("open_connections", "HTTP connections being served").expect("valid");
+        let input_throttled_seconds = Counter::new(
+            "input_throttled_seconds_total",
+            "Seconds callers waited because they sent audio faster than real time",
+        )
+        .expect("valid metric");
         let turn_stage_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "turn_stage_seconds",
@@ -91,6 +111,9 @@ impl Metrics {
         .expect("valid metric");
         for c in [
             Box::new(active_calls.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pending_sockets.clone()),
+            Box::new(open_connections.clone()),
+            Box::new(input_throttled_seconds.clone()),
             Box::new(turn_stage_seconds.clone()),
             Box::new(vad_frame_seconds.clone()),
             Box::new(errors.clone()),
@@ -103,6 +126,9 @@ impl Metrics {
         Metrics {
             registry,
             active_calls,
+            pending_sockets,
+            open_connections,
+            input_throttled_seconds,
             turn_stage_seconds,
             vad_frame_seconds,
             errors,

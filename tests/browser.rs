@@ -89,6 +89,9 @@ async fn the_page_talks_to_the_bot_in_chromium() {
     let mut config = Config::default();
     config.slm.reply = REPLY.into();
     config.slm.token_delay_ms = 5;
+    // The vocode SDK page is served by node on another port, so another origin; our own page is
+    // same-origin and would pass without this.
+    config.auth.allowed_origins = vec!["*".into()];
     let server = common::start_server(config).await;
     let out = scratch("browser");
     let wav_path = out.join("microphone.wav");
@@ -153,6 +156,15 @@ async fn the_page_talks_to_the_bot_in_chromium() {
         s["sdk"]["wire"]["audio"].as_u64().unwrap() > 0,
         "the vocode SDK got no audio"
     );
+    // The access-key flow: a fresh call token for each of two calls.
+    assert_eq!(s["auth"]["token_requests"], 2, "{}", s["auth"]);
+    for scenario in ["socket_busy", "socket_policy", "key_refused", "key_missing"] {
+        assert!(
+            s["errors"].get(scenario).is_some(),
+            "error scenario {scenario} did not run: {}",
+            s["errors"]
+        );
+    }
     eprintln!("screenshot: {}", page["screenshot"]);
     server.shutdown().await;
 }

@@ -43,7 +43,24 @@ struct Caller {
 }
 
 impl Caller {
+    /// Places a call as Twilio does: the voice webhook first (with `params` in its query, as a
+    /// number's webhook URL would carry them), then the media stream with the `<Parameter>`s of
+    /// the TwiML it answered, the per-call stream token among them.
     async fn dial(server: &common::TestServer, call_sid: &str, params: &[(&str, &str)]) -> Self {
+        let query: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(params)
+            .finish();
+        let (status, twiml) = common::http(
+            server,
+            "POST",
+            &format!("/twilio/voice?{query}"),
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            &format!("CallSid={call_sid}"),
+        )
+        .await;
+        assert_eq!(status, 200, "{twiml}");
+        let custom = twiml_parameters(&twiml);
+        assert!(custom.contains_key(protocol_token()), "{twiml}");
         let url = format!("ws://{}/twilio/stream", server.addr);
         let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
         let (mut sink, mut stream) = ws.split();
@@ -123,10 +140,6 @@ impl Caller {
                 }
             }
         });
-        let mut custom = serde_json::Map::new();
-        for (k, v) in params {
-            custom.insert(k.to_string(), serde_json::Value::String(v.to_string()));
-        }
         let connected =
             serde_json::json!({"event":"connected","protocol":"Call","version":"1.0.0"});
         let start = serde_json::json!({
@@ -179,6 +192,34 @@ impl Caller {
     }
 }
 
+/// The `<Parameter>`s of a TwiML answer, unescaped.
+fn twiml_parameters(twiml: &str) -> serde_json::Map<String, serde_json::Value> {
+    let unescape = |s: &str| {
+        s.replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&amp;", "&")
+    };
+    let mut out = serde_json::Map::new();
+    for part in twiml.split("<Parameter name=\"").skip(1) {
+        let (name, rest) = part.split_once('"').unwrap();
+        let value = rest
+            .split_once("value=\"")
+            .unwrap()
+            .1
+            .split_once('"')
+            .unwrap()
+            .0;
+        out.insert(unescape(name), serde_json::Value::String(unescape(value)));
+    }
+    out
+}
+
+fn protocol_token() -> &'static str {
+    gazelle::transport::twilio::handler::STREAM_TOKEN
+}
+
 fn config(reply: &str) -> Config {
     let mut c = Config::default();
     c.slm.reply = reply.into();
@@ -196,11 +237,12 @@ fn units_of(reply: &str) -> Vec<String> {
 }
 
 async fn history(server: &common::TestServer, call_sid: &str) -> serde_json::Value {
+    let bearer = format!("Bearer {}", common::ADMIN_TOKEN);
     let (status, body) = common::http(
         server,
         "GET",
         &format!("/calls/{call_sid}/history"),
-        &[],
+        &[("Authorization", &bearer)],
         "",
     )
     .await;
@@ -211,7 +253,7 @@ async fn history(server: &common::TestServer, call_sid: &str) -> serde_json::Val
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_phone_turn_with_marks() {
     let reply = "Hello caller. This is the gazelle phone line. Goodbye for now.";
-    let server = common::start_server(config(reply)).await;
+    let server = common::start_server_with(config(reply), common::with_admin).await;
     let mut caller = Caller::dial(&server, "CA100", &[("system_prompt", "Be brief.")]).await;
     let mut clip = common::silence(300, RATE);
     clip.extend(common::speech("Hello, is anybody there?", RATE).await);
@@ -273,7 +315,7 @@ async fn barge_in_clears_twilio_and_keeps_only_marked_text() {
     let reply = "Thanks for calling. Our store opens at nine in the morning. It closes at six \
                  in the evening. We are closed on public holidays. Is there anything else?";
     let units = units_of(reply);
-    let server = common::start_server(config(reply)).await;
+    let server = common::start_server_with(config(reply), common::with_admin).await;
     let mut caller = Caller::dial(&server, "CA200", &[]).await;
     let mut clip = common::silence(300, RATE);
     clip.extend(common::speech("When are you open?", RATE).await);

@@ -197,10 +197,14 @@ var ui = {
   voice: $("voice"),
   systemPrompt: $("system-prompt"),
   firstMessage: $("first-message"),
+  accessKeyField: $("access-key-field"),
+  accessKey: $("access-key"),
   log: $("log")
 };
 var stats = {
   state: "idle",
+  /** What `/config` said the server needs: nothing, or a call token per call. */
+  auth: "none",
   ready: false,
   received: 0,
   /** Microphone chunks sent, and the loudest chunk's RMS level. */
@@ -216,6 +220,8 @@ var stats = {
 };
 window.gazelle = stats;
 var READY_TIMEOUT_MS = 1e4;
+var UNREACHABLE = "The gazelle server is down or unreachable. Start `gazelle serve` and press Start.";
+var KEY_STORE = "gazelle.access-key";
 var call = null;
 function showError(message) {
   stats.errors.push(message);
@@ -233,15 +239,99 @@ function setState(s) {
 }
 async function loadConfig() {
   try {
-    const r = await fetch("/config");
+    const r = await fetch("/config", { cache: "no-store" });
     const c = await r.json();
     ui.voice.replaceChildren(...c.voices.map((v) => new Option(v, v)));
     ui.voice.disabled = c.voices.length < 2;
     if (c.system_prompt && !ui.systemPrompt.value) ui.systemPrompt.value = c.system_prompt;
     if (c.first_message && !ui.firstMessage.value) ui.firstMessage.value = c.first_message;
+    stats.auth = c.auth === "token" ? "token" : "none";
+    ui.accessKeyField.hidden = stats.auth !== "token";
+    return true;
   } catch {
     showError("Cannot reach the gazelle server. Is `gazelle serve` running? Reload once it is.");
+    return false;
   }
+}
+var config = loadConfig();
+function storedKey() {
+  try {
+    return sessionStorage.getItem(KEY_STORE) ?? "";
+  } catch {
+    return "";
+  }
+}
+function storeKey(key) {
+  try {
+    if (key) sessionStorage.setItem(KEY_STORE, key);
+    else sessionStorage.removeItem(KEY_STORE);
+  } catch {
+  }
+}
+async function callToken() {
+  const key = ui.accessKey.value.trim();
+  if (!key) {
+    askForKey();
+    return null;
+  }
+  let headers;
+  try {
+    headers = new Headers({ Authorization: `Bearer ${key}` });
+  } catch {
+    showError(
+      "The access key has characters that cannot be sent. Check it, enter it again and press Start."
+    );
+    ui.accessKey.focus();
+    return null;
+  }
+  let r;
+  try {
+    r = await fetch("/auth/token", { method: "POST", headers, cache: "no-store" });
+  } catch {
+    showError(UNREACHABLE);
+    return null;
+  }
+  if (r.status === 401) {
+    const why = await reasonOf(r);
+    storeKey("");
+    showError(
+      `The server refused the access key${why ? ` (${why})` : ""}. Check the key with the server's operator, enter it again and press Start.`
+    );
+    ui.accessKey.focus();
+    return null;
+  }
+  if (r.status === 404) {
+    showError(
+      "The server asks for an access key but has none configured, so it cannot issue call tokens (POST /auth/token: 404). Its operator needs to set an access key."
+    );
+    return null;
+  }
+  if (!r.ok) {
+    const why = await reasonOf(r);
+    showError(
+      `The server could not issue a call token (HTTP ${r.status}${why ? `: ${why}` : ""}). Press Start to try again; if it keeps failing, see the server log.`
+    );
+    return null;
+  }
+  let token;
+  try {
+    token = (await r.json()).token;
+  } catch {
+    token = void 0;
+  }
+  if (typeof token !== "string" || !token) {
+    showError("The server's answer to POST /auth/token has no call token. See the server log.");
+    return null;
+  }
+  return token;
+}
+function askForKey() {
+  showError("This server needs an access key. Enter it in the Access key field and press Start.");
+  ui.accessKey.focus();
+}
+async function reasonOf(r) {
+  const text = (await r.text().catch(() => "")).trim().replace(/\s+/g, " ");
+  return text.length > 200 ? `${text.slice(0, 200)}…` : text;
 }
 async function listMics() {
   const devices = await navigator.mediaDevices.enumerateDevices();
@@ -260,7 +350,7 @@ async function waitForServer() {
       const r = await fetch("/health", { cache: "no-store" });
       health = await r.json();
     } catch {
-      showError("The gazelle server is down or unreachable. Start `gazelle serve` and press Start.");
+      showError(UNREACHABLE);
       return false;
     }
     if (health.status === "ok") return true;
@@ -300,6 +390,13 @@ async function start() {
   ui.start.dataset.running = "yes";
   ui.start.textContent = "Stop";
   setState("connecting");
+  if (!await config) config = loadConfig();
+  if (!await config) return stopped() ? void 0 : stop("error");
+  if (stopped()) return;
+  if (stats.auth === "token" && !ui.accessKey.value.trim()) {
+    askForKey();
+    return stop("error");
+  }
   if (!await waitForServer()) return stopped() ? void 0 : stop("error");
   clearError();
   const stream = await openMic();
@@ -316,13 +413,19 @@ async function start() {
     void ctx.close();
     return stop("error");
   }
+  const token = stats.auth === "token" ? await callToken() : null;
+  if (stats.auth === "token" && token === null || stopped()) {
+    stream.getTracks().forEach((t) => t.stop());
+    void ctx.close();
+    return stopped() ? void 0 : stop("error");
+  }
   const capture = new AudioWorkletNode(ctx, "gazelle-capture");
   ctx.createMediaStreamSource(stream).connect(capture);
   const mute = ctx.createGain();
   mute.gain.value = 0;
   capture.connect(mute).connect(ctx.destination);
   const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/conversation`;
-  const ws = new WebSocket(url);
+  const ws = new WebSocket(token === null ? url : `${url}?token=${encodeURIComponent(token)}`);
   const c = {
     ctx,
     stream,
@@ -330,13 +433,16 @@ async function start() {
     player: new Player(ctx, ctx.destination),
     level: 0,
     stopping: false,
-    bots: /* @__PURE__ */ new Map()
+    bots: /* @__PURE__ */ new Map(),
+    refusal: null
   };
   call = c;
   let opened = false;
   const readyTimer = setTimeout(() => {
     if (!stats.ready) {
-      showError("The server accepted the connection but never became ready. Check its log.");
+      if (!c.refusal) {
+        showError("The server accepted the connection but never became ready. Check its log.");
+      }
       stop("error");
     }
   }, READY_TIMEOUT_MS);
@@ -354,9 +460,16 @@ async function start() {
   ws.onclose = (e) => {
     clearTimeout(readyTimer);
     if (c.stopping) return;
-    showError(
-      opened ? `The connection to the server closed (code ${e.code}). The server may have stopped; press Start to reconnect.` : `Cannot connect to ${url}. The server is down or refused the call (it may be at its call limit).`
-    );
+    if (!opened) {
+      const refused = stats.auth === "token" ? ", or did not accept the call token" : "";
+      showError(
+        `Cannot connect to ${url}. The server is down or refused the call (it may be at its call limit${refused}).`
+      );
+    } else if (c.refusal) {
+      showError(`${c.refusal} The server closed the call (code ${e.code}).`);
+    } else {
+      showError(closeText(e.code, e.reason));
+    }
     stop("error");
   };
   capture.port.onmessage = (e) => {
@@ -411,9 +524,12 @@ function onMessage(c, m) {
     case "gazelle_timeline":
       onTimeline(c, m, c.player.lastSegment);
       break;
-    case "gazelle_error":
-      showError(errorText(m.kind, m.message));
+    case "gazelle_error": {
+      const text = errorText(m.kind, m.message);
+      if (!stats.ready) c.refusal = text;
+      showError(text);
       break;
+    }
     case "websocket_stop":
       showError("The server ended the call. Press Start to begin a new one.");
       stop("error");
@@ -421,10 +537,49 @@ function onMessage(c, m) {
   }
 }
 function errorText(kind, message) {
-  if (kind === "tts") return `The voice (TTS provider) failed: ${message}. The call goes on.`;
-  if (kind === "slm") return `The speech-language model failed: ${message}. The call goes on.`;
-  if (kind === "call_start") return `The server could not start the call: ${message}`;
-  return `Server error (${kind}): ${message}`;
+  switch (kind) {
+    case "tts":
+      return `The voice (TTS provider) failed: ${message}. The call goes on.`;
+    case "slm":
+      return `The speech-language model failed: ${message}. The call goes on.`;
+    case "call_start":
+      return `The server could not start the call: ${message}`;
+    case "bad_config":
+      return `The server refused the call's settings: ${message}. Fix the system prompt or first message and press Start again.`;
+    case "start_timeout":
+      return `The call did not start in time: ${message}. Press Start to try again.`;
+    case "busy":
+      return `The server is busy: ${message}. Try again in a little while.`;
+    case "id_in_use":
+      return `The server refused the call: its conversation id is already in use (${message}). Press Start to begin a new call.`;
+    case "format_changed":
+      return `The server refused an audio format change during the call: ${message}. Press Stop, then Start to begin a new call.`;
+    case "audio_too_long":
+      return `An audio message from the page was too long for the server: ${message}. If this repeats, reload the page.`;
+    default:
+      return `Server error (${kind}): ${message}`;
+  }
+}
+function closeText(code, reason) {
+  const said = reason ? ` The server said: “${reason}”.` : "";
+  switch (code) {
+    case 1e3:
+      return `The server ended the call (code 1000).${said} Press Start to begin a new one.`;
+    case 1001:
+      return `The server is shutting down or restarting and closed the call (code 1001).${said} Wait a moment, then press Start to reconnect.`;
+    case 1008: {
+      const check = stats.auth === "token" ? "Check the access key, then press" : "Press";
+      return `The server refused the call (code 1008, policy).${said} It does that when its access check fails (the access key, the call token, or this page's origin) or when the call was too slow to start. ${check} Start again; if it keeps happening, open the page from the server's own address or see the server log.`;
+    }
+    case 1009:
+      return `A message was too large for the server (code 1009).${said} Shorten the system prompt or first message and press Start again.`;
+    case 1011:
+      return `The server hit an internal error and closed the call (code 1011).${said} See the server log, then press Start to try again.`;
+    case 1013:
+      return `The server is busy: it is at its call limit (code 1013).${said} Try again in a little while.`;
+    default:
+      return `The connection to the server closed (code ${code}).${said} The server may have stopped; press Start to reconnect.`;
+  }
 }
 function botBubble(c, reply) {
   let el2 = c.bots.get(reply);
@@ -482,10 +637,14 @@ function tick() {
   requestAnimationFrame(tick);
 }
 ui.start.onclick = () => call || ui.start.dataset.running ? stop() : void start();
+ui.accessKey.value = storedKey();
+ui.accessKey.addEventListener("input", () => storeKey(ui.accessKey.value));
+ui.accessKey.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !call && !ui.start.dataset.running) void start();
+});
 navigator.mediaDevices?.addEventListener("devicechange", () => void listMics());
 if (!navigator.mediaDevices) {
   showError("This page needs microphone access, which browsers only give to https or localhost.");
 } else {
   void listMics();
 }
-void loadConfig();

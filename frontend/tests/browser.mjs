@@ -3,6 +3,8 @@
 // talks to the bot with the WAV as the microphone, and checks what the page did. Then a tiny page
 // built on the public `vocode` React SDK (bundled here with esbuild, never shipped) talks to the
 // same server. Prints one JSON summary line prefixed `SUMMARY ` and exits non-zero on any failure.
+// The access-key flow (a server whose `/config` says `auth: "token"`) is checked with `/config`,
+// `/auth/token` and the websocket faked by playwright's routing, so the server under test needs no key.
 //
 //   node tests/browser.mjs --url http://127.0.0.1:PORT/ --wav speech.wav --out DIR [--reply TEXT]
 
@@ -181,10 +183,30 @@ async function gazellePage(wav, url, out, reply) {
   }
 }
 
+/** Makes the page's `/config` say the server wants an access key (the real answer, plus `auth`). */
+function tokenConfig(page) {
+  return page.route("**/config", async (r) => {
+    const real = await (await r.fetch()).json();
+    await r.fulfill({ json: { ...real, auth: "token" } });
+  });
+}
+
+/** Counts the page's `POST /auth/token` requests in `seen.tokens`, answering each with `answer`. */
+function tokenRoute(page, seen, answer) {
+  seen.tokens = 0;
+  return page.route("**/auth/token", (r) => {
+    seen.tokens++;
+    return r.fulfill(answer);
+  });
+}
+
 /**
  * Each failure the page must explain, never hang on: the real page, with the failing piece faked
  * by playwright's routing (a denied microphone, /health saying the model loads, /health
- * unreachable, the socket closing, a provider error message).
+ * unreachable, the socket closing or closed with a code the server gives a meaning, a provider
+ * error message, an access key missing or refused). `expect` is the text (or every text of a list)
+ * the banner must show; `before` runs between loading the page and pressing Start; `verify` checks
+ * what happened besides the banner.
  */
 async function errorStates(wav, url) {
   const browser = await launch(wav);
@@ -227,7 +249,79 @@ async function errorStates(wav, url) {
             ws.close({ code: 1011 });
           });
         }),
-      expect: "closed (code 1011)",
+      expect: ["internal error", "(code 1011)"],
+    },
+    // What a browser reports when the server dies mid-call: no code the server chose.
+    socket_dropped: {
+      route: (page) =>
+        page.routeWebSocket(/\/conversation$/, (ws) => {
+          ws.onMessage(() => {
+            ws.send(JSON.stringify({ type: "websocket_ready" }));
+            ws.close({ code: 1006 });
+          });
+        }),
+      expect: "closed (code 1006)",
+    },
+    socket_busy: {
+      route: (page) =>
+        page.routeWebSocket(/\/conversation$/, (ws) => {
+          ws.onMessage((m) => {
+            if (!String(m).includes("websocket_audio_config_start")) return;
+            ws.close({ code: 1013, reason: "at the call limit (2 calls)" });
+          });
+        }),
+      expect: ["The server is busy", "(code 1013)", "at the call limit (2 calls)"],
+    },
+    socket_policy: {
+      route: (page) =>
+        page.routeWebSocket(/\/conversation$/, (ws) => {
+          ws.onMessage((m) => {
+            if (!String(m).includes("websocket_audio_config_start")) return;
+            ws.close({ code: 1008, reason: "origin not allowed" });
+          });
+        }),
+      expect: ["refused the call (code 1008", "origin not allowed"],
+    },
+    // The server explains a refused start, then closes: the explanation stays in the banner.
+    prompt_too_long: {
+      route: (page) =>
+        page.routeWebSocket(/\/conversation$/, (ws) => {
+          ws.onMessage((m) => {
+            if (!String(m).includes("websocket_audio_config_start")) return;
+            const message = "system_prompt has 9000 characters; the limit is 8000";
+            ws.send(JSON.stringify({ type: "gazelle_error", kind: "bad_config", message }));
+            setTimeout(() => ws.close({ code: 1008, reason: "bad config" }), 100);
+          });
+        }),
+      expect: ["refused the call's settings", "the limit is 8000", "closed the call (code 1008)"],
+    },
+    key_missing: {
+      route: async (page, seen) => {
+        await tokenConfig(page);
+        await tokenRoute(page, seen, { status: 500, body: "unexpected" });
+      },
+      before: (page) => page.waitForSelector("#access-key", { state: "visible", timeout: 5_000 }),
+      expect: "needs an access key",
+      verify: (page, seen) => check(seen.tokens === 0, "the page asked for a token without a key"),
+    },
+    key_refused: {
+      route: async (page, seen) => {
+        await tokenConfig(page);
+        await tokenRoute(page, seen, { status: 401, contentType: "text/plain", body: "wrong access key" });
+        seen.sockets = 0;
+        await page.routeWebSocket(/\/conversation/, (ws) => {
+          seen.sockets++;
+          ws.close();
+        });
+      },
+      before: (page) => page.fill("#access-key", "not-the-key", { timeout: 5_000 }),
+      expect: ["The server refused the access key", "wrong access key"],
+      verify: async (page, seen) => {
+        check(seen.tokens === 1, `the page made ${seen.tokens} token requests for one Start`);
+        check(seen.sockets === 0, "the page opened the websocket after its access key was refused");
+        const kept = await page.evaluate(() => sessionStorage.getItem("gazelle.access-key"));
+        check(kept === null, "the refused access key stayed in sessionStorage");
+      },
     },
     tts_failed: {
       route: (page) =>
@@ -257,26 +351,112 @@ async function errorStates(wav, url) {
   try {
     for (const [name, c] of Object.entries(cases)) {
       const page = await browser.context.newPage();
+      const seen = {};
       if (c.init) await page.addInitScript(c.init);
-      if (c.route) await c.route(page);
+      if (c.route) await c.route(page, seen);
       await page.goto(url);
+      if (c.before) await c.before(page);
       await page.click("#start");
       shown[name] = await until(
         page,
         `the ${name} message`,
         (want) => {
           const e = document.getElementById("error");
-          return !e.hidden && e.textContent.includes(want) && e.textContent;
+          return !e.hidden && want.every((w) => e.textContent.includes(w)) && e.textContent;
         },
-        c.expect,
+        [c.expect].flat(),
         5_000,
       );
+      if (c.verify) await c.verify(page, seen);
       await page.close();
     }
   } finally {
     await browser.close();
   }
   return shown;
+}
+
+/**
+ * A server that wants an access key: `/config` says `auth: "token"`, `/auth/token` and the socket
+ * are faked. The page must send the typed key as `Authorization: Bearer <key>` on a bodiless POST,
+ * open the websocket with `?token=<the token, URI-encoded>`, get a fresh token for every Start,
+ * and keep the key in sessionStorage only: never in localStorage, a URL, the console or a message.
+ */
+async function accessKey(wav, url) {
+  const key = "k3y/with+odd=chars";
+  const token = (n) => `call/${n}+token=?&`;
+  const browser = await launch(wav);
+  const page = await browser.context.newPage();
+  const consoleLines = [];
+  page.on("console", (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.message}`));
+  const requests = [];
+  const sockets = [];
+  try {
+    await tokenConfig(page);
+    await page.route("**/auth/token", async (r) => {
+      const q = r.request();
+      const headers = await q.allHeaders();
+      requests.push({ method: q.method(), authorization: headers.authorization ?? null, body: q.postData() });
+      await r.fulfill({ json: { token: token(requests.length), expires_in: 60 } });
+    });
+    await page.routeWebSocket(/\/conversation(\?|$)/, (ws) => {
+      sockets.push(ws.url());
+      ws.onMessage((m) => {
+        if (String(m).includes("websocket_audio_config_start")) ws.send(JSON.stringify({ type: "websocket_ready" }));
+      });
+    });
+    await page.goto(url);
+    await page.fill("#access-key", key, { timeout: 5_000 }); // the field shows once /config says so
+    await page.click("#start");
+    await until(page, "websocket_ready on a call token", () => window.gazelle.ready, null, 10_000);
+    await page.click("#start"); // Stop
+    await until(page, "the first call to stop", () => window.gazelle.state === "idle", null, 5_000);
+    await page.click("#start");
+    await until(page, "websocket_ready on a second call token", () => window.gazelle.ready, null, 10_000);
+
+    check(requests.length === 2, `${requests.length} token requests for two Starts: ${JSON.stringify(requests)}`);
+    for (const r of requests) {
+      check(r.method === "POST", `the token request was a ${r.method}`);
+      check(r.authorization === `Bearer ${key}`, "the token request did not carry `Authorization: Bearer <key>`");
+      check(!r.body, "the token request had a body");
+    }
+    check(sockets.length === 2, `${sockets.length} websockets for two Starts`);
+    sockets.forEach((u, i) => {
+      const want = `/conversation?token=${encodeURIComponent(token(i + 1))}`;
+      check(u.endsWith(want), `websocket ${i + 1} opened at ${u}, not at …${want}`);
+    });
+    const g = await page.evaluate(() => ({
+      auth: window.gazelle.auth,
+      errors: window.gazelle.errors,
+      session: sessionStorage.getItem("gazelle.access-key"),
+      local: JSON.stringify(localStorage),
+      url: location.href,
+    }));
+    check(g.auth === "token", `the page read auth ${g.auth} from /config`);
+    check(g.errors.length === 0, `the page showed errors: ${JSON.stringify(g.errors)}`);
+    check(g.session === key, "the access key is not in sessionStorage");
+    const leaks = [g.local, g.url, ...sockets, ...g.errors, ...consoleLines].filter((s) => s.includes(key));
+    check(leaks.length === 0, `the access key leaked into localStorage, a URL, a message or the console`);
+    const consoleErrors = consoleLines.filter((l) => l.startsWith("error:") || l.startsWith("pageerror:"));
+    check(consoleErrors.length === 0, `the page logged errors: ${JSON.stringify(consoleErrors)}`);
+
+    // The key outlives a reload of the tab (sessionStorage), so the user need not type it again.
+    await page.reload();
+    await page.waitForSelector("#access-key", { state: "visible", timeout: 5_000 });
+    const refilled = await page.inputValue("#access-key");
+    check(refilled === key, "the access key was not kept for this tab across a reload");
+    return {
+      token_requests: requests.length,
+      sockets: sockets.map((u) => new URL(u).pathname + new URL(u).search),
+      kept_after_reload: true,
+    };
+  } catch (e) {
+    const detail = e instanceof Failure ? e.message : e.stack;
+    fail(`access key: ${detail}\npage console:\n${consoleLines.join("\n")}`);
+  } finally {
+    await browser.close();
+  }
 }
 
 /** The public vocode React SDK in self-hosted mode, against our /conversation. */
@@ -337,6 +517,7 @@ try {
   const reply = args.reply ?? "Sure";
   const summary = { page: await gazellePage(args.wav, args.url, args.out, reply) };
   summary.errors = await errorStates(args.wav, args.url);
+  summary.auth = await accessKey(args.wav, args.url);
   summary.sdk = await sdkPage(args.wav, args.url);
   check(summary.sdk.wire.audio > 0, "the SDK page got no bot audio");
   console.log(`SUMMARY ${JSON.stringify(summary)}`);

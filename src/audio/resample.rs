@@ -17,6 +17,10 @@ pub enum ResampleError {
 /// the FFT efficient.
 const CHUNK_MS: u32 = 10;
 
+/// Highest rate a resampler is built for; callers are held to [`crate::audio::SUPPORTED_RATES`]
+/// before they get here, so this only guards against misuse.
+const MAX_RATE: u32 = 384_000;
+
 fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 {
         a
@@ -46,15 +50,15 @@ impl std::fmt::Debug for StreamResampler {
 impl StreamResampler {
     pub fn new(from: u32, to: u32) -> Result<Self, ResampleError> {
         let err = |reason: String| ResampleError::Construct { from, to, reason };
-        if from == 0 || to == 0 {
-            return Err(err("rates must be positive".into()));
+        if !(1..=MAX_RATE).contains(&from) || !(1..=MAX_RATE).contains(&to) {
+            return Err(err(format!("rates must be within 1..={MAX_RATE} Hz")));
         }
         let inner = if from == to {
             None
         } else {
             // The FFT resampler needs chunks that are a multiple of from / gcd(from, to).
             let unit = (from / gcd(from, to)) as usize;
-            let target = (from * CHUNK_MS / 1000) as usize;
+            let target = (from as u64 * CHUNK_MS as u64 / 1000) as usize;
             let chunk = target.div_ceil(unit).max(1) * unit;
             let fft = Fft::<f32>::new(from as usize, to as usize, chunk, 1, FixedSync::Input)
                 .map_err(|e| err(e.to_string()))?;
@@ -258,5 +262,8 @@ mod tests {
     #[test]
     fn bad_rates_are_refused() {
         assert!(StreamResampler::new(0, 16_000).is_err());
+        // Once an overflow in the chunk size (from * CHUNK_MS in u32) and a 3 GB allocation.
+        assert!(StreamResampler::new(u32::MAX, 16_000).is_err());
+        assert!(StreamResampler::new(16_000, u32::MAX).is_err());
     }
 }

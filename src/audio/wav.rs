@@ -17,8 +17,20 @@ pub enum WavError {
         "unsupported WAV sample format: tag {tag:#06x}, {bits} bits (use PCM16, float32 or µ-law)"
     )]
     Unsupported { tag: u16, bits: u16 },
-    #[error("WAV declares {0} channels")]
+    #[error("WAV declares {0} channels; 1 to {max} are supported", max = super::MAX_CHANNELS)]
     BadChannels(u16),
+    #[error("WAV declares {0} Hz, which is not a sample rate")]
+    BadRate(u32),
+    #[error(
+        "WAV header declares {0} Hz; callers may send {rates} Hz",
+        rates = super::supported_rates_text()
+    )]
+    UnsupportedRate(u32),
+    #[error(
+        "WAV header changes the stream's format mid-call ({from}, then {to}); a call keeps one \
+         format: open a new call for another"
+    )]
+    FormatChanged { from: WavFormat, to: WavFormat },
 }
 
 /// How samples are laid out in a WAV data chunk.
@@ -56,6 +68,21 @@ pub struct WavFormat {
     pub sample_rate: u32,
 }
 
+impl std::fmt::Display for WavFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.sample_format {
+            SampleFormat::Pcm16 => "PCM16",
+            SampleFormat::Float32 => "float32",
+            SampleFormat::Mulaw => "µ-law",
+        };
+        write!(f, "{name} {} Hz x{}", self.sample_rate, self.channels)
+    }
+}
+
+/// Highest rate any WAV we read may declare; callers are held to the narrower
+/// [`super::SUPPORTED_RATES`] by [`StreamDecoder`].
+const MAX_FILE_RATE: u32 = 384_000;
+
 const TAG_PCM: u16 = 1;
 const TAG_FLOAT: u16 = 3;
 const TAG_MULAW: u16 = 7;
@@ -80,8 +107,11 @@ fn parse_fmt(body: &[u8]) -> Result<WavFormat, WavError> {
         // The sub-format GUID starts with the plain format tag.
         tag = u16_at(body, 24);
     }
-    if channels == 0 {
+    if channels == 0 || channels > super::MAX_CHANNELS {
         return Err(WavError::BadChannels(channels));
+    }
+    if sample_rate == 0 || sample_rate > MAX_FILE_RATE {
+        return Err(WavError::BadRate(sample_rate));
     }
     let sample_format = match (tag, bits) {
         (TAG_PCM, 16) => SampleFormat::Pcm16,
@@ -208,9 +238,15 @@ pub fn write(samples: &[f32], sample_rate: u32, encoding: Encoding) -> Vec<u8> {
 /// Decodes a stream of blobs. A blob that starts with `RIFF` (normally only the first) sets the
 /// format from its header; every other blob is raw sample bytes in the current format. Bytes that
 /// do not complete a frame are carried into the next blob, so blob boundaries may fall anywhere.
+///
+/// A stream has one format: the first header may replace the default (as long as no audio was
+/// decoded in the default yet), a later header must repeat it, and any header must declare one of
+/// [`super::SUPPORTED_RATES`]. So whatever a caller sends, at most one resampler is ever needed.
 #[derive(Debug)]
 pub struct StreamDecoder {
     format: WavFormat,
+    /// Set once audio was decoded or a header was read: the format can no longer change.
+    locked: bool,
     carry: Vec<u8>,
 }
 
@@ -219,6 +255,7 @@ impl StreamDecoder {
     pub fn new(default: WavFormat) -> Self {
         StreamDecoder {
             format: default,
+            locked: false,
             carry: Vec::new(),
         }
     }
@@ -232,12 +269,27 @@ impl StreamDecoder {
         let mut payload = blob;
         if blob.starts_with(b"RIFF") {
             let (format, start) = parse_header(blob)?;
+            if !super::is_supported_rate(format.sample_rate) {
+                return Err(WavError::UnsupportedRate(format.sample_rate));
+            }
+            if self.locked && format != self.format {
+                return Err(WavError::FormatChanged {
+                    from: self.format,
+                    to: format,
+                });
+            }
+            if format != self.format {
+                self.carry.clear();
+            }
             self.format = format;
-            self.carry.clear();
+            self.locked = true;
             payload = &blob[start..];
         }
         let frame = self.format.channels as usize * self.format.sample_format.bytes_per_sample();
         let mut out = Vec::new();
+        if !payload.is_empty() {
+            self.locked = true;
+        }
         if !self.carry.is_empty() {
             let need = frame - self.carry.len();
             if payload.len() < need {
@@ -272,7 +324,7 @@ mod tests {
         h.extend_from_slice(&channels.to_le_bytes());
         h.extend_from_slice(&rate.to_le_bytes());
         let align = channels * bits / 8;
-        h.extend_from_slice(&(rate * align as u32).to_le_bytes());
+        h.extend_from_slice(&rate.wrapping_mul(align as u32).to_le_bytes());
         h.extend_from_slice(&align.to_le_bytes());
         h.extend_from_slice(&bits.to_le_bytes());
         h.extend_from_slice(b"data\xff\xff\xff\xff");
@@ -377,6 +429,64 @@ mod tests {
         second.extend_from_slice(&2000i16.to_le_bytes());
         let out = dec.push(&second).unwrap();
         assert_eq!(out, vec![1000.0 / 32768.0, 0.0]);
+    }
+
+    fn pcm16_mono(rate: u32) -> WavFormat {
+        WavFormat {
+            sample_format: SampleFormat::Pcm16,
+            channels: 1,
+            sample_rate: rate,
+        }
+    }
+
+    #[test]
+    fn insane_headers_are_refused_before_any_allocation() {
+        // The 3.3 KB message that once aborted the server: a header saying 4,294,967,295 Hz.
+        let mut dec = StreamDecoder::new(pcm16_mono(16_000));
+        let mut blob = header(TAG_PCM, 1, u32::MAX, 16, false);
+        blob.extend_from_slice(&[0u8; 3_300]);
+        assert_eq!(dec.push(&blob).unwrap_err(), WavError::BadRate(u32::MAX));
+        // 1 Hz once multiplied the audio 96,000 times in the resampler.
+        let blob = header(TAG_PCM, 1, 1, 16, false);
+        assert!(matches!(
+            dec.push(&blob).unwrap_err(),
+            WavError::UnsupportedRate(1)
+        ));
+        let blob = header(TAG_PCM, 1, 44_101, 16, false);
+        assert!(matches!(
+            dec.push(&blob).unwrap_err(),
+            WavError::UnsupportedRate(44_101)
+        ));
+        let blob = header(TAG_PCM, 9, 16_000, 16, false);
+        assert_eq!(dec.push(&blob).unwrap_err(), WavError::BadChannels(9));
+        // Nothing was accepted, so a good first header still sets the format.
+        let mut blob = header(TAG_PCM, 1, 48_000, 16, false);
+        blob.extend_from_slice(&[0u8; 4]);
+        assert_eq!(dec.push(&blob).unwrap().len(), 2);
+        assert_eq!(dec.format().sample_rate, 48_000);
+    }
+
+    #[test]
+    fn a_stream_keeps_one_format() {
+        let mut dec = StreamDecoder::new(pcm16_mono(16_000));
+        let mut first = header(TAG_PCM, 1, 48_000, 16, false);
+        first.extend_from_slice(&[0u8; 4]);
+        dec.push(&first).unwrap();
+        // Repeating the same header is fine; changing the rate is not.
+        dec.push(&first).unwrap();
+        let other = header(TAG_PCM, 1, 44_100, 16, false);
+        let e = dec.push(&other).unwrap_err();
+        assert!(matches!(e, WavError::FormatChanged { .. }), "{e}");
+        assert!(e.to_string().contains("48000 Hz"), "{e}");
+        assert_eq!(dec.format().sample_rate, 48_000);
+        // Headerless audio in the default format locks it too.
+        let mut dec = StreamDecoder::new(pcm16_mono(16_000));
+        dec.push(&[0u8; 8]).unwrap();
+        assert!(matches!(
+            dec.push(&header(TAG_PCM, 1, 48_000, 16, false))
+                .unwrap_err(),
+            WavError::FormatChanged { .. }
+        ));
     }
 
     #[test]

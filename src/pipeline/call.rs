@@ -12,9 +12,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::conversation::{Conversation, Turn};
+use super::limits::{BudgetPermit, InputBudget, LimitError, Limits, RealtimeGate};
 use super::listen::{self, VadEvent};
 use super::pacer::{self, PacerEvent, PacerSettings, Playout};
-use super::registry::{CallRegistry, Registration};
+use super::registry::{CallRegistry, Registration, RegistryError};
 use super::sentence::{SentenceAccumulator, SentenceSettings};
 use super::{Outbound, PipelineSettings, Timeline};
 use crate::audio::Encoding;
@@ -25,7 +26,8 @@ use crate::tts::{OutputHint, Synthesizer, TextUnit, Voice};
 use crate::vad::VadHandle;
 
 /// Chunks of caller audio that may wait for the resampler; the transport waits beyond that, which
-/// pushes back on the socket instead of dropping audio.
+/// pushes back on the socket instead of dropping audio. The real bound is in samples
+/// ([`InputBudget`]); this only caps the number of tiny chunks.
 const AUDIO_IN_QUEUE: usize = 64;
 /// 16 kHz chunks waiting for the VAD stage; same policy.
 const HEARD_QUEUE: usize = 64;
@@ -44,8 +46,25 @@ pub enum CallError {
     InputRate(u32, String),
     #[error("the speech-language model cannot open a session: {0}")]
     Model(String),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     #[error("the call has ended")]
     Ended,
+}
+
+impl CallError {
+    /// The error kind clients see and metrics count.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallError::InputRate(..) => "bad_config",
+            CallError::Model(_) => "call_start",
+            CallError::Limit(e) => e.kind(),
+            CallError::Registry(_) => "id_in_use",
+            CallError::Ended => "ended",
+        }
+    }
 }
 
 /// Everything calls share: the model, the voice, the VAD worker and the metrics.
@@ -56,6 +75,8 @@ pub struct Services {
     pub vad: VadHandle,
     pub metrics: Arc<Metrics>,
     pub settings: Arc<PipelineSettings>,
+    /// What one caller may send and make the server hold.
+    pub limits: Arc<Limits>,
     /// Live calls by id.
     pub registry: CallRegistry,
 }
@@ -86,19 +107,45 @@ pub enum CallCommand {
     },
 }
 
+/// Caller audio on its way to the resampler, with its share of the call's input budget.
+pub(super) type AudioIn = (Vec<f32>, BudgetPermit);
+
 /// The transport's side of a call. Dropping it ends the call and every task in it.
 pub struct CallHandle {
     /// The call's id in the registry.
     pub id: String,
-    audio: mpsc::Sender<Vec<f32>>,
+    audio: mpsc::Sender<AudioIn>,
     commands: mpsc::Sender<CallCommand>,
+    input_rate: u32,
+    budget: InputBudget,
+    pace: RealtimeGate,
+    metrics: Arc<Metrics>,
     _guard: DropGuard,
 }
 
 impl CallHandle {
-    /// Caller audio at the input rate, mono f32. Waits when the pipeline is behind.
-    pub async fn audio(&self, samples: Vec<f32>) -> Result<(), CallError> {
-        self.audio.send(samples).await.map_err(|_| CallError::Ended)
+    /// Caller audio at the input rate, mono f32. A chunk longer than the call's input budget is
+    /// refused; otherwise this waits while audio runs ahead of real time by more than the burst
+    /// allowance, and while the budget of samples in flight is spent, which pushes back on the
+    /// socket instead of buffering.
+    pub async fn audio(&mut self, samples: Vec<f32>) -> Result<(), CallError> {
+        self.budget.check(samples.len())?;
+        let secs = samples.len() as f64 / self.input_rate as f64;
+        let wait = self.pace.admit(
+            std::time::Duration::from_secs_f64(secs),
+            tokio::time::Instant::now().into_std(),
+        );
+        if !wait.is_zero() {
+            self.metrics
+                .input_throttled_seconds
+                .inc_by(wait.as_secs_f64());
+            tokio::time::sleep(wait).await;
+        }
+        let permit = self.budget.acquire(samples.len()).await;
+        self.audio
+            .send((samples, permit))
+            .await
+            .map_err(|_| CallError::Ended)
     }
 
     pub async fn history(&self) -> Result<Conversation, CallError> {
@@ -147,9 +194,16 @@ pub fn start(
     let (heard_tx, heard_rx) = mpsc::channel(HEARD_QUEUE);
     let (vad_tx, vad_rx) = mpsc::channel(VAD_EVENT_QUEUE);
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    if let Some(id) = &options.id {
+        super::limits::check_id(id)?;
+    }
+    services.limits.check_texts(
+        options.system_prompt.as_deref(),
+        options.first_message.as_deref(),
+    )?;
     let (id, registration) = services
         .registry
-        .register(options.id.clone(), cmd_tx.clone());
+        .register(options.id.clone(), cmd_tx.clone())?;
     tracing::debug!(call = %id, "call started");
     let mut tasks = JoinSet::new();
     tasks.spawn(listen::ingest(
@@ -189,11 +243,20 @@ pub fn start(
         tasks,
         _registration: registration,
     };
+    let budget = InputBudget::new(&actor.services.limits, actor.options.input_rate);
+    let burst = std::time::Duration::from_millis(actor.services.limits.realtime_burst_ms as u64);
+    let pace = RealtimeGate::new(burst, tokio::time::Instant::now().into_std());
+    let metrics = actor.services.metrics.clone();
+    let input_rate = actor.options.input_rate;
     tokio::spawn(actor.run(vad_rx, cmd_rx));
     Ok(CallHandle {
         id,
         audio: audio_tx,
         commands: cmd_tx,
+        input_rate,
+        budget,
+        pace,
+        metrics,
         _guard: cancel.drop_guard(),
     })
 }
@@ -204,6 +267,8 @@ enum TextEvent {
     Unit(String, Instant),
     Done,
     Failed(String),
+    /// The reply reached this many characters and was cut there.
+    TooLong(usize),
 }
 
 struct Reply {
@@ -359,9 +424,12 @@ impl Actor {
         let (text_tx, text_rx) = mpsc::channel(REPLY_EVENT_QUEUE);
         let (pacer_tx, pacer_rx) = mpsc::channel(REPLY_EVENT_QUEUE);
         let (ledger_tx, ledger_rx) = watch::channel(Playout::default());
+        // Tasks of earlier replies have ended; forget them so a long call does not pile them up.
+        while self.tasks.try_join_next().is_some() {}
         self.tasks.spawn(accumulate(
             tokens,
             sentence,
+            self.services.limits.max_reply_chars,
             unit_tx,
             text_tx,
             cancel.clone(),
@@ -372,6 +440,9 @@ impl Actor {
             output_rate: self.options.output_rate,
             frame_ms: s.output_frame_ms,
             lead: s.lead(),
+            max_ahead: std::time::Duration::from_millis(
+                self.services.limits.max_synth_ahead_ms as u64,
+            ),
         };
         self.tasks.spawn(pacer::run(
             pacer,
@@ -432,6 +503,10 @@ impl Actor {
                 if let Some(r) = self.reply.as_mut() {
                     r.text_done = true;
                 }
+            }
+            TextEvent::TooLong(limit) => {
+                self.services.metrics.error("reply_too_long");
+                tracing::warn!(limit, "a reply reached limits.max_reply_chars and was cut");
             }
             TextEvent::Failed(e) => {
                 self.services.metrics.error("slm");
@@ -589,10 +664,12 @@ async fn next_reply_event(reply: &mut Option<Reply>) -> ReplyEvent {
     }
 }
 
-/// The sentence-accumulator stage: tokens in, text units out to the synthesizer.
+/// The sentence-accumulator stage: tokens in, text units out to the synthesizer. A reply stops
+/// at `max_chars` characters (the rest of the token stream is dropped, which stops generation).
 async fn accumulate(
     mut tokens: TokenStream,
     settings: SentenceSettings,
+    max_chars: usize,
     units: mpsc::Sender<TextUnit>,
     events: mpsc::Sender<TextEvent>,
     cancel: CancellationToken,
@@ -600,19 +677,31 @@ async fn accumulate(
     let mut acc = SentenceAccumulator::new(settings);
     let mut index = 0;
     let mut first = true;
+    let mut chars = 0usize;
     loop {
         let token = tokio::select! {
             _ = cancel.cancelled() => return,
             t = tokens.recv() => t,
         };
-        let last = !matches!(token, Some(Ok(_)));
+        let mut last = !matches!(token, Some(Ok(_)));
         let ready = match token {
             Some(Ok(t)) => {
                 if first {
                     first = false;
                     let _ = events.send(TextEvent::FirstToken(Instant::now())).await;
                 }
-                acc.push(&t)
+                let n = t.chars().count();
+                if chars + n <= max_chars {
+                    chars += n;
+                    acc.push(&t)
+                } else {
+                    let keep: String = t.chars().take(max_chars - chars).collect();
+                    let _ = events.send(TextEvent::TooLong(max_chars)).await;
+                    last = true;
+                    let mut ready = acc.push(&keep);
+                    ready.extend(acc.finish());
+                    ready
+                }
             }
             Some(Err(e)) => {
                 let _ = events.send(TextEvent::Failed(e.to_string())).await;

@@ -19,6 +19,8 @@ use crate::vad::{SileroState, TurnDetector, TurnEvent, TurnSettings, VadHandle};
 pub struct Heard {
     pub samples: Vec<f32>,
     pub arrived: Instant,
+    /// The chunk's share of the call's input budget, returned once the VAD has taken it.
+    pub budget: Option<super::limits::BudgetPermit>,
 }
 
 #[derive(Debug, Clone)]
@@ -44,12 +46,12 @@ pub enum VadEvent {
 /// Resamples the caller's audio to 16 kHz. Ends when the input closes or the call ends.
 pub async fn ingest(
     mut resampler: StreamResampler,
-    mut input: mpsc::Receiver<Vec<f32>>,
+    mut input: mpsc::Receiver<super::call::AudioIn>,
     output: mpsc::Sender<Heard>,
     cancel: CancellationToken,
 ) {
     loop {
-        let chunk = tokio::select! {
+        let (chunk, budget) = tokio::select! {
             _ = cancel.cancelled() => return,
             c = input.recv() => match c { Some(c) => c, None => return },
         };
@@ -64,7 +66,12 @@ pub async fn ingest(
         if samples.is_empty() {
             continue;
         }
-        if output.send(Heard { samples, arrived }).await.is_err() {
+        let heard = Heard {
+            samples,
+            arrived,
+            budget: Some(budget),
+        };
+        if output.send(heard).await.is_err() {
             return;
         }
     }
@@ -152,6 +159,8 @@ pub async fn detect(
         };
         window.push(&heard);
         tracing::trace!(n = heard.samples.len(), end = window.end(), "heard");
+        // The window holds the audio now (bounded by the longest turn): release its budget.
+        drop(heard);
         let ready = ((window.end() - analysed) / flen as u64) as usize * flen;
         if ready == 0 {
             continue;
@@ -239,10 +248,12 @@ mod tests {
         w.push(&Heard {
             samples: vec![1.0; 16_000],
             arrived: t0 + Duration::from_secs(1),
+            budget: None,
         });
         w.push(&Heard {
             samples: vec![2.0; 16_000],
             arrived: t0 + Duration::from_secs(2),
+            budget: None,
         });
         assert_eq!(w.arrival(8_000), t0 + Duration::from_millis(500));
         assert_eq!(w.arrival(24_000), t0 + Duration::from_millis(1500));

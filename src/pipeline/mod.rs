@@ -6,6 +6,7 @@
 
 pub mod call;
 pub mod conversation;
+pub mod limits;
 pub mod listen;
 pub mod pacer;
 pub mod registry;

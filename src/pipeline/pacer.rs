@@ -90,12 +90,15 @@ pub struct PacerSettings {
     pub output_rate: u32,
     pub frame_ms: u32,
     pub lead: Duration,
+    /// Most synthesized audio held beyond what was sent; synthesis of the reply waits beyond it,
+    /// so a long reply never sits in memory whole.
+    pub max_ahead: Duration,
 }
 
 /// Runs the pacer until the audio stream ends or `cancel` fires. `send` delivers frames to the
 /// transport; `events` reports milestones; `ledger` is updated as frames go out. Synthesized audio
-/// is taken as soon as it is ready (so synthesis never waits and every unit's length is known
-/// early); only sending is held to the lead.
+/// is taken as soon as it is ready, up to `max_ahead` of it (so synthesis rarely waits and every
+/// unit's length is known early); only sending is held to the lead.
 pub async fn run(
     settings: PacerSettings,
     mut audio: AudioStream,
@@ -134,13 +137,14 @@ pub async fn run(
             return;
         }
         let n = frame_len.min(pending.len());
+        let room = secs(pending.len()) < settings.max_ahead;
         // Sending this frame now must leave at most `lead` queued on the client.
         let send_at = plays_until.max(now()) + secs(n);
         let send_at = send_at.checked_sub(settings.lead).unwrap_or(send_at);
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return,
-            chunk = audio.recv(), if input_open => {
+            chunk = audio.recv(), if input_open && room => {
                 let chunk = match chunk {
                     Some(Ok(c)) => c,
                     Some(Err(e)) => {
@@ -170,11 +174,21 @@ pub async fn run(
                         }
                     },
                 };
-                let mut out = r.push(&chunk.samples).unwrap_or_default();
-                if chunk.unit_done {
-                    // Flush so the unit's last samples are attributed to it.
-                    out.extend(r.flush().unwrap_or_default());
-                }
+                let converted = r.push(&chunk.samples).and_then(|mut out| {
+                    if chunk.unit_done {
+                        // Flush so the unit's last samples are attributed to it.
+                        out.extend(r.flush()?);
+                    }
+                    Ok(out)
+                });
+                let out = match converted {
+                    Ok(out) => out,
+                    Err(e) => {
+                        tracing::error!(error = %e, "pacer cannot resample synthesized audio");
+                        let _ = events.send(PacerEvent::Failed).await;
+                        return;
+                    }
+                };
                 if !out.is_empty() {
                     match pending_units.back_mut() {
                         Some((u, k)) if *u == chunk.unit => *k += out.len(),
@@ -315,6 +329,7 @@ mod tests {
             output_rate: 16_000,
             frame_ms: 20,
             lead: Duration::from_millis(100),
+            max_ahead: Duration::from_secs(10),
         };
         let started = now();
         let task = tokio::spawn(run(settings, arx, ftx, etx, ltx, CancellationToken::new()));
@@ -376,6 +391,7 @@ mod tests {
             output_rate: 8_000,
             frame_ms: 20,
             lead: Duration::from_millis(100),
+            max_ahead: Duration::from_secs(10),
         };
         let task = tokio::spawn(run(settings, arx, ftx, etx, ltx, CancellationToken::new()));
         // 0.5 s of audio, then the next unit only 0.8 s later: 0.3 s of silence for the caller.
@@ -398,6 +414,41 @@ mod tests {
         assert!((290..=310).contains(&ms), "gap of {ms} ms");
     }
 
+    /// A long reply (a huge first message, say) is never held whole: synthesis waits once the
+    /// pacer holds `max_ahead` beyond what it sent.
+    #[tokio::test(start_paused = true)]
+    async fn holds_at_most_max_ahead_of_synthesized_audio() {
+        let (atx, arx) = mpsc::channel(1);
+        let (ftx, _frx) = mpsc::channel(4096);
+        let (etx, _erx) = mpsc::channel(16);
+        let (ltx, _lrx) = watch::channel(Playout::default());
+        let cancel = CancellationToken::new();
+        let settings = PacerSettings {
+            reply: 1,
+            output_rate: 8_000,
+            frame_ms: 20,
+            lead: Duration::from_millis(100),
+            max_ahead: Duration::from_secs(3),
+        };
+        let task = tokio::spawn(run(settings, arx, ftx, etx, ltx, cancel.clone()));
+        let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = taken.clone();
+        tokio::spawn(async move {
+            for i in 0..600 {
+                if atx.send(Ok(chunk(0, 1.0, 8_000, i == 599))).await.is_err() {
+                    return;
+                }
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        // About 5 s played, 3 s held, one chunk in the channel and one in hand.
+        let n = taken.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((5..=10).contains(&n), "took {n} one-second chunks in 5 s");
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn cancel_stops_sending_at_once() {
         let (atx, arx) = mpsc::channel(8);
@@ -410,6 +461,7 @@ mod tests {
             output_rate: 8_000,
             frame_ms: 20,
             lead: Duration::from_millis(200),
+            max_ahead: Duration::from_secs(10),
         };
         let task = tokio::spawn(run(settings, arx, ftx, etx, ltx, cancel.clone()));
         atx.send(Ok(chunk(0, 5.0, 8_000, true))).await.unwrap();

@@ -1,21 +1,26 @@
 //! The registry of live calls: each call's command channel under its id (the Twilio call SID,
 //! the Vocode conversation id, or a generated one), so the server can answer questions about a
 //! call (its history) from outside the call's own connection. Entries remove themselves when the
-//! call's actor ends.
+//! call's actor ends. Generated ids are random (128 bits), so one call's id says nothing about
+//! another's, and a client-chosen id that is already live is refused, never shared or replaced.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
 use super::call::CallCommand;
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("a call with id {0:?} is already live; choose another id")]
+    InUse(String),
+}
+
 #[derive(Clone, Default)]
 pub struct CallRegistry {
     /// Only ever locked for a map operation; never held across an await.
     calls: Arc<Mutex<HashMap<String, mpsc::Sender<CallCommand>>>>,
-    next: Arc<AtomicU64>,
 }
 
 /// Removes its call from the registry when dropped.
@@ -35,25 +40,39 @@ impl Drop for Registration {
 }
 
 impl CallRegistry {
-    /// Registers a call under `id`, or a generated id when none is given or it is taken.
+    /// Registers a call under `id`, or under a random id when none is given. A live id is
+    /// refused.
     pub fn register(
         &self,
         id: Option<String>,
         commands: mpsc::Sender<CallCommand>,
-    ) -> (String, Registration) {
+    ) -> Result<(String, Registration), RegistryError> {
         let mut calls = self.calls.lock().expect("registry lock");
-        let id = match id.filter(|i| !i.is_empty() && !calls.contains_key(i)) {
+        let id = match id.filter(|i| !i.is_empty()) {
+            Some(id) if calls.contains_key(&id) => return Err(RegistryError::InUse(id)),
             Some(id) => id,
-            None => format!("call-{}", self.next.fetch_add(1, Ordering::Relaxed) + 1),
+            None => loop {
+                let id = format!("call-{:032x}", rand::random::<u128>());
+                if !calls.contains_key(&id) {
+                    break id;
+                }
+            },
         };
         calls.insert(id.clone(), commands);
-        (
-            id.clone(),
-            Registration {
-                registry: self.clone(),
-                id,
-            },
-        )
+        let registration = Registration {
+            registry: self.clone(),
+            id: id.clone(),
+        };
+        Ok((id, registration))
+    }
+
+    /// Calls live now.
+    pub fn len(&self) -> usize {
+        self.calls.lock().expect("registry lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn get(&self, id: &str) -> Option<mpsc::Sender<CallCommand>> {
@@ -78,19 +97,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_are_unique_and_entries_leave_with_their_registration() {
+    fn a_live_id_is_refused_and_entries_leave_with_their_registration() {
         let r = CallRegistry::default();
         let (tx, _rx) = mpsc::channel(1);
-        let (a, ga) = r.register(Some("CA1".into()), tx.clone());
-        let (b, gb) = r.register(Some("CA1".into()), tx.clone());
-        let (c, _gc) = r.register(None, tx);
+        let (a, ga) = r.register(Some("CA1".into()), tx.clone()).unwrap();
         assert_eq!(a, "CA1");
-        assert_ne!(b, a);
-        assert!(c.starts_with("call-"));
-        assert_eq!(r.ids().len(), 3);
+        assert_eq!(
+            r.register(Some("CA1".into()), tx.clone()).err(),
+            Some(RegistryError::InUse("CA1".into()))
+        );
+        let (c, _gc) = r.register(None, tx.clone()).unwrap();
+        let (d, _gd) = r.register(Some(String::new()), tx).unwrap();
+        // Generated ids are random: nothing to guess from one to the next.
+        assert!(c.starts_with("call-") && c.len() == 37, "{c}");
+        assert_ne!(c, d);
+        assert_eq!(r.len(), 3);
         drop(ga);
         assert!(r.get("CA1").is_none());
-        drop(gb);
-        assert_eq!(r.ids(), vec![c]);
+        assert_eq!(r.len(), 2);
     }
 }

@@ -1,24 +1,45 @@
 //! The sentence accumulator: streamed tokens in, speakable text units out. A unit is emitted as
 //! soon as a sentence (or, for the first unit of a reply, a clause of a few words) is complete,
-//! and what remains is flushed when generation ends. It knows abbreviations, initials, decimals,
-//! ellipses, closing quotes, numbered lists and line breaks.
+//! and what remains is flushed when generation ends. It knows abbreviations (English, German,
+//! Spanish), initials, decimals, ellipses, closing quotes, numbered lists, line breaks and the
+//! CJK full stops that need no space after them. No unit is longer than `max_chars` characters.
+//!
+//! The text comes from a model and can be anything, so the scan is incremental: each character
+//! is examined a bounded number of times however the reply is split into tokens, and the work
+//! per reply stays linear in its length.
 
 /// Words after which a full stop does not end a sentence (compared lower-case, without the dot).
 const ABBREVIATIONS: &[&str] = &[
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "u.s", "u.k",
     "a.m", "p.m", "approx", "dept", "fig", "inc", "ltd", "mt", "jan", "feb", "mar", "apr", "jun",
     "jul", "aug", "sep", "sept", "oct", "nov", "dec", "cf", "al", "ph.d", "gen", "col", "capt",
-    "lt", "sgt", "rev",
+    "lt", "sgt", "rev", "z.b", "d.h", "usw", "bzw", "ca", "nr", "vgl", "sra", "srta", "dra", "ud",
+    "uds",
 ];
 
-const CLOSERS: &[char] = &['"', '\'', '”', '’', ')', ']', '»'];
+const CLOSERS: &[char] = &[
+    '"', '\'', '”', '’', ')', ']', '»', '」', '』', '）', '】', '］', '〕', '〉', '》',
+];
+
+const OPENERS: &[char] = &['"', '\'', '“', '‘', '(', '[', '¿', '¡', '«', '„', '‚'];
+
+/// Sentence ends of scripts written without spaces; they end a sentence wherever they stand.
+const CJK_ENDS: &[char] = &['。', '！', '？', '．'];
+
+/// Longer words skip the abbreviation, initial and number checks, which keeps them O(1).
+const MAX_CHECKED_WORD: usize = 16;
+
+/// How many spaces after a possible sentence end are read to see what follows it; past that the
+/// unit is cut, so a flood of spaces is never rescanned.
+const MAX_LOOKAHEAD: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SentenceSettings {
     /// Emit the first clause of a reply at a comma, semicolon, colon or dash once it has this many
     /// words; 0 disables early clauses.
     pub first_clause_words: usize,
-    /// A unit longer than this many characters is split at its last space.
+    /// No unit is longer than this many characters (not bytes): a longer one is split at its last
+    /// whitespace, or after exactly this many characters if it has none. 0 counts as 1.
     pub max_chars: usize,
 }
 
@@ -34,10 +55,74 @@ impl Default for SentenceSettings {
 #[derive(Debug, Default)]
 pub struct SentenceAccumulator {
     settings: SentenceSettings,
+    /// Text received. `buf[..start]` is spent; it is dropped only once it outgrows the rest, so
+    /// cutting a unit never moves the whole buffer.
     buf: String,
-    /// Byte offset up to which `buf` has been examined for boundaries.
-    scanned: usize,
+    start: usize,
+    /// Byte offset up to which `buf` has been scanned.
+    pos: usize,
+    /// Characters scanned since the last reset, so lengths in characters need no rescan.
+    seen: usize,
+    /// First non-space character of the pending unit, as (byte offset, character index).
+    text: Option<(usize, usize)>,
+    /// Byte offset just past the last non-space character of the pending unit.
+    text_end: usize,
+    /// The last whitespace inside the pending unit: where an over-long unit is split.
+    gap: Option<Gap>,
+    /// Words in the pending unit, and since it began or since its last line break.
+    words: usize,
+    line_words: usize,
+    /// The word being scanned, as (byte offset, character index); `None` after a space.
+    word: Option<(usize, usize)>,
+    /// The last character of that word that is not a closer: what decides a sentence end.
+    core: Option<Core>,
+    prev: char,
+    /// A CJK sentence end was seen; the unit ends before the next character that is not a closer.
+    cjk_end: Option<char>,
+    /// A possible sentence end waits for the next non-space character.
+    wait: Option<Wait>,
     emitted: usize,
+    /// Characters examined; the tests hold it to a small multiple of the input.
+    examined: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Gap {
+    text_end: usize,
+    next: usize,
+    next_index: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Core {
+    c: char,
+    at: usize,
+    index: usize,
+    prev: char,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Wait {
+    /// The space after the possible end, not yet scanned.
+    space: char,
+    /// How far the lookahead has read, so more tokens resume it instead of restarting it.
+    look: usize,
+    spaces: usize,
+    follow: Follow,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Follow {
+    /// The sentence ends only if a capital letter follows (ellipses, numbers).
+    Capital,
+    /// The sentence ends unless a "b" follows ("z. B.").
+    NotB,
+}
+
+enum Decision {
+    Cut,
+    No,
+    Wait(Follow),
 }
 
 impl SentenceAccumulator {
@@ -50,110 +135,254 @@ impl SentenceAccumulator {
 
     /// Adds a token; returns the units it completed.
     pub fn push(&mut self, token: &str) -> Vec<String> {
+        self.compact();
         self.buf.push_str(token);
         let mut out = Vec::new();
-        while let Some(cut) = self.find_boundary() {
-            let unit: String = self.buf.drain(..cut).collect();
-            self.scanned = 0;
-            let unit = unit.trim();
-            if !unit.is_empty() {
-                out.push(unit.to_string());
-                self.emitted += 1;
-            }
-        }
+        self.scan(&mut out);
         out
     }
 
     /// Generation ended: whatever is left is the last unit.
     pub fn finish(&mut self) -> Option<String> {
-        let rest = std::mem::take(&mut self.buf);
-        self.scanned = 0;
-        self.emitted = 0;
-        let rest = rest.trim();
-        (!rest.is_empty()).then(|| rest.to_string())
+        // Anything past `pos` is the lookahead of a pending end, which holds only spaces.
+        let rest = self
+            .text
+            .map(|(begin, _)| self.buf[begin..self.text_end].to_string());
+        self.reset();
+        rest
     }
 
     /// Drops everything (barge-in).
     pub fn reset(&mut self) {
-        self.buf.clear();
-        self.scanned = 0;
-        self.emitted = 0;
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        *self = SentenceAccumulator {
+            settings: self.settings,
+            buf,
+            examined: self.examined,
+            ..Default::default()
+        };
     }
 
-    /// The byte offset just past the first complete unit in `buf`, if any.
-    fn find_boundary(&mut self) -> Option<usize> {
-        let chars: Vec<(usize, char)> = self.buf.char_indices().collect();
-        let start = chars
-            .iter()
-            .position(|&(i, _)| i >= self.scanned)
-            .unwrap_or(chars.len());
-        for k in start..chars.len() {
-            let (i, c) = chars[k];
-            if c == '\n' {
-                if !self.buf[..i].trim().is_empty() {
-                    return Some(i + 1);
+    fn max_chars(&self) -> usize {
+        self.settings.max_chars.max(1)
+    }
+
+    /// Drops the spent prefix once it is larger than what remains, which keeps the copying
+    /// linear overall. Every offset still in use lies at or after `start`.
+    fn compact(&mut self) {
+        let n = self.start;
+        if n == 0 || n <= self.buf.len() - n {
+            return;
+        }
+        self.buf.drain(..n);
+        self.start = 0;
+        self.pos -= n;
+        self.text_end = self.text_end.saturating_sub(n);
+        if let Some(t) = &mut self.text {
+            t.0 -= n;
+        }
+        if let Some(g) = &mut self.gap {
+            g.text_end -= n;
+            g.next -= n;
+        }
+        if let Some(w) = &mut self.word {
+            w.0 -= n;
+        }
+        if let Some(c) = &mut self.core {
+            c.at -= n;
+        }
+        if let Some(w) = &mut self.wait {
+            w.look -= n;
+        }
+    }
+
+    fn scan(&mut self, out: &mut Vec<String>) {
+        loop {
+            if let Some(wait) = self.wait {
+                let Some(cut) = self.look(wait) else {
+                    return;
+                };
+                self.wait = None;
+                if cut {
+                    self.cut(self.text_end, self.pos + wait.space.len_utf8(), out);
+                    self.advance(wait.space);
+                } else {
+                    self.space(wait.space);
                 }
                 continue;
+            }
+            let Some(c) = self.buf[self.pos..].chars().next() else {
+                return;
+            };
+            self.examined += 1;
+            if let Some(end) = self.cjk_end {
+                let digit = c.is_ascii_digit() || ('０'..='９').contains(&c);
+                if end == '．' && digit {
+                    // "３．１４" is a number, not a sentence end.
+                    self.cjk_end = None;
+                } else if !continues_end(c) {
+                    self.cut(self.text_end, self.pos, out);
+                }
             }
             if !c.is_whitespace() {
+                self.split_if_full(out);
+                self.letter(c);
                 continue;
             }
-            // `c` is a space: look at what it ends.
-            let before = &self.buf[..i];
-            match self.ends_unit(before, &chars[k + 1..]) {
-                Decision::Cut => return Some(i + 1),
-                Decision::No => {}
-                Decision::NeedMore => {
-                    self.scanned = i;
-                    return None;
+            if c == '\n' && self.text.is_some() {
+                self.cut(self.text_end, self.pos + 1, out);
+                self.advance(c);
+                continue;
+            }
+            if self.word.is_some() {
+                match self.decide() {
+                    Decision::Cut => {
+                        self.cut(self.text_end, self.pos + c.len_utf8(), out);
+                        self.advance(c);
+                        continue;
+                    }
+                    Decision::Wait(follow) => {
+                        self.wait = Some(Wait {
+                            space: c,
+                            look: self.pos + c.len_utf8(),
+                            spaces: 0,
+                            follow,
+                        });
+                        continue;
+                    }
+                    Decision::No => {}
                 }
             }
+            self.space(c);
         }
-        if self.buf.len() > self.settings.max_chars {
-            if let Some(sp) = self.buf[..self.settings.max_chars].rfind(' ') {
-                return Some(sp + 1);
+    }
+
+    /// Reads on past the space after a possible end; `None` until the buffer says enough.
+    fn look(&mut self, mut wait: Wait) -> Option<bool> {
+        while let Some(c) = self.buf[wait.look..].chars().next() {
+            self.examined += 1;
+            if c == '\n' {
+                return Some(true);
             }
+            if !c.is_whitespace() {
+                return Some(match wait.follow {
+                    Follow::Capital => c.is_uppercase(),
+                    Follow::NotB => !matches!(c, 'b' | 'B'),
+                });
+            }
+            wait.spaces += 1;
+            if wait.spaces > MAX_LOOKAHEAD {
+                return Some(true);
+            }
+            wait.look += c.len_utf8();
         }
-        self.scanned = self.buf.len();
+        self.wait = Some(wait);
         None
     }
 
-    fn ends_unit(&self, before: &str, after: &[(usize, char)]) -> Decision {
-        let trimmed = before.trim_end_matches(CLOSERS);
-        let Some(last) = trimmed.chars().last() else {
+    fn advance(&mut self, c: char) {
+        self.pos += c.len_utf8();
+        self.seen += 1;
+        self.prev = c;
+    }
+
+    fn space(&mut self, c: char) {
+        self.word = None;
+        if self.text.is_some() {
+            self.gap = Some(Gap {
+                text_end: self.text_end,
+                next: self.pos + c.len_utf8(),
+                next_index: self.seen + 1,
+            });
+        } else {
+            // Leading spaces belong to no unit; letting them go lets `compact` drop them.
+            self.start = self.pos + c.len_utf8();
+        }
+        if c == '\n' {
+            self.line_words = 0;
+        }
+        self.advance(c);
+    }
+
+    fn letter(&mut self, c: char) {
+        if self.word.is_none() {
+            self.word = Some((self.pos, self.seen));
+            self.core = None;
+            self.words += 1;
+            self.line_words += 1;
+        }
+        if self.text.is_none() {
+            self.text = Some((self.pos, self.seen));
+        }
+        self.text_end = self.pos + c.len_utf8();
+        if !CLOSERS.contains(&c) {
+            self.core = Some(Core {
+                c,
+                at: self.pos,
+                index: self.seen,
+                prev: self.prev,
+            });
+        }
+        if CJK_ENDS.contains(&c) {
+            self.cjk_end = Some(c);
+        }
+        self.advance(c);
+    }
+
+    /// Before the next non-space character: if it would make the unit too long, emit the unit up
+    /// to its last whitespace, or, with none, the `max_chars` characters it already has.
+    fn split_if_full(&mut self, out: &mut Vec<String>) {
+        let Some((_, first)) = self.text else {
+            return;
+        };
+        if self.seen - first < self.max_chars() {
+            return;
+        }
+        let Some(gap) = self.gap else {
+            self.cut(self.text_end, self.pos, out);
+            return;
+        };
+        let (word, core, cjk_end) = (self.word, self.core, self.cjk_end);
+        self.cut(gap.text_end, gap.next, out);
+        if gap.next < self.pos {
+            // The word after the gap stays pending; it is shorter than the unit that was cut.
+            self.text = Some((gap.next, gap.next_index));
+            self.words = 1;
+            self.line_words = 1;
+            (self.word, self.core, self.cjk_end) = (word, core, cjk_end);
+        }
+    }
+
+    /// Emits the pending unit, which ends at `text_end`, and starts the next one at `next`.
+    fn cut(&mut self, text_end: usize, next: usize, out: &mut Vec<String>) {
+        if let Some((begin, _)) = self.text {
+            out.push(self.buf[begin..text_end].to_string());
+            self.emitted += 1;
+        }
+        self.start = next;
+        self.text = None;
+        self.gap = None;
+        self.words = 0;
+        self.line_words = 0;
+        self.word = None;
+        self.core = None;
+        self.cjk_end = None;
+    }
+
+    /// At a space that ends a word: does the word end the unit?
+    fn decide(&mut self) -> Decision {
+        let (Some(word), Some(core)) = (self.word, self.core) else {
             return Decision::No;
         };
-        let word = trimmed.rsplit(char::is_whitespace).next().unwrap_or("");
-        match last {
+        match core.c {
             '!' | '?' => Decision::Cut,
-            '…' => capital_follows(after),
-            '.' if trimmed.ends_with("..") => capital_follows(after),
-            '.' => {
-                let stem = word.trim_start_matches(['"', '\'', '“', '‘', '(', '[']);
-                let stem = stem.trim_end_matches('.');
-                let lower = stem.to_lowercase();
-                if ABBREVIATIONS.contains(&lower.as_str()) {
-                    Decision::No
-                } else if stem.chars().count() == 1 && stem.chars().all(char::is_uppercase) {
-                    // An initial: "J. R. R. Tolkien".
-                    Decision::No
-                } else if !stem.is_empty() && stem.chars().all(|c| c.is_ascii_digit()) {
-                    // "1." at the start of a line is a list marker; elsewhere a number ends a
-                    // sentence only if a capital letter follows ("I am 25. Next", not "1. apples").
-                    let line = before.rsplit('\n').next().unwrap_or("").trim();
-                    if line == word {
-                        Decision::No
-                    } else {
-                        capital_follows(after)
-                    }
-                } else {
-                    Decision::Cut
-                }
-            }
+            '…' => Decision::Wait(Follow::Capital),
+            '.' if core.prev == '.' && core.index > word.1 => Decision::Wait(Follow::Capital),
+            '.' => self.full_stop(word, core),
             ',' | ';' | ':' | '—' | '–' if self.emitted == 0 => {
                 let n = self.settings.first_clause_words;
-                let words = before.split_whitespace().count();
-                if n > 0 && words >= n {
+                if n > 0 && self.words >= n {
                     Decision::Cut
                 } else {
                     Decision::No
@@ -162,21 +391,44 @@ impl SentenceAccumulator {
             _ => Decision::No,
         }
     }
-}
 
-enum Decision {
-    Cut,
-    No,
-    NeedMore,
-}
-
-/// Ends the sentence only if what follows starts with a capital letter (ellipses, numbers).
-fn capital_follows(after: &[(usize, char)]) -> Decision {
-    match after.iter().map(|&(_, c)| c).find(|c| !c.is_whitespace()) {
-        None => Decision::NeedMore,
-        Some(c) if c.is_uppercase() => Decision::Cut,
-        Some(_) => Decision::No,
+    fn full_stop(&mut self, word: (usize, usize), core: Core) -> Decision {
+        let len = core.index - word.1;
+        if len >= MAX_CHECKED_WORD {
+            return Decision::Cut;
+        }
+        self.examined += len;
+        let closed = core.at + 1 != self.pos;
+        let stem = self.buf[word.0..core.at]
+            .trim_start_matches(OPENERS)
+            .trim_end_matches('.');
+        let lower: String = stem.chars().flat_map(char::to_lowercase).collect();
+        let mut chars = stem.chars();
+        let single = chars.next().filter(|_| chars.next().is_none());
+        if ABBREVIATIONS.contains(&lower.as_str()) {
+            Decision::No
+        } else if stem == "z" {
+            Decision::Wait(Follow::NotB)
+        } else if single.is_some_and(char::is_uppercase) {
+            // An initial: "J. R. R. Tolkien".
+            Decision::No
+        } else if !stem.is_empty() && stem.bytes().all(|b| b.is_ascii_digit()) {
+            // "1." alone at the start of a line is a list marker; elsewhere a number ends a
+            // sentence only if a capital letter follows ("I am 25. Next", not "1. apples").
+            if self.line_words == 1 && !closed {
+                Decision::No
+            } else {
+                Decision::Wait(Follow::Capital)
+            }
+        } else {
+            Decision::Cut
+        }
     }
+}
+
+/// What may stand after a CJK sentence end and still belong to its sentence ("？！", "。」").
+fn continues_end(c: char) -> bool {
+    CLOSERS.contains(&c) || CJK_ENDS.contains(&c) || matches!(c, '!' | '?' | '.' | '…')
 }
 
 #[cfg(test)]
@@ -316,5 +568,239 @@ mod tests {
         acc.push("half a sent");
         acc.reset();
         assert_eq!(acc.finish(), None);
+    }
+
+    /// Feeds `text` in pieces of `n` characters and collects every unit.
+    fn units_by(text: &str, n: usize, settings: SentenceSettings) -> Vec<String> {
+        let mut acc = SentenceAccumulator::new(settings);
+        let chars: Vec<char> = text.chars().collect();
+        let mut out = Vec::new();
+        for piece in chars.chunks(n.max(1)) {
+            out.extend(acc.push(&piece.iter().collect::<String>()));
+        }
+        out.extend(acc.finish());
+        out
+    }
+
+    /// The units of `text`, checked to be the same however the text is split into tokens.
+    fn units_any_split(text: &str, settings: SentenceSettings) -> Vec<String> {
+        let want = units(text, settings);
+        for n in [1, 3, usize::MAX] {
+            assert_eq!(
+                units_by(text, n, settings),
+                want,
+                "{n}-char tokens of {text:?}"
+            );
+        }
+        want
+    }
+
+    /// Every unit is non-empty, trimmed and short enough, and together they hold all the text.
+    fn assert_sound(input: &str, units: &[String], max_chars: usize) {
+        for u in units {
+            assert!(!u.is_empty() && u.trim() == u, "unit {u:?} of {input:?}");
+            assert!(
+                u.chars().count() <= max_chars,
+                "unit {u:?} over {max_chars}"
+            );
+        }
+        let strip = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
+        assert_eq!(strip(&units.concat()), strip(input), "units {units:?}");
+    }
+
+    #[test]
+    fn other_languages_end_sentences_where_they_should() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "¿Qué tal? Muy bien, gracias. ¡Adiós!",
+                &["¿Qué tal?", "Muy bien, gracias.", "¡Adiós!"],
+            ),
+            (
+                "Das ist z. B. ein Test. Die Straße ist schön.",
+                &["Das ist z. B. ein Test.", "Die Straße ist schön."],
+            ),
+            (
+                "こんにちは。元気ですか？はい、元気です。",
+                &["こんにちは。", "元気ですか？", "はい、元気です。"],
+            ),
+            ("I love it 😀. Next 🎉!", &["I love it 😀.", "Next 🎉!"]),
+            (
+                "Es kostet ca. 5 Euro bzw. mehr, z.B. Nr. 3 usw. Gut.",
+                &["Es kostet ca. 5 Euro bzw. mehr, z.B. Nr. 3 usw. Gut."],
+            ),
+            (
+                "Der Buchstabe z. Dann kam y.",
+                &["Der Buchstabe z.", "Dann kam y."],
+            ),
+            (
+                "La Sra. Díaz y la Srta. Ruiz. ¿Ud. o Uds. vienen? Sí.",
+                &[
+                    "La Sra. Díaz y la Srta. Ruiz.",
+                    "¿Ud. o Uds. vienen?",
+                    "Sí.",
+                ],
+            ),
+            ("你好！我很好。谢谢", &["你好！", "我很好。", "谢谢"]),
+            (
+                "彼は「行く。」と言った。次",
+                &["彼は「行く。」", "と言った。", "次"],
+            ),
+            ("本当？！うん。 Yes.", &["本当？！", "うん。", "Yes."]),
+            ("円周率は３．１４です。", &["円周率は３．１４です。"]),
+            ("Hi.\u{3000}Next one.", &["Hi.", "Next one."]),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                units_any_split(input, no_clauses()),
+                *want,
+                "input {input:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_cjk_end_is_cut_when_the_next_character_arrives() {
+        let mut acc = SentenceAccumulator::new(no_clauses());
+        assert!(acc.push("はい。").is_empty());
+        assert!(acc.push("」").is_empty());
+        assert_eq!(acc.push("次"), vec!["はい。」"]);
+        assert_eq!(acc.finish().as_deref(), Some("次"));
+    }
+
+    #[test]
+    fn long_text_is_split_by_characters_never_bytes() {
+        let s = SentenceSettings {
+            first_clause_words: 0,
+            max_chars: 20,
+        };
+        let long_word = format!("Go {} now.", "ß".repeat(50));
+        let cases = [
+            ("é".repeat(1000), true),
+            ("😀".repeat(1000), true),
+            ("あいうえおかきくけこさしすせそ".repeat(70), true),
+            ("éé😀 ".repeat(300), false),
+            ("ﾃｽﾄ です ".repeat(200), false),
+            (long_word, false),
+        ];
+        for (input, solid) in &cases {
+            let u = units_any_split(input, s);
+            assert_sound(input, &u, 20);
+            if *solid {
+                assert_eq!(u.concat(), *input);
+                assert!(u[..u.len() - 1].iter().all(|x| x.chars().count() == 20));
+            } else if input.split_whitespace().all(|w| w.chars().count() <= 20) {
+                let words: Vec<&str> = input.split_whitespace().collect();
+                assert_eq!(u.join(" "), words.join(" "));
+            }
+        }
+    }
+
+    #[test]
+    fn finish_never_returns_more_than_max_chars() {
+        let s = SentenceSettings {
+            first_clause_words: 0,
+            max_chars: 20,
+        };
+        let mut acc = SentenceAccumulator::new(s);
+        assert_eq!(acc.push(&"a".repeat(25)), vec!["a".repeat(20)]);
+        assert_eq!(acc.finish(), Some("a".repeat(5)));
+        assert_eq!(acc.push(&"b".repeat(20)), Vec::<String>::new());
+        assert_eq!(acc.finish(), Some("b".repeat(20)));
+    }
+
+    #[test]
+    fn spaces_after_a_possible_end_are_read_only_so_far() {
+        let few = format!("It is 1.{}apples", " ".repeat(10));
+        let many = format!("It is 1.{}apples", " ".repeat(40));
+        let cases: &[(&str, &[&str])] = &[
+            (&few, &[few.as_str()]),
+            (&many, &["It is 1.", "apples"]),
+            ("It is 1.  \n  apples", &["It is 1.", "apples"]),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                units_any_split(input, no_clauses()),
+                *want,
+                "input {input:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn work_stays_linear_in_the_input() {
+        let n = 200_000;
+        let fill = |unit: &str| unit.repeat(n / unit.chars().count());
+        let texts = [
+            (
+                "short sentences",
+                fill("Hi there. Mr. X met Dr. Y! Ok? 1. a z. B. so... "),
+            ),
+            ("first clauses", fill("One two three four, five. ")),
+            ("one run, no space", "a".repeat(n)),
+            ("one run of é", "é".repeat(n)),
+            ("1. then spaces", format!("1.{}", " ".repeat(n))),
+            ("ends then spaces", format!("It is 1.{}", " ".repeat(n))),
+            ("ellipses", fill("Wait… then. ")),
+            ("cjk", fill("はい。」")),
+        ];
+        for (name, text) in &texts {
+            for one_token in [true, false] {
+                let mut acc = SentenceAccumulator::new(SentenceSettings::default());
+                if one_token {
+                    acc.push(text);
+                } else {
+                    let mut b = [0; 4];
+                    for c in text.chars() {
+                        acc.push(c.encode_utf8(&mut b));
+                    }
+                }
+                acc.finish();
+                let ratio = acc.examined as f64 / text.chars().count() as f64;
+                eprintln!("{name}, one token {one_token}: {ratio:.3} examinations per char");
+                assert!(ratio <= 4.0, "{name}: {ratio}");
+            }
+        }
+    }
+
+    /// SplitMix64: a deterministic generator, enough for fuzzing without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn random_text_keeps_every_invariant() {
+        let alphabet: Vec<char> = "aBz Z  ..!?,\n\té ß。😀\"」1".chars().collect();
+        let mut rng = Rng(7);
+        for _ in 0..3000 {
+            let len = rng.below(300);
+            let input: String = (0..len)
+                .map(|_| alphabet[rng.below(alphabet.len())])
+                .collect();
+            let settings = SentenceSettings {
+                first_clause_words: rng.below(6),
+                max_chars: 1 + rng.below(40),
+            };
+            let mut acc = SentenceAccumulator::new(settings);
+            let mut got = Vec::new();
+            let chars: Vec<char> = input.chars().collect();
+            let mut i = 0;
+            while i < chars.len() {
+                let n = 1 + rng.below(8);
+                let token: String = chars[i..(i + n).min(chars.len())].iter().collect();
+                got.extend(acc.push(&token));
+                i += n;
+            }
+            got.extend(acc.finish());
+            assert_sound(&input, &got, settings.max_chars);
+            assert_eq!(got, units_by(&input, usize::MAX, settings), "{input:?}");
+        }
     }
 }

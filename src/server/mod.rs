@@ -1,8 +1,11 @@
-//! The HTTP server: the router (`/conversation`, `/health`, `/metrics`, and the web page at `/`
-//! from [`frontend`]), the shared state every connection gets, a cap on concurrent calls, and
-//! graceful shutdown (signal → cancel every call → drain).
+//! The HTTP server: the router (`/conversation`, `/auth/token`, `/health`, `/metrics`, the call
+//! registry, Twilio's routes, and the web page at `/` from [`frontend`]), the shared state every
+//! connection gets, admission (credentials, origin, a slot for a socket waiting to start and one
+//! per call), and graceful shutdown (signal → stop accepting → cancel every call → drain).
 
+pub mod auth;
 pub mod frontend;
+pub mod listener;
 pub mod setup;
 pub mod twilio;
 
@@ -10,70 +13,150 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::model::ModelStatus;
 use crate::pipeline::call::Services;
-use crate::transport::vocode::handler::{self, Limits};
-
-/// Largest websocket message the socket layer accepts; our own, smaller limit answers with an
-/// error instead of dropping the connection.
-const SOCKET_MESSAGE_LIMIT: usize = 16 << 20;
+use crate::transport::socket::{Admission, SocketSettings};
+use crate::transport::vocode::handler;
 
 #[derive(Clone)]
 pub struct AppState {
     pub services: Services,
-    pub limits: Limits,
+    /// The bounds of a Vocode call's socket.
+    pub socket: SocketSettings,
+    /// The bounds of a Twilio media stream.
+    pub twilio_socket: SocketSettings,
     /// Cancelled on shutdown; every call's token is a child of it.
     pub cancel: CancellationToken,
     /// One permit per call in progress; refuses callers beyond `max_calls`.
     pub calls: Arc<Semaphore>,
+    /// One permit per websocket waiting for its start message (`max_pending_sockets`).
+    pub pending: Arc<Semaphore>,
     pub twilio: twilio::TwilioSettings,
+    pub auth: Arc<auth::Auth>,
+    pub listen: listener::ListenSettings,
 }
 
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/conversation", get(conversation))
+        .route("/auth/token", post(call_token))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/calls", get(list_calls))
         .route("/calls/{id}/history", get(call_history))
-        .route("/twilio/voice", axum::routing::post(twilio::voice))
+        .route("/twilio/voice", post(twilio::voice))
         .route("/twilio/stream", get(twilio::stream))
         .merge(frontend::routes())
         .with_state(state)
 }
 
-async fn conversation(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    let Ok(permit) = state.calls.clone().try_acquire_owned() else {
-        state.services.metrics.error("busy");
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
+/// A websocket refused for want of capacity: HTTP 503 with the reason.
+struct Busy(&'static str);
+
+impl IntoResponse for Busy {
+    fn into_response(self) -> Response {
+        (StatusCode::SERVICE_UNAVAILABLE, self.0).into_response()
+    }
+}
+
+/// A websocket's place before its call starts: refused with 503 when every call slot or every
+/// pending slot is taken.
+fn admit(state: &AppState) -> Result<Admission, Busy> {
+    let metrics = &state.services.metrics;
+    if state.calls.available_permits() == 0 {
+        metrics.error("busy");
+        return Err(Busy(
             "the server is at its call limit (server.max_calls); try again later",
-        )
-            .into_response();
+        ));
+    }
+    let Ok(pending) = state.pending.clone().try_acquire_owned() else {
+        metrics.error("busy");
+        return Err(Busy(
+            "too many connections are waiting to start a call (server.max_pending_sockets); \
+             try again later",
+        ));
     };
-    ws.max_message_size(SOCKET_MESSAGE_LIMIT)
-        .max_frame_size(SOCKET_MESSAGE_LIMIT)
-        .on_upgrade(move |socket| async move {
-            handler::serve(socket, state.services, state.limits, state.cancel).await;
-            drop(permit);
+    Ok(Admission::new(
+        pending,
+        state.calls.clone(),
+        metrics.clone(),
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+async fn conversation(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let metrics = &state.services.metrics;
+    if let Err(e) = state.auth.check_origin(&headers) {
+        metrics.error("origin");
+        return e.into_response();
+    }
+    // Capacity before credentials, so a refused caller does not spend its single-use token.
+    let admission = match admit(&state) {
+        Ok(a) => a,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if let Err(e) = state.auth.check_call(&headers, query.token.as_deref()) {
+        metrics.error("auth");
+        return e.into_response();
+    }
+    // Frames between our limit and twice it get a `frame_too_large` error; larger ones never
+    // reach memory whole: the socket layer refuses them and the call ends (1009).
+    let socket_limit = state.socket.max_frame_bytes.saturating_mul(2);
+    ws.max_message_size(socket_limit)
+        .max_frame_size(socket_limit)
+        .on_upgrade(move |socket| {
+            handler::serve(
+                socket,
+                state.services,
+                admission,
+                state.socket,
+                state.cancel,
+            )
         })
+}
+
+/// `POST /auth/token`: a single-use call token for a holder of the API key.
+async fn call_token(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    match state.auth.mint_call_token(&headers) {
+        Ok(token) => Json(serde_json::json!({
+            "token": token,
+            "expires_in": state.auth.token_ttl().as_secs(),
+        }))
+        .into_response(),
+        Err(e) => {
+            state.services.metrics.error("auth");
+            e.into_response()
+        }
+    }
 }
 
 /// `status` is `ok` (200) once calls can start, `loading` (503, with `loading_s`) while the model
 /// loads, and `error` (503, with `error`) if it failed to load.
 async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let model = state.services.slm.status();
+    let m = &state.services.metrics;
     let mut body = serde_json::json!({
         "status": model.word(),
-        "active_calls": state.services.metrics.active_calls.get(),
+        "active_calls": m.active_calls.get(),
+        "pending_sockets": m.pending_sockets.get(),
+        "open_connections": m.open_connections.get(),
         "slm": state.services.slm.name(),
         "tts": state.services.tts.name(),
     });
@@ -90,22 +173,31 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
     (code, Json(body))
 }
 
-async fn list_calls(State(state): State<AppState>) -> impl IntoResponse {
-    Json(serde_json::json!({ "calls": state.services.registry.ids() }))
+/// `GET /calls`: the live calls' ids (admin token only).
+async fn list_calls(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(e) = state.auth.check_admin(&headers) {
+        return e.into_response();
+    }
+    Json(serde_json::json!({ "calls": state.services.registry.ids() })).into_response()
 }
 
 /// The conversation so far of a live call, by its id (the Twilio call SID, the Vocode
-/// `conversation_id`, or the generated id).
+/// `conversation_id`, or the generated id); admin token only.
 async fn call_history(
     State(state): State<AppState>,
+    headers: HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
+    if let Err(e) = state.auth.check_admin(&headers) {
+        return e.into_response();
+    }
+    let shown = crate::transport::guard::Untrusted(&id);
     let Some(commands) = state.services.registry.get(&id) else {
-        return (StatusCode::NOT_FOUND, format!("no live call {id:?}")).into_response();
+        return (StatusCode::NOT_FOUND, format!("no live call {shown}")).into_response();
     };
     match crate::pipeline::call::history(&commands).await {
         Ok(c) => Json(c).into_response(),
-        Err(_) => (StatusCode::NOT_FOUND, format!("call {id:?} has ended")).into_response(),
+        Err(_) => (StatusCode::NOT_FOUND, format!("call {shown} has ended")).into_response(),
     }
 }
 
@@ -116,25 +208,32 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// Serves until `shutdown` resolves, then cancels every call and waits for them to end.
+/// Serves until `shutdown` resolves, then stops accepting, cancels every call and waits for
+/// calls, sockets and requests to end.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let cancel = state.cancel.clone();
-    let calls = state.calls.clone();
-    let max = calls.available_permits();
+    let max_calls = state.calls.available_permits() as u32;
+    let max_pending = state.pending.available_permits() as u32;
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: ending calls");
-            cancel.cancel();
-        })
-        .await?;
-    // Every call holds a permit until its tasks are done.
-    let _ = calls.acquire_many(max as u32).await;
+    let stop = CancellationToken::new();
+    let accept = tokio::spawn(listener::serve(
+        listener,
+        app(state.clone()),
+        state.listen,
+        state.services.metrics.clone(),
+        stop.clone(),
+    ));
+    shutdown.await;
+    tracing::info!("shutting down: ending calls");
+    stop.cancel();
+    state.cancel.cancel();
+    let _ = accept.await;
+    // Every call and every socket waiting to start holds a permit until its tasks are done.
+    let _ = state.calls.acquire_many(max_calls).await;
+    let _ = state.pending.acquire_many(max_pending).await;
     Ok(())
 }

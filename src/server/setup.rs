@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::auth::{Auth, AuthSettings, Secret};
+use super::listener::ListenSettings;
 use super::AppState;
 use crate::assets::{self, AssetError};
 use crate::config::{Config, GazelleSlmConfig, SlmKind, TtsProvider};
@@ -18,7 +20,6 @@ use crate::model::loading::LoadingModel;
 use crate::model::worker::GazelleModel;
 use crate::model::{scripted::ScriptedModel, SpeechLanguageModel};
 use crate::pipeline::call::Services;
-use crate::transport::vocode::handler::Limits;
 use crate::tts::espeak::{Espeak, EspeakConfig};
 use crate::tts::{elevenlabs, fallback, openai, playht, xtts};
 use crate::tts::{Synthesizer, TtsError};
@@ -97,6 +98,7 @@ pub fn services(config: &Config) -> Result<(Services, ModelLoad), SetupError> {
         vad,
         metrics,
         settings: Arc::new(config.pipeline.clone()),
+        limits: Arc::new(config.limits.clone()),
         registry: Default::default(),
     };
     Ok((services, load))
@@ -132,21 +134,46 @@ fn gazelle(c: &GazelleSlmConfig) -> Result<GazelleModel, String> {
     Ok(GazelleModel::start(Arc::new(engine), params))
 }
 
-/// The router state for a config and its services.
+/// The router state for a config and its services; secrets are read from the environment
+/// variables the config names.
 pub fn state(config: &Config, services: Services) -> AppState {
+    let s = &config.server;
+    let twilio_token = Secret::from_env(&config.twilio.auth_token_env);
+    let twilio_token_str = std::env::var(&config.twilio.auth_token_env)
+        .ok()
+        .filter(|t| !t.is_empty());
+    let auth = Auth::new(AuthSettings {
+        api_key: Secret::from_env(&config.auth.api_key_env),
+        admin_token: Secret::from_env(&config.auth.admin_token_env),
+        twilio_token,
+        config: config.auth.clone(),
+        twilio_token_env: config.twilio.auth_token_env.clone(),
+    });
+    if auth.required() {
+        tracing::info!(env = %config.auth.api_key_env, "calls need the API key or a call token");
+    } else {
+        tracing::warn!(
+            env = %config.auth.api_key_env,
+            "no API key is set: anyone who can reach this server can open calls"
+        );
+    }
     AppState {
         services,
-        limits: Limits {
-            max_frame_bytes: config.server.max_frame_bytes,
-        },
+        socket: s.socket(s.max_frame_bytes),
+        twilio_socket: s.socket(config.twilio.max_frame_bytes),
         cancel: CancellationToken::new(),
-        calls: Arc::new(tokio::sync::Semaphore::new(config.server.max_calls)),
+        calls: Arc::new(tokio::sync::Semaphore::new(s.max_calls)),
+        pending: Arc::new(tokio::sync::Semaphore::new(s.max_pending_sockets)),
         twilio: super::twilio::TwilioSettings {
             public_url: config.twilio.public_url.clone(),
-            auth_token: std::env::var(&config.twilio.auth_token_env)
-                .ok()
-                .filter(|t| !t.is_empty())
-                .map(Into::into),
+            auth_token: twilio_token_str.map(Into::into),
+            require_stream_token: config.twilio.require_stream_token,
+        },
+        auth: Arc::new(auth),
+        listen: ListenSettings {
+            max_connections: s.max_connections,
+            max_connections_per_ip: s.max_connections_per_ip,
+            header_read_timeout: Duration::from_millis(s.header_read_timeout_ms),
         },
     }
 }

@@ -6,14 +6,22 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, RawForm, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use crate::model::ModelStatus;
-use crate::transport::twilio::{handler, protocol};
+use crate::transport::guard::Untrusted;
+use crate::transport::twilio::handler::{self, StreamAuth, STREAM_TOKEN};
+use crate::transport::twilio::protocol;
+
+/// Largest webhook body; Twilio's are a few kilobytes.
+const MAX_WEBHOOK_BODY: usize = 64 * 1024;
+/// A webhook body must arrive within this.
+const WEBHOOK_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A request whose `X-Twilio-Signature` is missing or wrong.
 pub struct BadSignature;
@@ -32,6 +40,8 @@ pub struct TwilioSettings {
     pub public_url: Option<String>,
     /// When set, every Twilio request must carry a valid `X-Twilio-Signature`.
     pub auth_token: Option<Arc<str>>,
+    /// Streams must carry the per-call token of the webhook's TwiML.
+    pub require_stream_token: bool,
 }
 
 impl std::fmt::Debug for TwilioSettings {
@@ -86,6 +96,7 @@ impl TwilioSettings {
         match given {
             Some(sig) if protocol::verify(token, url, params, sig) => Ok(()),
             _ => {
+                let url = Untrusted(url);
                 tracing::warn!(%url, "rejected a Twilio request with a missing or bad signature");
                 Err(BadSignature)
             }
@@ -101,15 +112,47 @@ pub async fn voice(
     headers: HeaderMap,
     uri: Uri,
     Query(query): Query<BTreeMap<String, String>>,
-    RawForm(body): RawForm,
+    body: Body,
 ) -> Response {
+    if let Err(e) = state.auth.check_twilio_open() {
+        state.services.metrics.error("twilio_closed");
+        return e.into_response();
+    }
+    let body = match tokio::time::timeout(
+        WEBHOOK_BODY_TIMEOUT,
+        axum::body::to_bytes(body, MAX_WEBHOOK_BODY),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
+            state.services.metrics.error("twilio_bad_body");
+            let why = format!("the webhook body exceeds {MAX_WEBHOOK_BODY} bytes or broke off");
+            return (StatusCode::PAYLOAD_TOO_LARGE, why).into_response();
+        }
+        Err(_) => {
+            state.services.metrics.error("twilio_bad_body");
+            return (
+                StatusCode::REQUEST_TIMEOUT,
+                "the webhook body took too long",
+            )
+                .into_response();
+        }
+    };
     let form: BTreeMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
     let url = state.twilio.url(&headers, &uri, "https");
     if let Err(r) = state.twilio.check(&headers, &url, &form) {
         state.services.metrics.error("twilio_signature");
         return r.into_response();
     }
-    let call = form.get("CallSid").map(String::as_str).unwrap_or("?");
+    let call_sid = form.get("CallSid").map(String::as_str).unwrap_or("");
+    if !call_sid.is_empty() {
+        if let Err(e) = crate::pipeline::limits::check_id(call_sid) {
+            state.services.metrics.error(e.kind());
+            return (StatusCode::BAD_REQUEST, e.to_string()).into_response();
+        }
+    }
+    let call = Untrusted(call_sid);
     // A caller hears why, instead of dead air, when no conversation can start.
     let unavailable = match state.services.slm.status() {
         ModelStatus::Ready if state.calls.available_permits() == 0 => {
@@ -121,7 +164,7 @@ pub async fn voice(
         ModelStatus::Failed(_) => Some(("model failed to load", UNAVAILABLE_SAY)),
     };
     if let Some((why, say)) = unavailable {
-        tracing::warn!(call, why, "Twilio call turned away");
+        tracing::warn!(%call, why, "Twilio call turned away");
         return (
             [(header::CONTENT_TYPE, "text/xml")],
             protocol::twiml_say_and_hang_up(say),
@@ -131,11 +174,23 @@ pub async fn voice(
     let stream_url = state
         .twilio
         .url(&headers, &"/twilio/stream".parse().expect("valid"), "wss");
-    let parameters: BTreeMap<String, String> = query
+    let mut parameters: BTreeMap<String, String> = query
         .into_iter()
         .filter(|(k, _)| matches!(k.as_str(), "system_prompt" | "first_message" | "voice"))
         .collect();
-    tracing::info!(call, "Twilio call");
+    let texts = state.services.limits.check_texts(
+        parameters.get("system_prompt").map(String::as_str),
+        parameters.get("first_message").map(String::as_str),
+    );
+    if let Err(e) = texts {
+        state.services.metrics.error(e.kind());
+        tracing::warn!(%call, error = %e, "Twilio webhook parameters over the limits");
+        return (StatusCode::BAD_REQUEST, e.to_string()).into_response();
+    }
+    // The stream must show this token, signed for this call, to start: a captured stream URL or
+    // signature opens nothing.
+    parameters.insert(STREAM_TOKEN.into(), state.auth.mint_stream_token(call_sid));
+    tracing::info!(%call, "Twilio call");
     (
         [(header::CONTENT_TYPE, "text/xml")],
         protocol::twiml_connect(&stream_url, &parameters),
@@ -156,21 +211,34 @@ pub async fn stream(
     uri: Uri,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if let Err(e) = state.auth.check_twilio_open() {
+        state.services.metrics.error("twilio_closed");
+        return e.into_response();
+    }
     let url = state.twilio.url(&headers, &uri, "wss");
     if let Err(r) = state.twilio.check(&headers, &url, &BTreeMap::new()) {
         state.services.metrics.error("twilio_signature");
         return r.into_response();
     }
-    let Ok(permit) = state.calls.clone().try_acquire_owned() else {
-        state.services.metrics.error("busy");
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the server is at its call limit",
-        )
-            .into_response();
+    let admission = match super::admit(&state) {
+        Ok(a) => a,
+        Err(refusal) => return refusal.into_response(),
     };
-    ws.on_upgrade(move |socket| async move {
-        handler::serve(socket, state.services, state.cancel).await;
-        drop(permit);
-    })
+    let settings = state.twilio_socket;
+    let stream_auth = StreamAuth {
+        auth: state.auth.clone(),
+        required: state.twilio.require_stream_token,
+    };
+    ws.max_message_size(settings.max_frame_bytes)
+        .max_frame_size(settings.max_frame_bytes)
+        .on_upgrade(move |socket| {
+            handler::serve(
+                socket,
+                state.services,
+                admission,
+                settings,
+                stream_auth,
+                state.cancel,
+            )
+        })
 }

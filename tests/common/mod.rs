@@ -81,6 +81,32 @@ pub async fn start_server_with(config: Config, adjust: impl FnOnce(&mut AppState
     }
 }
 
+/// The admin token [`with_admin`] sets.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// Server state with credentials: an optional API key and the admin token [`ADMIN_TOKEN`],
+/// as `GAZELLE_API_KEY` and `GAZELLE_ADMIN_TOKEN` would set them (tests run in parallel, so they
+/// never touch the process environment).
+pub fn credentials(
+    state: &mut AppState,
+    api_key: Option<&str>,
+    config: gazelle::config::AuthConfig,
+) {
+    use gazelle::server::auth::{Auth, AuthSettings, Secret};
+    state.auth = std::sync::Arc::new(Auth::new(AuthSettings {
+        api_key: api_key.map(Secret::new),
+        admin_token: Some(Secret::new(ADMIN_TOKEN)),
+        twilio_token: state.twilio.auth_token.as_deref().map(Secret::new),
+        config,
+        twilio_token_env: "TWILIO_AUTH_TOKEN".into(),
+    }));
+}
+
+/// Opens the call registry with [`ADMIN_TOKEN`].
+pub fn with_admin(state: &mut AppState) {
+    credentials(state, None, Default::default());
+}
+
 pub fn espeak() -> Espeak {
     let dir = assets::espeak_dir(None).expect("the espeak-ng voice (run scripts/setup)");
     Espeak::start(&EspeakConfig {

@@ -1,48 +1,103 @@
-//! One Twilio media stream: waits for `start`, starts a call (µ-law 8 kHz both ways, playback
-//! acknowledged by marks), then runs a receive loop (media → call, marks → played units) and a
-//! send loop (call → media frames, a mark after each unit, `clear` on barge-in). Malformed events
-//! are logged and counted; the call goes on.
+//! One Twilio media stream: waits (until the start deadline) for `start`, checks the per-call
+//! token the webhook signed into the TwiML, takes a call slot and starts a call (µ-law 8 kHz both
+//! ways, playback acknowledged by marks), then runs a receive loop (media → call, marks → played
+//! units, keep-alive pings and an idle timeout) beside the shared writer (call → media frames, a
+//! mark after each unit, `clear` on barge-in). Malformed events are counted and logged (escaped,
+//! rate-limited); the call goes on.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::ws::{Message, WebSocket};
-use futures::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use futures::{Stream, StreamExt};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::{self, Event, Start};
 use crate::audio::{mulaw, Encoding};
-use crate::metrics::Metrics;
 use crate::pipeline::call::{self, CallHandle, CallOptions, Services};
 use crate::pipeline::Outbound;
+use crate::server::auth::Auth;
+use crate::transport::guard::{Untrusted, WarnLimiter};
+use crate::transport::socket::{
+    self, Admission, Beat, Control, Ending, Keepalive, SocketSettings, Writer,
+};
+use crate::transport::vocode::handler::too_big;
 
 /// Messages from the call waiting for the socket; the pacer bounds audio to its lead, so this
-/// fills only if the socket stalls, and then the call waits.
+/// fills only if the socket stalls, and then the call waits (and the send timeout ends it).
 const OUT_QUEUE: usize = 128;
+/// Pings from the reader waiting for the socket.
+const CONTROL_QUEUE: usize = 4;
 const RATE: u32 = 8_000;
+/// The `<Parameter>` that carries the per-call stream token.
+pub const STREAM_TOKEN: &str = "gazelle_stream_token";
 
-/// Logs and counts a bad event; Twilio has no error message to send back.
-fn bad(services: &Services, kind: &'static str, detail: &dyn std::fmt::Display) {
-    services.metrics.error(kind);
-    tracing::warn!(kind, %detail, "bad Twilio media-stream event");
+/// How streams prove they follow a webhook call.
+#[derive(Clone)]
+pub struct StreamAuth {
+    pub auth: Arc<Auth>,
+    /// `twilio.require_stream_token`.
+    pub required: bool,
 }
 
-pub async fn serve(mut socket: WebSocket, services: Services, server: CancellationToken) {
+/// Counts a bad event, and logs it (escaped and cut short) unless this call already logged many.
+struct Complaints<'a> {
+    services: &'a Services,
+    limiter: WarnLimiter,
+}
+
+impl Complaints<'_> {
+    fn bad(&mut self, kind: &'static str, detail: &str) {
+        self.services.metrics.error(kind);
+        if self.limiter.allow(Instant::now()) {
+            let detail = Untrusted(detail);
+            tracing::warn!(kind, %detail, "bad Twilio media-stream event");
+        }
+    }
+}
+
+pub async fn serve(
+    mut socket: WebSocket,
+    services: Services,
+    mut admission: Admission,
+    settings: SocketSettings,
+    stream_auth: StreamAuth,
+    server: CancellationToken,
+) {
+    let mut complaints = Complaints {
+        services: &services,
+        limiter: WarnLimiter::default(),
+    };
     // Until `start`, only `connected` is expected.
+    let deadline = tokio::time::Instant::now() + settings.start_timeout;
     let start: Start = loop {
         let msg = tokio::select! {
-            _ = server.cancelled() => return,
+            _ = server.cancelled() => {
+                socket::close(&mut socket, &Ending::Shutdown, settings.send_timeout).await;
+                return;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                complaints.bad("start_timeout", "no start event in time");
+                let why = Ending::Policy("no start event within the start timeout".into());
+                socket::close(&mut socket, &why, settings.send_timeout).await;
+                return;
+            }
             m = socket.recv() => m,
         };
         let text = match msg {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
-                bad(
-                    &services,
+                complaints.bad(
                     "twilio_binary",
-                    &"binary frames are not part of the protocol",
+                    "binary frames are not part of the protocol",
                 );
                 continue;
+            }
+            Some(Err(e)) if too_big(&e) => {
+                complaints.bad("frame_too_large", "a frame over twilio.max_frame_bytes");
+                socket::close(&mut socket, &Ending::TooBig, settings.send_timeout).await;
+                return;
             }
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
             Some(Ok(_)) => continue,
@@ -51,13 +106,22 @@ pub async fn serve(mut socket: WebSocket, services: Services, server: Cancellati
             Ok(Event::Start { start, .. }) => break start,
             Ok(Event::Connected { .. }) => {}
             Ok(Event::Stop { .. }) => return,
-            Ok(other) => bad(&services, "twilio_before_start", &format!("{other:?}")),
-            Err(e) => bad(&services, "twilio_bad_event", &e),
+            Ok(other) => complaints.bad("twilio_before_start", &format!("{other:?}")),
+            Err(e) => complaints.bad("twilio_bad_event", &e.to_string()),
         }
     };
-    if let Err(e) = start.media_format.check() {
-        bad(&services, "twilio_bad_format", &e);
-        let _ = socket.close().await;
+    let refusal = match check_start(&start, &stream_auth) {
+        Err((kind, why)) => Some((kind, why)),
+        Ok(()) if !admission.start_call() => Some(("busy", "at server.max_calls".into())),
+        Ok(()) => None,
+    };
+    if let Some((kind, why)) = refusal {
+        complaints.bad(kind, &why);
+        let ending = match kind {
+            "busy" => Ending::Busy,
+            _ => Ending::Policy(why),
+        };
+        socket::close(&mut socket, &ending, settings.send_timeout).await;
         return;
     }
     let params = &start.custom_parameters;
@@ -72,61 +136,128 @@ pub async fn serve(mut socket: WebSocket, services: Services, server: Cancellati
         playback_acks: true,
     };
     let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
-    let call = match call::start(services.clone(), options, out_tx, &server) {
+    let mut call = match call::start(services.clone(), options, out_tx, &server) {
         Ok(c) => c,
         Err(e) => {
-            services.metrics.error("call_start");
-            tracing::error!(error = %e, "cannot start the Twilio call");
-            let _ = socket.close().await;
+            complaints.bad(e.kind(), &e.to_string());
+            tracing::error!(error = %Untrusted(&e.to_string()), "cannot start the Twilio call");
+            socket::close(
+                &mut socket,
+                &Ending::Policy(e.to_string()),
+                settings.send_timeout,
+            )
+            .await;
             return;
         }
     };
-    tracing::info!(call = %call.id, stream = %start.stream_sid, "Twilio stream started");
+    let stream_sid = start.stream_sid.clone();
+    tracing::info!(call = %call.id, stream = %Untrusted(&stream_sid), "Twilio stream started");
     let (sink, stream) = socket.split();
-    let stop = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(
-        sink,
-        out_rx,
-        start.stream_sid.clone(),
-        services.metrics.clone(),
-        stop.clone(),
-    ));
-    read_loop(stream, &call, &services, &stop, &server).await;
+    let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (finish_tx, finish_rx) = oneshot::channel();
+    let dead = CancellationToken::new();
+    let writer = Writer {
+        encode: move |m| encode(m, &stream_sid),
+        farewell: None,
+        metrics: services.metrics.clone(),
+        send_timeout: settings.send_timeout,
+    };
+    let writer = tokio::spawn(writer.run(sink, out_rx, ctl_rx, finish_rx, dead.clone()));
+    let ending = read_loop(
+        stream,
+        &mut call,
+        &settings,
+        ctl_tx,
+        &mut complaints,
+        &dead,
+        &server,
+    )
+    .await;
     drop(call);
-    stop.cancel();
+    let _ = finish_tx.send(ending);
     let _ = writer.await;
+    drop(admission);
 }
 
-async fn read_loop(
-    mut stream: futures::stream::SplitStream<WebSocket>,
-    call: &CallHandle,
-    services: &Services,
-    stop: &CancellationToken,
+/// The start event's format, call SID and stream token.
+fn check_start(start: &Start, stream_auth: &StreamAuth) -> Result<(), (&'static str, String)> {
+    start
+        .media_format
+        .check()
+        .map_err(|e| ("twilio_bad_format", e.to_string()))?;
+    let sid = start.call_sid.as_deref().unwrap_or("");
+    if let Some(sid) = &start.call_sid {
+        crate::pipeline::limits::check_id(sid).map_err(|e| (e.kind(), e.to_string()))?;
+    }
+    if stream_auth.required {
+        let missing = || {
+            let why = format!(
+                "no {STREAM_TOKEN} parameter: streams must come from the TwiML of POST /twilio/voice"
+            );
+            ("twilio_stream_token", why)
+        };
+        let token = start
+            .custom_parameters
+            .get(STREAM_TOKEN)
+            .ok_or_else(missing)?;
+        stream_auth
+            .auth
+            .check_stream_token(token, sid)
+            .map_err(|e| ("twilio_stream_token", e.to_string()))?;
+    }
+    Ok(())
+}
+
+async fn read_loop<S>(
+    mut stream: S,
+    call: &mut CallHandle,
+    settings: &SocketSettings,
+    ctl: mpsc::Sender<Control>,
+    complaints: &mut Complaints<'_>,
+    dead: &CancellationToken,
     server: &CancellationToken,
-) {
+) -> Ending
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    let mut keepalive = Keepalive::new(settings);
     loop {
         let msg = tokio::select! {
-            _ = server.cancelled() => return,
-            _ = stop.cancelled() => return,
+            _ = server.cancelled() => return Ending::Shutdown,
+            _ = dead.cancelled() => return Ending::Hangup,
+            beat = keepalive.beat() => match beat {
+                Beat::Ping => {
+                    let _ = ctl.try_send(Control::Ping);
+                    continue;
+                }
+                Beat::Idle(quiet) => {
+                    complaints.bad("idle_timeout", "nothing received within the idle timeout");
+                    return Ending::Idle(quiet);
+                }
+            },
             m = stream.next() => m,
         };
+        keepalive.heard();
         let text = match msg {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
-                bad(
-                    services,
+                complaints.bad(
                     "twilio_binary",
-                    &"binary frames are not part of the protocol",
+                    "binary frames are not part of the protocol",
                 );
                 continue;
             }
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+            Some(Err(e)) if too_big(&e) => {
+                complaints.bad("frame_too_large", "a frame over twilio.max_frame_bytes");
+                return Ending::TooBig;
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ending::Hangup,
             Some(Ok(_)) => continue,
         };
         let event = match protocol::parse(&text) {
             Ok(e) => e,
             Err(e) => {
-                bad(services, "twilio_bad_event", &e);
+                complaints.bad("twilio_bad_event", &e.to_string());
                 continue;
             }
         };
@@ -136,69 +267,50 @@ async fn read_loop(
                 if media.track.as_deref().is_some_and(|t| t != "inbound") {
                     continue;
                 }
-                match protocol::decode_payload(&media.payload) {
-                    Ok(bytes) => {
-                        if call.audio(mulaw::decode_to_f32(&bytes)).await.is_err() {
-                            return;
-                        }
+                let bytes = match protocol::decode_payload(&media.payload) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        complaints.bad("twilio_bad_payload", &e.to_string());
+                        continue;
                     }
-                    Err(e) => bad(services, "twilio_bad_payload", &e),
+                };
+                match call.audio(mulaw::decode_to_f32(&bytes)).await {
+                    Ok(()) => {}
+                    Err(call::CallError::Ended) => return Ending::CallEnded,
+                    Err(e) => complaints.bad(e.kind(), &e.to_string()),
                 }
             }
             Event::Mark { mark } => match protocol::parse_mark_name(&mark.name) {
                 Some((reply, unit)) => {
                     if call.played(reply, unit).await.is_err() {
-                        return;
+                        return Ending::CallEnded;
                     }
                 }
-                None => bad(services, "twilio_unknown_mark", &mark.name),
+                None => complaints.bad("twilio_unknown_mark", &mark.name),
             },
-            Event::Dtmf { dtmf } => tracing::info!(call = %call.id, digit = %dtmf.digit, "DTMF"),
-            Event::Stop { .. } => return,
-            Event::Connected { .. } | Event::Start { .. } => bad(
-                services,
+            Event::Dtmf { dtmf } => {
+                tracing::info!(call = %call.id, digit = %Untrusted(&dtmf.digit), "DTMF")
+            }
+            Event::Stop { .. } => return Ending::Stopped,
+            Event::Connected { .. } | Event::Start { .. } => complaints.bad(
                 "twilio_repeated_start",
-                &"connected/start after the stream began",
+                "connected/start after the stream began",
             ),
         }
     }
 }
 
-async fn write_loop(
-    mut sink: futures::stream::SplitSink<WebSocket, Message>,
-    mut calls: mpsc::Receiver<Outbound>,
-    stream_sid: String,
-    metrics: Arc<Metrics>,
-    stop: CancellationToken,
-) {
-    loop {
-        let out = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            m = calls.recv() => match m { Some(m) => m, None => break },
-        };
-        let mut due = None;
-        let json = match out {
-            // Frames and marks of a reply cut off while they waited are never sent.
-            Outbound::Audio {
-                samples,
-                reply,
-                due: d,
-            } if !reply.is_cancelled() => {
-                due = d;
-                protocol::media(&stream_sid, &mulaw::encode_from_f32(&samples))
-            }
-            Outbound::UnitSent { reply, unit, token } if !token.is_cancelled() => {
-                protocol::mark(&stream_sid, &protocol::mark_name(reply, unit))
-            }
-            Outbound::Clear { .. } => protocol::clear(&stream_sid),
-            _ => continue,
-        };
-        if sink.send(Message::Text(json.into())).await.is_err() {
-            break;
+/// A call message as a media-stream event; frames and marks of a reply cut off while they waited
+/// are never sent.
+fn encode(m: Outbound, stream_sid: &str) -> Option<String> {
+    Some(match m {
+        Outbound::Audio { samples, reply, .. } if !reply.is_cancelled() => {
+            protocol::media(stream_sid, &mulaw::encode_from_f32(&samples))
         }
-        metrics.frame_delivered(due);
-    }
-    let _ = sink.close().await;
-    stop.cancel();
+        Outbound::UnitSent { reply, unit, token } if !token.is_cancelled() => {
+            protocol::mark(stream_sid, &protocol::mark_name(reply, unit))
+        }
+        Outbound::Clear { .. } => protocol::clear(stream_sid),
+        _ => return None,
+    })
 }

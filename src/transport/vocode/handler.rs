@@ -1,32 +1,39 @@
-//! One Vocode websocket connection: waits for the audio config, starts a call, then runs a
-//! receive loop (decode → call) and a send loop (call → encode) until either side stops. Bad
-//! input gets a `gazelle_error` message and the call goes on.
+//! One Vocode websocket connection: waits (until the start deadline) for the audio config, takes
+//! a call slot and starts a call, then runs a receive loop (decode → call, with keep-alive pings
+//! and an idle timeout) beside the shared writer (call → encode → socket, every write bounded by
+//! the send timeout). Bad input gets a `gazelle_error` message and the call goes on; what ends a
+//! call ends it with a close code that says why.
 
-use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::ws::{Message, WebSocket};
-use futures::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use futures::{Stream, StreamExt};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::input::AudioInput;
 use super::protocol::{self, AudioConfigStart, ClientMessage, ServerMessage};
-use crate::audio::resample::StreamResampler;
-use crate::audio::wav::{SampleFormat, StreamDecoder, WavFormat};
-use crate::audio::Encoding;
-use crate::metrics::Metrics;
+use crate::audio::{is_supported_rate, supported_rates_text, Encoding};
 use crate::pipeline::call::{self, CallHandle, CallOptions, Services};
 use crate::pipeline::Outbound;
+use crate::transport::guard::{Untrusted, WarnLimiter};
+use crate::transport::socket::{
+    self, Admission, Beat, Control, Ending, Keepalive, SocketSettings, Writer,
+};
 
 /// Messages from the call waiting for the socket. The pacer keeps audio within its lead, so this
-/// only fills if the socket stalls; then the call waits rather than dropping anything.
+/// only fills if the socket stalls; then the call waits (and the send timeout ends it).
 const OUT_QUEUE: usize = 128;
-/// Rates we accept from and send to clients.
-const RATES: std::ops::RangeInclusive<u32> = 8_000..=96_000;
+/// Error messages and pings from the reader waiting for the socket; when full, further errors
+/// are counted but not sent.
+const CONTROL_QUEUE: usize = 32;
 
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Largest text frame accepted; larger ones get a `frame_too_large` error and are dropped.
-    pub max_frame_bytes: usize,
+async fn send_text(
+    socket: &mut WebSocket,
+    timeout: std::time::Duration,
+    text: String,
+) -> Result<(), socket::SendFailure> {
+    socket::send_within(socket, Message::Text(text.into()), timeout).await
 }
 
 fn error_json(kind: &str, message: &str) -> String {
@@ -37,18 +44,43 @@ fn error_json(kind: &str, message: &str) -> String {
 pub async fn serve(
     mut socket: WebSocket,
     services: Services,
-    limits: Limits,
+    mut admission: Admission,
+    settings: SocketSettings,
     server: CancellationToken,
 ) {
     let metrics = services.metrics.clone();
+    let t = settings.send_timeout;
     // Phase 1: nothing but the config is meaningful until a call exists.
+    let deadline = tokio::time::Instant::now() + settings.start_timeout;
     let config = loop {
         let msg = tokio::select! {
-            _ = server.cancelled() => return,
+            _ = server.cancelled() => {
+                socket::close(&mut socket, &Ending::Shutdown, settings.send_timeout).await;
+                return;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                metrics.error("start_timeout");
+                let why = format!(
+                    "no websocket_audio_config_start within {} s",
+                    settings.start_timeout.as_secs_f64()
+                );
+                let _ = send_text(&mut socket, t, error_json("start_timeout", &why)).await;
+                socket::close(&mut socket, &Ending::Policy(why), settings.send_timeout).await;
+                return;
+            }
             m = socket.recv() => m,
         };
-        let rejection = match classify(msg, limits) {
-            Incoming::Closed | Incoming::Message(ClientMessage::Stop) => return,
+        let rejection = match classify(msg, &settings) {
+            Incoming::Closed => return,
+            Incoming::Message(ClientMessage::Stop) => {
+                socket::close(&mut socket, &Ending::Stopped, settings.send_timeout).await;
+                return;
+            }
+            Incoming::TooBig => {
+                metrics.error("frame_too_large");
+                socket::close(&mut socket, &Ending::TooBig, settings.send_timeout).await;
+                return;
+            }
             Incoming::Skip => continue,
             Incoming::Message(ClientMessage::AudioConfigStart(c)) => match validate(&c) {
                 Ok(()) => break c,
@@ -61,14 +93,22 @@ pub async fn serve(
             Incoming::Reject(kind, message) => (kind, message),
         };
         metrics.error(rejection.0);
-        let e = error_json(rejection.0, &rejection.1);
-        if socket.send(Message::Text(e.into())).await.is_err() {
+        if send_text(&mut socket, t, error_json(rejection.0, &rejection.1))
+            .await
+            .is_err()
+        {
             return;
         }
     };
 
+    if !admission.start_call() {
+        metrics.error("busy");
+        let why = "the server is at its call limit (server.max_calls); try again later";
+        let _ = send_text(&mut socket, t, error_json("busy", why)).await;
+        socket::close(&mut socket, &Ending::Busy, settings.send_timeout).await;
+        return;
+    }
     let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
-    let (ctl_tx, ctl_rx) = mpsc::channel::<String>(OUT_QUEUE);
     let options = CallOptions {
         id: config.conversation_id.clone(),
         input_rate: config.input_audio_config.sampling_rate,
@@ -79,46 +119,56 @@ pub async fn serve(
         subscribe_transcript: config.subscribe_transcript.unwrap_or(false),
         playback_acks: false,
     };
-    let call = match call::start(services.clone(), options, out_tx.clone(), &server) {
+    let mut call = match call::start(services.clone(), options, out_tx, &server) {
         Ok(c) => c,
         Err(e) => {
-            metrics.error("call_start");
-            let _ = socket
-                .send(Message::Text(
-                    error_json("call_start", &e.to_string()).into(),
-                ))
-                .await;
+            let kind = e.kind();
+            metrics.error(kind);
+            let _ = send_text(&mut socket, t, error_json(kind, &e.to_string())).await;
+            let ending = match kind {
+                "call_start" => Ending::Error(e.to_string()),
+                _ => Ending::Policy(e.to_string()),
+            };
+            socket::close(&mut socket, &ending, settings.send_timeout).await;
             return;
         }
     };
-    if socket
-        .send(Message::Text(ServerMessage::Ready.to_json().into()))
+    if send_text(&mut socket, t, ServerMessage::Ready.to_json())
         .await
         .is_err()
     {
         return;
     }
     let (sink, stream) = socket.split();
-    let output = (
+    let (output_rate, output_encoding) = (
         config.output_audio_config.sampling_rate,
         config.output_audio_config.audio_encoding,
     );
-    let stop = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(
-        sink,
-        out_rx,
-        ctl_rx,
-        output,
-        services.metrics.clone(),
-        stop.clone(),
-    ));
-    read_loop(
-        stream, &call, &config, limits, ctl_tx, &services, &stop, &server,
+    let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (finish_tx, finish_rx) = oneshot::channel();
+    let dead = CancellationToken::new();
+    let writer = Writer {
+        encode: move |m| encode(m, output_rate, output_encoding),
+        // The call ended on its own (e.g. its VAD failed): say so before closing.
+        farewell: Some(ServerMessage::Stop.to_json()),
+        metrics: metrics.clone(),
+        send_timeout: settings.send_timeout,
+    };
+    let writer = tokio::spawn(writer.run(sink, out_rx, ctl_rx, finish_rx, dead.clone()));
+    let max_ms = services.limits.max_buffered_audio_ms as u64;
+    let input = AudioInput::new(
+        config.input_audio_config.sampling_rate,
+        config.input_audio_config.audio_encoding,
+        max_ms,
+    );
+    let ending = read_loop(
+        stream, &mut call, input, &settings, ctl_tx, &services, &dead, &server,
     )
     .await;
     drop(call);
-    stop.cancel();
+    let _ = finish_tx.send(ending);
     let _ = writer.await;
+    drop(admission);
 }
 
 /// What one websocket message means to the protocol.
@@ -128,13 +178,15 @@ enum Incoming {
     Reject(&'static str, String),
     /// Pings and pongs.
     Skip,
+    /// Over the socket's own limit: the connection cannot go on.
+    TooBig,
     Closed,
 }
 
-fn classify(msg: Option<Result<Message, axum::Error>>, limits: Limits) -> Incoming {
+fn classify(msg: Option<Result<Message, axum::Error>>, settings: &SocketSettings) -> Incoming {
     match msg {
-        Some(Ok(Message::Text(t))) if t.len() > limits.max_frame_bytes => {
-            Incoming::Reject("frame_too_large", too_large(t.len(), limits))
+        Some(Ok(Message::Text(t))) if t.len() > settings.max_frame_bytes => {
+            Incoming::Reject("frame_too_large", too_large(t.len(), settings))
         }
         Some(Ok(Message::Text(t))) => match protocol::parse(&t) {
             Ok(m) => Incoming::Message(m),
@@ -144,15 +196,29 @@ fn classify(msg: Option<Result<Message, axum::Error>>, limits: Limits) -> Incomi
             "binary_frame",
             "binary frames are not part of the protocol; send JSON text".into(),
         ),
+        Some(Err(e)) if too_big(&e) => Incoming::TooBig,
         Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Incoming::Closed,
         Some(Ok(_)) => Incoming::Skip,
     }
 }
 
-fn too_large(len: usize, limits: Limits) -> String {
+/// Whether the socket layer refused a message over its size limit.
+pub(crate) fn too_big(e: &axum::Error) -> bool {
+    use std::error::Error as _;
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(t) = s.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+            return matches!(t, tokio_tungstenite::tungstenite::Error::Capacity(_));
+        }
+        source = s.source();
+    }
+    e.to_string().contains("Space limit exceeded")
+}
+
+fn too_large(len: usize, settings: &SocketSettings) -> String {
     format!(
         "a frame of {len} bytes exceeds the limit of {} bytes; send smaller chunks",
-        limits.max_frame_bytes
+        settings.max_frame_bytes
     )
 }
 
@@ -161,9 +227,10 @@ fn validate(c: &AudioConfigStart) -> Result<(), String> {
         ("input", c.input_audio_config.sampling_rate),
         ("output", c.output_audio_config.sampling_rate),
     ] {
-        if !RATES.contains(&rate) {
+        if !is_supported_rate(rate) {
             return Err(format!(
-                "{what} sampling_rate {rate} is outside 8000..=96000"
+                "{what} sampling_rate {rate} is not supported; use one of {} Hz",
+                supported_rates_text()
             ));
         }
     }
@@ -171,137 +238,89 @@ fn validate(c: &AudioConfigStart) -> Result<(), String> {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn read_loop(
-    mut stream: futures::stream::SplitStream<WebSocket>,
-    call: &CallHandle,
-    config: &AudioConfigStart,
-    limits: Limits,
-    ctl: mpsc::Sender<String>,
+async fn read_loop<S>(
+    mut stream: S,
+    call: &mut CallHandle,
+    mut input: AudioInput,
+    settings: &SocketSettings,
+    ctl: mpsc::Sender<Control>,
     services: &Services,
-    stop: &CancellationToken,
+    dead: &CancellationToken,
     server: &CancellationToken,
-) {
+) -> Ending
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
     let metrics = &services.metrics;
-    let input = &config.input_audio_config;
-    let sample_format = match input.audio_encoding {
-        Encoding::Linear16 => SampleFormat::Pcm16,
-        Encoding::Mulaw => SampleFormat::Mulaw,
-    };
-    let mut decoder = StreamDecoder::new(WavFormat {
-        sample_format,
-        channels: 1,
-        sample_rate: input.sampling_rate,
-    });
-    // Only needed if a WAV header declares another rate than the config did.
-    let mut fixup: Option<StreamResampler> = None;
-    let report = |kind: &'static str, message: String| {
+    let call_id = call.id.clone();
+    let mut warnings = WarnLimiter::default();
+    let mut report = |kind: &'static str, message: String| {
         metrics.error(kind);
-        tracing::debug!(kind, %message, "bad input from caller");
-        let ctl = ctl.clone();
-        async move {
-            let _ = ctl.send(error_json(kind, &message)).await;
+        if warnings.allow(Instant::now()) {
+            let message = Untrusted(&message);
+            tracing::debug!(call = %call_id, kind, %message, "bad input from caller");
         }
+        // When the writer is behind, errors are only counted: a flood of bad frames must not
+        // queue a flood of replies.
+        let _ = ctl.try_send(Control::Text(error_json(kind, &message)));
     };
+    let mut keepalive = Keepalive::new(settings);
     loop {
         let msg = tokio::select! {
-            _ = server.cancelled() => return,
-            _ = stop.cancelled() => return,
+            _ = server.cancelled() => return Ending::Shutdown,
+            _ = dead.cancelled() => return Ending::Hangup,
+            beat = keepalive.beat() => match beat {
+                Beat::Ping => {
+                    let _ = ctl.try_send(Control::Ping);
+                    continue;
+                }
+                Beat::Idle(quiet) => {
+                    metrics.error("idle_timeout");
+                    return Ending::Idle(quiet);
+                }
+            },
             m = stream.next() => m,
         };
-        match classify(msg, limits) {
-            Incoming::Closed => return,
+        keepalive.heard();
+        match classify(msg, settings) {
+            Incoming::Closed => return Ending::Hangup,
+            Incoming::TooBig => {
+                metrics.error("frame_too_large");
+                return Ending::TooBig;
+            }
             Incoming::Skip => {}
-            Incoming::Reject(kind, message) => report(kind, message).await,
+            Incoming::Reject(kind, message) => report(kind, message),
             Incoming::Message(ClientMessage::Audio { data }) => {
-                let bytes = match protocol::decode_base64(&data) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        report(e.kind(), e.to_string()).await;
-                        continue;
-                    }
-                };
-                let mut samples = match decoder.push(&bytes) {
+                let samples = match input.push(&data) {
                     Ok(s) => s,
                     Err(e) => {
-                        report("bad_audio", e.to_string()).await;
+                        report(e.kind(), e.to_string());
                         continue;
                     }
                 };
-                let rate = decoder.format().sample_rate;
-                if rate != input.sampling_rate {
-                    let r = match &mut fixup {
-                        Some(r) if r.input_rate() == rate => r,
-                        slot => match StreamResampler::new(rate, input.sampling_rate) {
-                            Ok(r) => slot.insert(r),
-                            Err(e) => {
-                                report("bad_audio", e.to_string()).await;
-                                continue;
-                            }
-                        },
-                    };
-                    samples = r.push(&samples).unwrap_or_default();
+                if samples.is_empty() {
+                    continue;
                 }
-                if !samples.is_empty() && call.audio(samples).await.is_err() {
-                    return;
+                match call.audio(samples).await {
+                    Ok(()) => {}
+                    Err(call::CallError::Ended) => return Ending::CallEnded,
+                    Err(e) => report(e.kind(), e.to_string()),
                 }
             }
-            Incoming::Message(ClientMessage::Stop) => return,
+            Incoming::Message(ClientMessage::Stop) => return Ending::Stopped,
             Incoming::Message(ClientMessage::GetHistory) => match call.history().await {
                 Ok(h) => {
                     let json = ServerMessage::History { conversation: &h }.to_json();
-                    let _ = ctl.send(json).await;
+                    let _ = ctl.send(Control::Text(json)).await;
                 }
-                Err(_) => return,
+                Err(_) => return Ending::CallEnded,
             },
-            Incoming::Message(ClientMessage::AudioConfigStart(_)) => {
-                report(
-                    "already_started",
-                    "the call is already configured; open a new socket for a new call".into(),
-                )
-                .await;
-            }
+            Incoming::Message(ClientMessage::AudioConfigStart(_)) => report(
+                "already_started",
+                "the call is already configured; open a new socket for a new call".into(),
+            ),
         }
     }
-}
-
-async fn write_loop(
-    mut sink: futures::stream::SplitSink<WebSocket, Message>,
-    mut calls: mpsc::Receiver<Outbound>,
-    mut control: mpsc::Receiver<String>,
-    (rate, encoding): (u32, Encoding),
-    metrics: Arc<Metrics>,
-    stop: CancellationToken,
-) {
-    loop {
-        let mut due = None;
-        let json = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            c = control.recv() => match c { Some(j) => j, None => break },
-            m = calls.recv() => match m {
-                Some(m) => {
-                    if let Outbound::Audio { due: d, .. } = &m {
-                        due = *d;
-                    }
-                    match encode(m, rate, encoding) {
-                        Some(j) => j,
-                        None => continue,
-                    }
-                }
-                // The call ended on its own (e.g. its VAD failed): say so and close.
-                None => {
-                    let _ = sink.send(Message::Text(ServerMessage::Stop.to_json().into())).await;
-                    break;
-                }
-            },
-        };
-        if sink.send(Message::Text(json.into())).await.is_err() {
-            break;
-        }
-        metrics.frame_delivered(due);
-    }
-    let _ = sink.close().await;
-    stop.cancel();
 }
 
 fn encode(m: Outbound, rate: u32, encoding: Encoding) -> Option<String> {
@@ -331,6 +350,3 @@ fn encode(m: Outbound, rate: u32, encoding: Encoding) -> Option<String> {
         Outbound::Error { kind, message } => error_json(kind, &message),
     })
 }
-
-/// Shared server-side state a connection needs.
-pub type SharedServices = Arc<Services>;

@@ -4,4 +4,5 @@
 
 pub mod client;
 pub mod handler;
+pub mod input;
 pub mod protocol;

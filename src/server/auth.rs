@@ -1,0 +1,507 @@
+//! Who may use the server: the API key and the short-lived, single-use call tokens minted from it
+//! (what a browser page puts in the websocket URL, since it cannot set headers), the admin token
+//! that opens the call registry, the Origin allow-list for browsers, and the per-call token that
+//! ties a Twilio media stream to the webhook request that announced it.
+//!
+//! Secrets come from the environment and are compared in constant time. Tokens are
+//! `kind.expiry.nonce.signature`, HMAC-SHA256 under a key derived from a secret, so instances
+//! that share the secrets accept each other's tokens; each is good once per instance.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// A secret from the environment; never printed.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value of `var`, if set and not empty.
+    pub fn from_env(var: &str) -> Option<Self> {
+        std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(Secret)
+    }
+
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    fn matches(&self, given: &str) -> bool {
+        constant_time_eq(self.0.as_bytes(), given.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error(
+        "this server needs credentials: send Authorization: Bearer <API key>, or a call token \
+         from POST /auth/token as ?token="
+    )]
+    Missing,
+    #[error("the API key or token was refused")]
+    Refused,
+    #[error("the call token has expired; fetch a new one from POST /auth/token")]
+    Expired,
+    #[error("the call token was already used; fetch a new one for every call")]
+    Reused,
+    #[error("origin {0} may not open calls here; add it to auth.allowed_origins")]
+    Origin(String),
+    #[error("{0} is off; set the {1} environment variable to enable it")]
+    Off(&'static str, String),
+    #[error(
+        "the Twilio entry points are closed: an API key is set, so Twilio requests must be \
+         signed; set the Twilio auth token in {0}"
+    )]
+    TwilioUnsigned(String),
+}
+
+impl IntoResponse for AuthError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            AuthError::Missing | AuthError::Refused | AuthError::Expired | AuthError::Reused => {
+                StatusCode::UNAUTHORIZED
+            }
+            AuthError::Origin(_) | AuthError::TwilioUnsigned(_) => StatusCode::FORBIDDEN,
+            AuthError::Off(..) => StatusCode::NOT_FOUND,
+        };
+        let mut r = (status, self.to_string()).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid"));
+        }
+        r
+    }
+}
+
+/// Signs and checks tokens of one kind.
+struct Signer {
+    key: [u8; 32],
+}
+
+impl Signer {
+    /// A key for `purpose`, derived from `secret`, or random (tokens then live and die with this
+    /// process).
+    fn new(secret: Option<&Secret>, purpose: &str) -> Self {
+        let key = match secret {
+            Some(s) => {
+                let mut mac = HmacSha256::new_from_slice(s.0.as_bytes()).expect("any key length");
+                mac.update(b"gazelle token key v1:");
+                mac.update(purpose.as_bytes());
+                mac.finalize().into_bytes().into()
+            }
+            None => rand::random(),
+        };
+        Signer { key }
+    }
+
+    fn mac(&self, payload: &str, bound_to: &str) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("any key length");
+        mac.update(payload.as_bytes());
+        mac.update(b"\0");
+        mac.update(bound_to.as_bytes());
+        mac
+    }
+
+    fn mint(&self, kind: &str, expires: u64, bound_to: &str) -> String {
+        let nonce = format!("{:032x}", rand::random::<u128>());
+        let payload = format!("{kind}.{expires}.{nonce}");
+        let sig = self.mac(&payload, bound_to).finalize().into_bytes();
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig);
+        format!("{payload}.{sig}")
+    }
+
+    /// The token's nonce and expiry, if it is of `kind`, bound to `bound_to`, and signed by us.
+    fn open<'t>(&self, token: &'t str, kind: &str, bound_to: &str) -> Option<(&'t str, u64)> {
+        let mut parts = token.splitn(4, '.');
+        let (k, exp, nonce, sig) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if k != kind || nonce.len() != 32 {
+            return None;
+        }
+        let expires: u64 = exp.parse().ok()?;
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(sig)
+            .ok()?;
+        let payload = &token[..k.len() + exp.len() + nonce.len() + 2];
+        self.mac(payload, bound_to).verify_slice(&sig).ok()?;
+        Some((nonce, expires))
+    }
+}
+
+/// Nonces of tokens already used, until they expire. Only tokens with a valid signature get here,
+/// and minting one needs a secret, so its size is bounded by the honest mint rate.
+#[derive(Default)]
+struct Spent {
+    nonces: HashMap<String, u64>,
+}
+
+impl Spent {
+    fn spend(&mut self, nonce: &str, expires: u64, now: u64) -> bool {
+        if self.nonces.len() >= 1024 {
+            self.nonces.retain(|_, &mut exp| exp >= now);
+        }
+        self.nonces.insert(nonce.to_string(), expires).is_none()
+    }
+}
+
+/// The server's credentials and the rules that use them.
+pub struct Auth {
+    api_key: Option<Secret>,
+    admin_token: Option<Secret>,
+    admin_token_env: String,
+    api_key_env: String,
+    twilio_signed: bool,
+    twilio_token_env: String,
+    calls: Signer,
+    streams: Signer,
+    ttl: Duration,
+    allowed_origins: Vec<String>,
+    /// Locked only for one map operation.
+    spent: Mutex<Spent>,
+}
+
+/// What [`Auth::new`] needs: the secrets (already read from the environment) and the settings.
+pub struct AuthSettings {
+    pub api_key: Option<Secret>,
+    pub admin_token: Option<Secret>,
+    pub twilio_token: Option<Secret>,
+    pub config: crate::config::AuthConfig,
+    pub twilio_token_env: String,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The token of an `Authorization: Bearer …` header.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+impl Auth {
+    pub fn new(s: AuthSettings) -> Self {
+        // Twilio stream tokens are keyed by the Twilio token when there is one (Twilio's webhook
+        // and stream may reach different instances), else by the API key, else per process.
+        let stream_secret = s.twilio_token.as_ref().or(s.api_key.as_ref());
+        Auth {
+            calls: Signer::new(s.api_key.as_ref(), "call"),
+            streams: Signer::new(stream_secret, "twilio-stream"),
+            twilio_signed: s.twilio_token.is_some(),
+            api_key: s.api_key,
+            admin_token: s.admin_token,
+            admin_token_env: s.config.admin_token_env,
+            api_key_env: s.config.api_key_env,
+            twilio_token_env: s.twilio_token_env,
+            ttl: Duration::from_secs(s.config.token_ttl_s),
+            allowed_origins: s.config.allowed_origins,
+            spent: Mutex::new(Spent::default()),
+        }
+    }
+
+    /// An open server: no settings, no secrets.
+    pub fn open() -> Self {
+        Auth::new(AuthSettings {
+            api_key: None,
+            admin_token: None,
+            twilio_token: None,
+            config: Default::default(),
+            twilio_token_env: "TWILIO_AUTH_TOKEN".into(),
+        })
+    }
+
+    /// Whether calls need credentials.
+    pub fn required(&self) -> bool {
+        self.api_key.is_some()
+    }
+
+    pub fn token_ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// `POST /auth/token`: a call token for a holder of the API key.
+    pub fn mint_call_token(&self, headers: &HeaderMap) -> Result<String, AuthError> {
+        let Some(key) = &self.api_key else {
+            return Err(AuthError::Off(
+                "POST /auth/token (no API key is set, so calls need no token)",
+                self.api_key_env.clone(),
+            ));
+        };
+        match bearer(headers) {
+            Some(given) if key.matches(given) => {}
+            Some(_) => return Err(AuthError::Refused),
+            None => return Err(AuthError::Missing),
+        }
+        Ok(self.calls.mint("c1", unix_now() + self.ttl.as_secs(), ""))
+    }
+
+    /// May this request open a call? The API key as a bearer header, or a call token (as a
+    /// bearer header or `?token=`), which is spent.
+    pub fn check_call(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+    ) -> Result<(), AuthError> {
+        let Some(key) = &self.api_key else {
+            return Ok(());
+        };
+        let given = bearer(headers).or(query_token).ok_or(AuthError::Missing)?;
+        if key.matches(given) {
+            return Ok(());
+        }
+        self.spend(&self.calls, given, "c1", "")
+    }
+
+    fn spend(
+        &self,
+        signer: &Signer,
+        token: &str,
+        kind: &str,
+        bound: &str,
+    ) -> Result<(), AuthError> {
+        let (nonce, expires) = signer.open(token, kind, bound).ok_or(AuthError::Refused)?;
+        let now = unix_now();
+        if expires < now {
+            return Err(AuthError::Expired);
+        }
+        let fresh = self
+            .spent
+            .lock()
+            .expect("spent lock")
+            .spend(nonce, expires, now);
+        if fresh {
+            Ok(())
+        } else {
+            Err(AuthError::Reused)
+        }
+    }
+
+    /// The admin endpoints (`/calls`): off without an admin token, else they need it.
+    pub fn check_admin(&self, headers: &HeaderMap) -> Result<(), AuthError> {
+        let Some(token) = &self.admin_token else {
+            return Err(AuthError::Off(
+                "the call registry",
+                self.admin_token_env.clone(),
+            ));
+        };
+        match bearer(headers) {
+            Some(given) if token.matches(given) => Ok(()),
+            Some(_) => Err(AuthError::Refused),
+            None => Err(AuthError::Missing),
+        }
+    }
+
+    /// Browsers send `Origin`; it must be the server's own (`host`) or an allowed one.
+    pub fn check_origin(&self, headers: &HeaderMap) -> Result<(), AuthError> {
+        let Some(origin) = headers.get(header::ORIGIN) else {
+            return Ok(());
+        };
+        let origin = origin.to_str().unwrap_or("");
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        let own = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .is_some_and(|o| !host.is_empty() && o.eq_ignore_ascii_case(host));
+        let listed = self
+            .allowed_origins
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin));
+        if own || listed {
+            Ok(())
+        } else {
+            let shown = crate::transport::guard::Untrusted(origin).to_string();
+            Err(AuthError::Origin(shown))
+        }
+    }
+
+    /// The Twilio entry points are open when Twilio signs its requests, or when the whole server
+    /// is open; an API key without a Twilio token would leave them the only way in.
+    pub fn check_twilio_open(&self) -> Result<(), AuthError> {
+        if self.api_key.is_some() && !self.twilio_signed {
+            return Err(AuthError::TwilioUnsigned(self.twilio_token_env.clone()));
+        }
+        Ok(())
+    }
+
+    /// The token `/twilio/voice` puts in its TwiML for the stream of call `call_sid`.
+    pub fn mint_stream_token(&self, call_sid: &str) -> String {
+        self.streams
+            .mint("t1", unix_now() + self.ttl.as_secs(), call_sid)
+    }
+
+    /// Checks (and spends) the token a media stream's `start` carries for `call_sid`.
+    pub fn check_stream_token(&self, token: &str, call_sid: &str) -> Result<(), AuthError> {
+        self.spend(&self.streams, token, "t1", call_sid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(api_key: Option<&str>, admin: Option<&str>, origins: &[&str]) -> Auth {
+        Auth::new(AuthSettings {
+            api_key: api_key.map(Secret::new),
+            admin_token: admin.map(Secret::new),
+            twilio_token: None,
+            config: crate::config::AuthConfig {
+                allowed_origins: origins.iter().map(|o| o.to_string()).collect(),
+                ..Default::default()
+            },
+            twilio_token_env: "TWILIO_AUTH_TOKEN".into(),
+        })
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn an_open_server_needs_nothing_and_mints_nothing() {
+        let a = auth(None, None, &[]);
+        assert!(!a.required());
+        a.check_call(&HeaderMap::new(), None).unwrap();
+        assert!(matches!(
+            a.mint_call_token(&HeaderMap::new()),
+            Err(AuthError::Off(..))
+        ));
+        assert!(matches!(
+            a.check_admin(&HeaderMap::new()),
+            Err(AuthError::Off(..))
+        ));
+    }
+
+    #[test]
+    fn call_tokens_are_signed_single_use_and_need_the_key_to_mint() {
+        let a = auth(Some("k3y"), None, &[]);
+        assert_eq!(
+            a.check_call(&HeaderMap::new(), None),
+            Err(AuthError::Missing)
+        );
+        a.check_call(&headers(&[("authorization", "Bearer k3y")]), None)
+            .unwrap();
+        assert_eq!(
+            a.check_call(&headers(&[("authorization", "Bearer nope")]), None),
+            Err(AuthError::Refused)
+        );
+        assert_eq!(
+            a.mint_call_token(&headers(&[("authorization", "Bearer nope")])),
+            Err(AuthError::Refused)
+        );
+        let t = a
+            .mint_call_token(&headers(&[("authorization", "bearer k3y")]))
+            .unwrap();
+        a.check_call(&HeaderMap::new(), Some(&t)).unwrap();
+        assert_eq!(
+            a.check_call(&HeaderMap::new(), Some(&t)),
+            Err(AuthError::Reused)
+        );
+        // A token of another instance's key, or a tampered one, is refused.
+        let other = auth(Some("other"), None, &[]);
+        let foreign = other
+            .mint_call_token(&headers(&[("authorization", "Bearer other")]))
+            .unwrap();
+        assert_eq!(
+            a.check_call(&HeaderMap::new(), Some(&foreign)),
+            Err(AuthError::Refused)
+        );
+        let t2 = a
+            .mint_call_token(&headers(&[("authorization", "Bearer k3y")]))
+            .unwrap();
+        let tampered = t2.replacen("c1.", "c1.9", 1);
+        assert_eq!(
+            a.check_call(&HeaderMap::new(), Some(&tampered)),
+            Err(AuthError::Refused)
+        );
+        // Instances sharing the key accept each other's tokens.
+        let twin = auth(Some("k3y"), None, &[]);
+        twin.check_call(&HeaderMap::new(), Some(&t2)).unwrap();
+    }
+
+    #[test]
+    fn expired_tokens_are_refused() {
+        let a = auth(Some("k"), None, &[]);
+        let old = a.calls.mint("c1", unix_now() - 1, "");
+        assert_eq!(
+            a.check_call(&HeaderMap::new(), Some(&old)),
+            Err(AuthError::Expired)
+        );
+    }
+
+    #[test]
+    fn stream_tokens_are_bound_to_their_call() {
+        let a = auth(None, None, &[]);
+        let t = a.mint_stream_token("CA1");
+        assert_eq!(a.check_stream_token(&t, "CA2"), Err(AuthError::Refused));
+        a.check_stream_token(&t, "CA1").unwrap();
+        assert_eq!(a.check_stream_token(&t, "CA1"), Err(AuthError::Reused));
+        // A call token is not a stream token.
+        let k = auth(Some("k"), None, &[]);
+        let c = k
+            .mint_call_token(&headers(&[("authorization", "Bearer k")]))
+            .unwrap();
+        assert_eq!(k.check_stream_token(&c, ""), Err(AuthError::Refused));
+    }
+
+    #[test]
+    fn the_admin_token_opens_the_registry() {
+        let a = auth(None, Some("adm"), &[]);
+        a.check_admin(&headers(&[("authorization", "Bearer adm")]))
+            .unwrap();
+        assert_eq!(a.check_admin(&HeaderMap::new()), Err(AuthError::Missing));
+        assert_eq!(
+            a.check_admin(&headers(&[("authorization", "Bearer x")])),
+            Err(AuthError::Refused)
+        );
+    }
+
+    #[test]
+    fn browsers_must_come_from_our_own_or_an_allowed_origin() {
+        let a = auth(None, None, &["https://app.example.com"]);
+        let h = |origin: &str| headers(&[("origin", origin), ("host", "voice.example.com")]);
+        a.check_origin(&HeaderMap::new()).unwrap();
+        a.check_origin(&h("https://voice.example.com")).unwrap();
+        a.check_origin(&h("https://app.example.com")).unwrap();
+        let e = a.check_origin(&h("https://evil.example")).unwrap_err();
+        assert!(e.to_string().contains("auth.allowed_origins"), "{e}");
+        auth(None, None, &["*"])
+            .check_origin(&h("https://evil.example"))
+            .unwrap();
+    }
+
+    #[test]
+    fn twilio_is_closed_when_a_key_is_set_but_twilio_cannot_sign() {
+        auth(None, None, &[]).check_twilio_open().unwrap();
+        assert!(auth(Some("k"), None, &[]).check_twilio_open().is_err());
+    }
+}

@@ -1,0 +1,408 @@
+//! What both websocket transports share once a socket is open: its settings (largest frame and
+//! the time bounds), the writer task that owns the sink (every write bounded by the send timeout,
+//! pings on request, and a close frame whose code says why the call ended), and the reader's
+//! keep-alive (a ping every interval, the call ended when nothing arrives for the idle timeout).
+//! The writer is generic over the sink so it can be tested with a channel.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message};
+use futures::{Sink, SinkExt};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::pipeline::Outbound;
+
+/// The bounds of one call's socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketSettings {
+    /// Largest text frame the protocol accepts.
+    pub max_frame_bytes: usize,
+    /// A socket that has not started its call by then is closed (1008).
+    pub start_timeout: Duration,
+    /// A ping goes out this often, so dead peers and NAT timeouts show up.
+    pub ping_interval: Duration,
+    /// A call that hears nothing at all (no audio, no pong) for this long is ended.
+    pub idle_timeout: Duration,
+    /// A write that cannot finish within this (a client that stopped reading) ends the call.
+    pub send_timeout: Duration,
+}
+
+/// Messages the reader asks the writer to put on the wire besides the call's own.
+#[derive(Debug)]
+pub enum Control {
+    Text(String),
+    Ping,
+}
+
+/// Why the server ends a socket; decides the close frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// The caller closed the socket or it broke: nothing more to send.
+    Hangup,
+    /// The caller asked to stop.
+    Stopped,
+    /// The call ended on its own (its pipeline stopped).
+    CallEnded,
+    /// Nothing arrived for the idle timeout.
+    Idle(Duration),
+    /// The server is shutting down.
+    Shutdown,
+    /// The caller broke a rule the call cannot go on after: the reason.
+    Policy(String),
+    /// A frame over the socket's size limit.
+    TooBig,
+    /// No call slot is free.
+    Busy,
+    /// The server failed.
+    Error(String),
+}
+
+impl Ending {
+    /// The close frame to send, if any: 1000 normal, 1001 going away, 1008 policy, 1009 too big,
+    /// 1011 server error, 1013 try again later.
+    pub fn close_frame(&self) -> Option<CloseFrame> {
+        let (code, reason) = match self {
+            Ending::Hangup => return None,
+            Ending::Stopped => (1000, "call ended".to_string()),
+            Ending::CallEnded => (1000, "the server ended the call".to_string()),
+            Ending::Idle(d) => (1000, format!("nothing received for {} s", d.as_secs())),
+            Ending::Shutdown => (1001, "the server is shutting down".to_string()),
+            Ending::Policy(why) => (1008, why.clone()),
+            Ending::TooBig => (1009, "a message exceeded the size limit".to_string()),
+            Ending::Busy => (
+                1013,
+                "the server is at its call limit; try again later".into(),
+            ),
+            Ending::Error(why) => (1011, why.clone()),
+        };
+        Some(CloseFrame {
+            code,
+            reason: close_reason(&reason).into(),
+        })
+    }
+}
+
+/// A close frame's reason holds at most 123 bytes; cut at a character boundary.
+fn close_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_string()
+}
+
+/// Why a write failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendFailure {
+    Closed,
+    TimedOut,
+}
+
+/// Writes one message within `timeout`.
+pub async fn send_within<S>(
+    sink: &mut S,
+    msg: Message,
+    timeout: Duration,
+) -> Result<(), SendFailure>
+where
+    S: Sink<Message> + Unpin,
+{
+    match tokio::time::timeout(timeout, sink.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(SendFailure::Closed),
+        Err(_) => Err(SendFailure::TimedOut),
+    }
+}
+
+/// Sends the close frame for `ending` (if any) and closes the sink, each within `timeout`.
+pub async fn close<S>(sink: &mut S, ending: &Ending, timeout: Duration)
+where
+    S: Sink<Message> + Unpin,
+{
+    if let Some(frame) = ending.close_frame() {
+        let _ = send_within(sink, Message::Close(Some(frame)), timeout).await;
+    }
+    let _ = tokio::time::timeout(timeout, sink.close()).await;
+}
+
+/// The writer's half of a call's socket.
+pub struct Writer<E> {
+    /// Turns a call message into its wire text; `None` skips it.
+    pub encode: E,
+    /// Sent when the call ends on its own, before the close frame (Vocode's `websocket_stop`).
+    pub farewell: Option<String>,
+    pub metrics: Arc<Metrics>,
+    pub send_timeout: Duration,
+}
+
+impl<E> Writer<E>
+where
+    E: FnMut(Outbound) -> Option<String>,
+{
+    /// Writes the call's messages and the reader's control messages until the reader finishes
+    /// (`finish` fires with the reason), the call ends, or a write fails or stalls. Cancels
+    /// `dead` when it stops, so the reader stops too.
+    pub async fn run<S>(
+        mut self,
+        mut sink: S,
+        mut calls: mpsc::Receiver<Outbound>,
+        mut control: mpsc::Receiver<Control>,
+        mut finish: oneshot::Receiver<Ending>,
+        dead: CancellationToken,
+    ) where
+        S: Sink<Message> + Unpin,
+    {
+        let ending = loop {
+            let mut due = None;
+            let msg = tokio::select! {
+                biased;
+                e = &mut finish => break e.unwrap_or(Ending::Hangup),
+                c = control.recv() => match c {
+                    Some(Control::Text(t)) => Message::Text(t.into()),
+                    Some(Control::Ping) => Message::Ping(Default::default()),
+                    None => break Ending::Hangup,
+                },
+                m = calls.recv() => match m {
+                    Some(m) => {
+                        if let Outbound::Audio { due: d, .. } = &m {
+                            due = *d;
+                        }
+                        match (self.encode)(m) {
+                            Some(t) => Message::Text(t.into()),
+                            None => continue,
+                        }
+                    }
+                    None => {
+                        if let Some(bye) = self.farewell.take() {
+                            let _ = send_within(&mut sink, Message::Text(bye.into()), self.send_timeout).await;
+                        }
+                        break Ending::CallEnded;
+                    }
+                },
+            };
+            match send_within(&mut sink, msg, self.send_timeout).await {
+                Ok(()) => self.metrics.frame_delivered(due),
+                Err(SendFailure::Closed) => break Ending::Hangup,
+                Err(SendFailure::TimedOut) => {
+                    self.metrics.error("send_timeout");
+                    tracing::warn!(
+                        timeout_s = self.send_timeout.as_secs_f64(),
+                        "a write to the caller stalled; ending the call"
+                    );
+                    // The socket is stuck: a close frame would stall the same way.
+                    dead.cancel();
+                    return;
+                }
+            }
+        };
+        close(&mut sink, &ending, self.send_timeout).await;
+        dead.cancel();
+    }
+}
+
+/// A socket's claim on the server's capacity: a pending slot while it waits for its start
+/// message (counted in `gazelle_pending_sockets`), then a call slot. Idle sockets therefore never
+/// hold call slots, and the start deadline bounds how long they hold pending ones.
+pub struct Admission {
+    pending: Option<OwnedSemaphorePermit>,
+    calls: Arc<Semaphore>,
+    call: Option<OwnedSemaphorePermit>,
+    metrics: Arc<Metrics>,
+}
+
+impl Admission {
+    pub fn new(
+        pending: OwnedSemaphorePermit,
+        calls: Arc<Semaphore>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        metrics.pending_sockets.inc();
+        Admission {
+            pending: Some(pending),
+            calls,
+            call: None,
+            metrics,
+        }
+    }
+
+    /// Trades the pending slot for a call slot; false when every call slot is taken.
+    pub fn start_call(&mut self) -> bool {
+        if self.call.is_some() {
+            return true;
+        }
+        let Ok(call) = self.calls.clone().try_acquire_owned() else {
+            return false;
+        };
+        self.call = Some(call);
+        if self.pending.take().is_some() {
+            self.metrics.pending_sockets.dec();
+        }
+        true
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if self.pending.is_some() {
+            self.metrics.pending_sockets.dec();
+        }
+    }
+}
+
+/// The reader's keep-alive: when to ping and when the line counts as dead.
+pub struct Keepalive {
+    tick: tokio::time::Interval,
+    last_heard: Instant,
+    idle: Duration,
+}
+
+/// What the keep-alive asks of the reader.
+pub enum Beat {
+    Ping,
+    Idle(Duration),
+}
+
+impl Keepalive {
+    pub fn new(settings: &SocketSettings) -> Self {
+        let start = tokio::time::Instant::now() + settings.ping_interval;
+        let mut tick = tokio::time::interval_at(start, settings.ping_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Keepalive {
+            tick,
+            last_heard: Instant::now(),
+            idle: settings.idle_timeout,
+        }
+    }
+
+    /// Anything arrived from the caller.
+    pub fn heard(&mut self) {
+        self.last_heard = Instant::now();
+    }
+
+    /// Waits for the next beat.
+    pub async fn beat(&mut self) -> Beat {
+        self.tick.tick().await;
+        let quiet = self.last_heard.elapsed();
+        if quiet >= self.idle {
+            Beat::Idle(quiet)
+        } else {
+            Beat::Ping
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer() -> Writer<impl FnMut(Outbound) -> Option<String>> {
+        Writer {
+            encode: |m: Outbound| match m {
+                Outbound::Error { message, .. } => Some(message),
+                _ => None,
+            },
+            farewell: Some("bye".into()),
+            metrics: Arc::new(Metrics::new()),
+            send_timeout: Duration::from_millis(200),
+        }
+    }
+
+    fn text(m: &Message) -> String {
+        match m {
+            Message::Text(t) => t.to_string(),
+            Message::Close(Some(f)) => format!("close {} {}", f.code, f.reason),
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_call_ending_on_its_own_says_goodbye_and_closes_with_1000() {
+        let (sink, mut wire) = futures::channel::mpsc::channel::<Message>(16);
+        let (calls_tx, calls) = mpsc::channel(4);
+        let (_ctl_tx, control) = mpsc::channel(4);
+        let (_fin_tx, finish) = oneshot::channel();
+        let dead = CancellationToken::new();
+        calls_tx
+            .send(Outbound::Error {
+                kind: "x",
+                message: "hello".into(),
+            })
+            .await
+            .unwrap();
+        drop(calls_tx);
+        writer()
+            .run(sink, calls, control, finish, dead.clone())
+            .await;
+        assert!(dead.is_cancelled());
+        let mut got = Vec::new();
+        while let Ok(m) = wire.try_recv() {
+            got.push(text(&m));
+        }
+        assert_eq!(
+            got,
+            ["hello", "bye", "close 1000 the server ended the call"]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_readers_reason_decides_the_close_code() {
+        for (ending, code) in [
+            (Ending::Shutdown, Some(1001)),
+            (Ending::Busy, Some(1013)),
+            (Ending::TooBig, Some(1009)),
+            (Ending::Policy("x".repeat(300)), Some(1008)),
+            (Ending::Hangup, None),
+        ] {
+            let (sink, mut wire) = futures::channel::mpsc::channel::<Message>(16);
+            let (_calls_tx, calls) = mpsc::channel(4);
+            let (ctl_tx, control) = mpsc::channel(4);
+            let (fin_tx, finish) = oneshot::channel();
+            ctl_tx.send(Control::Ping).await.unwrap();
+            let task = tokio::spawn(writer().run(sink, calls, control, finish, Default::default()));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            fin_tx.send(ending.clone()).unwrap();
+            task.await.unwrap();
+            assert!(matches!(wire.try_recv(), Ok(Message::Ping(_))));
+            let close = match wire.try_recv() {
+                Ok(Message::Close(Some(f))) => {
+                    assert!(f.reason.len() <= 123);
+                    Some(f.code)
+                }
+                _ => None,
+            };
+            assert_eq!(close, code, "{ending:?}");
+        }
+    }
+
+    /// A client that stops reading: the write never completes, and the call must not wait on it
+    /// for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_write_ends_the_call_after_the_send_timeout() {
+        let (sink, _wire) = futures::channel::mpsc::channel::<Message>(0);
+        let (calls_tx, calls) = mpsc::channel(4);
+        let (_ctl_tx, control) = mpsc::channel(4);
+        let (_fin_tx, finish) = oneshot::channel();
+        let dead = CancellationToken::new();
+        let w = writer();
+        let metrics = w.metrics.clone();
+        for i in 0..3 {
+            let message = format!("m{i}");
+            calls_tx
+                .send(Outbound::Error { kind: "x", message })
+                .await
+                .unwrap();
+        }
+        let started = tokio::time::Instant::now();
+        w.run(sink, calls, control, finish, dead.clone()).await;
+        assert!(dead.is_cancelled());
+        assert!(
+            started.elapsed() <= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(metrics.errors.with_label_values(&["send_timeout"]).get(), 1);
+    }
+}
