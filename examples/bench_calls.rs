@@ -327,7 +327,9 @@ async fn caller(
                             timeline = Some(b - a);
                         }
                     }
-                    EventKind::Closed | EventKind::Stop => anyhow::bail!("server closed the call"),
+                    EventKind::Closed { .. } | EventKind::Stop => {
+                        anyhow::bail!("server closed the call")
+                    }
                     _ => {}
                 }
             }

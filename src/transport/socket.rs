@@ -24,7 +24,8 @@ pub struct SocketSettings {
     pub start_timeout: Duration,
     /// A ping goes out this often, so dead peers and NAT timeouts show up.
     pub ping_interval: Duration,
-    /// A call that hears nothing at all (no audio, no pong) for this long is ended.
+    /// A call that receives no protocol message (audio, events; pongs do not count) for this
+    /// long is ended: both protocols stream audio all the time, so such a peer is gone or idle.
     pub idle_timeout: Duration,
     /// A write that cannot finish within this (a client that stopped reading) ends the call.
     pub send_timeout: Duration,
@@ -277,7 +278,7 @@ impl Keepalive {
         }
     }
 
-    /// Anything arrived from the caller.
+    /// A protocol message arrived from the caller (pongs do not count).
     pub fn heard(&mut self) {
         self.last_heard = Instant::now();
     }

@@ -23,6 +23,8 @@ const ESPEAK_CHARS_UTF8: c_uint = 1;
 const ESPEAK_RATE: c_int = 1;
 /// Milliseconds of audio per callback: the granularity of streaming and of cancellation.
 const BUFFER_MS: c_int = 40;
+/// Longest unit audio kept in the cache: 4 s at espeak's 22,050 Hz.
+const MAX_CACHED_SAMPLES: usize = 4 * 22_050;
 /// Units waiting for the engine thread; callers wait when it is full.
 const ENGINE_QUEUE: usize = 256;
 
@@ -129,7 +131,9 @@ impl UnitCache {
     }
 
     fn put(&self, key: String, audio: Arc<[f32]>) {
-        if self.capacity == 0 {
+        // Stock phrases are short; a long unit is unlikely to repeat and would let the cache
+        // grow to `capacity` × the longest unit. This caps it at `capacity` × 4 s.
+        if self.capacity == 0 || audio.len() > MAX_CACHED_SAMPLES {
             return;
         }
         let mut guard = self.inner.lock().expect("cache lock");

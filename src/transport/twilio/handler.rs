@@ -237,7 +237,11 @@ where
             },
             m = stream.next() => m,
         };
-        keepalive.heard();
+        // Only the protocol's own messages count: a peer that answers pings but sends nothing
+        // is not on a call.
+        if matches!(&msg, Some(Ok(Message::Text(_) | Message::Binary(_)))) {
+            keepalive.heard();
+        }
         let text = match msg {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {

@@ -33,6 +33,11 @@ pub struct ClientConfig {
     pub subscribe_transcript: bool,
     pub system_prompt: Option<String>,
     pub first_message: Option<String>,
+    pub conversation_id: Option<String>,
+    /// Sent as `Authorization: Bearer …` (the server's API key, or a call token).
+    pub bearer: Option<String>,
+    /// A call token from `POST /auth/token`, sent as `?token=` (what a browser page does).
+    pub token: Option<String>,
 }
 
 impl ClientConfig {
@@ -46,6 +51,9 @@ impl ClientConfig {
             subscribe_transcript: true,
             system_prompt: None,
             first_message: None,
+            conversation_id: None,
+            bearer: None,
+            token: None,
         }
     }
 }
@@ -82,7 +90,11 @@ pub enum EventKind {
     Stop,
     /// Anything else, verbatim.
     Other(serde_json::Value),
-    Closed,
+    /// The connection ended; with the server's close code and reason when it sent a close frame.
+    Closed {
+        code: Option<u16>,
+        reason: String,
+    },
 }
 
 pub struct VocodeClient {
@@ -108,7 +120,22 @@ impl Drop for VocodeClient {
 impl VocodeClient {
     /// Connects, sends the audio config and waits for `websocket_ready`.
     pub async fn connect(url: &str, config: ClientConfig) -> Result<Self, ClientError> {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = match &config.token {
+            Some(t) => {
+                let t: String = form_urlencoded::byte_serialize(t.as_bytes()).collect();
+                format!("{url}?token={t}")
+            }
+            None => url.to_string(),
+        };
+        let mut request = url.into_client_request()?;
+        if let Some(b) = &config.bearer {
+            let value = format!("Bearer {b}").parse().map_err(|_| {
+                ClientError::Refused("the bearer token is not a header value".into())
+            })?;
+            request.headers_mut().insert("authorization", value);
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
         let (mut sink, mut stream) = ws.split();
         let start = serde_json::json!({
             "type": "websocket_audio_config_start",
@@ -121,7 +148,7 @@ impl VocodeClient {
                 "sampling_rate": config.output_rate,
                 "audio_encoding": config.output_encoding,
             },
-            "conversation_id": null,
+            "conversation_id": config.conversation_id,
             "subscribe_transcript": config.subscribe_transcript,
             "system_prompt": config.system_prompt,
             "first_message": config.first_message,
@@ -146,20 +173,28 @@ impl VocodeClient {
         }
         let (tx, events) = mpsc::unbounded_channel();
         let reader = tokio::spawn(async move {
+            let mut close = (None, String::new());
             while let Some(msg) = stream.next().await {
                 let at = Instant::now();
                 let kind = match msg {
                     Ok(Message::Text(t)) => parse_event(&t),
-                    Ok(Message::Close(_)) | Err(_) => break,
+                    Ok(Message::Close(frame)) => {
+                        if let Some(f) = frame {
+                            close = (Some(u16::from(f.code)), f.reason.to_string());
+                        }
+                        break;
+                    }
+                    Err(_) => break,
                     Ok(_) => continue,
                 };
                 if tx.send(Event { at, kind }).is_err() {
                     return;
                 }
             }
+            let (code, reason) = close;
             let _ = tx.send(Event {
                 at: Instant::now(),
-                kind: EventKind::Closed,
+                kind: EventKind::Closed { code, reason },
             });
         });
         Ok(VocodeClient {
