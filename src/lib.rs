@@ -6,6 +6,8 @@
 pub mod assets;
 pub mod audio;
 pub mod config;
+#[cfg(test)]
+mod fuzz;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

@@ -274,8 +274,14 @@ async fn f2_huge_twilio_frames_end_the_stream_with_1009() {
     // with unread bytes in it resets the connection.
     let (_, close) = read_to_close(&mut ws, Duration::from_secs(5)).await;
     assert!(matches!(close, None | Some((1009, _))), "{close:?}");
-    assert!(ws.next().await.is_none_or(|m| m.is_err()), "the stream must be closed");
-    assert_eq!(metric(&server, "gazelle_errors_total{kind=\"frame_too_large\"}").await, 1.0);
+    assert!(
+        ws.next().await.is_none_or(|m| m.is_err()),
+        "the stream must be closed"
+    );
+    assert_eq!(
+        metric(&server, "gazelle_errors_total{kind=\"frame_too_large\"}").await,
+        1.0
+    );
     // A frame under the limit but holding 6 s of audio is over the in-flight budget: refused,
     // counted, and the stream goes on.
     let mut ws = twilio_dial(&server, "CA0002").await;

@@ -222,7 +222,7 @@ fn too_large(len: usize, settings: &SocketSettings) -> String {
     )
 }
 
-fn validate(c: &AudioConfigStart) -> Result<(), String> {
+pub(crate) fn validate(c: &AudioConfigStart) -> Result<(), String> {
     for (what, rate) in [
         ("input", c.input_audio_config.sampling_rate),
         ("output", c.output_audio_config.sampling_rate),
