@@ -7,17 +7,17 @@
 //! `/metrics`, `gazelle_output_underrun_seconds`, free of the callers' scheduling), the VAD cost per frame,
 //! RSS per call and server CPU. Prints a table; `--json FILE` writes it too.
 
+#[path = "load/mod.rs"]
+mod load;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use clap::Parser;
-use gazelle::audio::{pcm, resample::resample_all};
 use gazelle::transport::vocode::client::{ClientConfig, EventKind, VocodeClient};
-use gazelle::tts::espeak::{Espeak, EspeakConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use load::{cpu_seconds, http_get, metric, rss_mb, CHUNK_MS, RATE};
 
 #[derive(Parser)]
 struct Args {
@@ -41,8 +41,6 @@ struct Args {
     json: Option<PathBuf>,
 }
 
-const RATE: u32 = 16_000;
-const CHUNK_MS: u64 = 20;
 const REPLY: &str = "Sure, I can help with that. Let me check.";
 const TARGET_P99_MS: f64 = 50.0;
 
@@ -92,13 +90,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let utterance = utterance().await?;
+    let utterance =
+        load::utterance("Hello, could you tell me what time the store opens tomorrow?").await?;
     let speech_chunks = Arc::new(utterance.0);
     let speech_end_chunk = utterance.1;
-    let silence = Arc::new(message(&vec![
-        0.0;
-        (RATE as u64 * CHUNK_MS / 1000) as usize
-    ]));
+    let silence = Arc::new(load::silence_message());
     let mut rows = Vec::new();
     println!(
         "{:>6} {:>8} {:>7} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9} {:>10} {:>9} {:>10} {:>8} {:>5}",
@@ -119,7 +115,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     for (i, &n) in args.calls.iter().enumerate() {
         let port = args.port + i as u16;
-        let mut server = start_server(&args.bin, port).await?;
+        let mut server = load::start_server(
+            &args.bin,
+            port,
+            &["--reply", REPLY, "--token-delay-ms", "0"],
+        )
+        .await?;
         let pid = server.id();
         let rss_idle = rss_mb(pid);
         let cpu0 = cpu_seconds(pid);
@@ -252,32 +253,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The caller's utterance as ready-made websocket messages, and the index of the chunk in which
-/// speech ends.
-async fn utterance() -> anyhow::Result<(Vec<String>, usize)> {
-    let dir = gazelle::assets::espeak_dir(None)?;
-    let voice = Espeak::start(&EspeakConfig {
-        dir,
-        voice: "en-us".into(),
-        rate_wpm: 175,
-        cache_units: 0,
-    })?;
-    let raw = voice
-        .speak("Hello, could you tell me what time the store opens tomorrow?")
-        .await?;
-    let mut speech = resample_all(&raw, voice.sample_rate(), RATE)?;
-    let last = speech.iter().rposition(|x| x.abs() > 0.01).unwrap_or(0);
-    let chunk = (RATE as u64 * CHUNK_MS / 1000) as usize;
-    speech.resize(speech.len().div_ceil(chunk) * chunk, 0.0);
-    let messages = speech.chunks(chunk).map(message).collect();
-    Ok((messages, last / chunk))
-}
-
-fn message(samples: &[f32]) -> String {
-    let data = base64::engine::general_purpose::STANDARD.encode(pcm::f32_to_s16le(samples));
-    serde_json::json!({"type": "websocket_audio", "data": data}).to_string()
-}
-
 /// One simulated caller: talk, listen to the whole reply, pause, repeat until `end`.
 async fn caller(
     url: &str,
@@ -356,75 +331,4 @@ async fn caller(
     }
     client.stop().await?;
     Ok(stats)
-}
-
-async fn start_server(bin: &PathBuf, port: u16) -> anyhow::Result<Child> {
-    let child = Command::new(bin)
-        .args([
-            "serve",
-            "--port",
-            &port.to_string(),
-            "--reply",
-            REPLY,
-            "--token-delay-ms",
-            "0",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(port, "/health").await.is_err() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the server did not come up on port {port}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(child)
-}
-
-async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await?;
-    Ok(body)
-}
-
-/// The sum of the samples in a Prometheus text exposition whose name (with labels) starts with
-/// `key`.
-fn metric(exposition: &str, key: &str) -> f64 {
-    exposition
-        .lines()
-        .filter(|l| l.starts_with(key))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = s
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|s| s.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    ticks / 100.0
 }

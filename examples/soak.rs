@@ -1,0 +1,436 @@
+//! Soak test (run through `scripts/soak`): N simulated callers hold real-time conversations with a
+//! fresh `gazelle serve` (scripted model, local voice) for T minutes, with a barge-in every third
+//! turn, while the server process is sampled (RSS, threads, open file descriptors, CPU, and the
+//! gauges of `/metrics`). At the end every caller hangs up and the gauges must return to 0.
+//!
+//! Pass: RSS flat within ±5 % of its level at the end of the warm-up, no late or missing reply
+//! (first reply audio more than `--late-ms` after the caller's speech ended), no stale audio (a
+//! frame of a cut reply after its `gazelle_clear`), every barge-in cleared, and the gauges back to
+//! 0. Prints a table; `--json FILE` writes it too.
+
+#[path = "load/mod.rs"]
+mod load;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use gazelle::transport::vocode::client::{ClientConfig, EventKind, VocodeClient};
+use load::{http_get, metric, CHUNK_MS, RATE};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "target/release/gazelle")]
+    bin: PathBuf,
+    #[arg(long, default_value_t = 50)]
+    calls: usize,
+    #[arg(long, default_value_t = 30.0)]
+    minutes: f64,
+    /// RSS is judged against its level at the end of this; default max(2 min, 10 %).
+    #[arg(long)]
+    warmup_minutes: Option<f64>,
+    #[arg(long, default_value_t = 10)]
+    sample_s: u64,
+    /// A reply whose first audio comes later than this after the end of speech is late.
+    #[arg(long, default_value_t = 1_500)]
+    late_ms: u64,
+    #[arg(long, default_value_t = 39_300)]
+    port: u16,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+const REPLY: &str = "Sure, I can help with that. The store opens at nine in the morning and \
+                     closes at six in the evening. On Sundays it opens at ten.";
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct Sample {
+    minute: f64,
+    rss_mb: f64,
+    threads: u64,
+    open_fds: u64,
+    cpu_pct: f64,
+    active_calls: f64,
+    pending_sockets: f64,
+    open_connections: f64,
+}
+
+#[derive(Debug, Default)]
+struct CallerStats {
+    turns: u64,
+    replies: u64,
+    late: u64,
+    missing: u64,
+    barge_ins: u64,
+    clears: u64,
+    stale_frames: u64,
+    latencies: Vec<f64>,
+    error: Option<String>,
+}
+
+/// What one caller hears after it stops talking.
+struct Listen {
+    /// When the caller's speech ended.
+    spoke_until: Instant,
+    /// Barge in after this much reply audio (a barge-in turn).
+    barge_after: Option<Duration>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let question = load::utterance("Hello, could you tell me when the store opens?").await?;
+    let interrupt = load::utterance("Wait, what about Sundays?").await?;
+    let (question, interrupt) = (Arc::new(question), Arc::new(interrupt));
+    let silence = Arc::new(load::silence_message());
+    let mut server = load::start_server(
+        &args.bin,
+        args.port,
+        &["--reply", REPLY, "--token-delay-ms", "0"],
+    )
+    .await?;
+    let pid = server.id();
+    let started = Instant::now();
+    let total = Duration::from_secs_f64(args.minutes * 60.0);
+    let end = started + total;
+    let mut tasks = Vec::new();
+    for k in 0..args.calls {
+        let url = format!("ws://127.0.0.1:{}/conversation", args.port);
+        let (q, i, s) = (question.clone(), interrupt.clone(), silence.clone());
+        let late = Duration::from_millis(args.late_ms);
+        // Spread the callers so their turns do not line up.
+        let offset = Duration::from_millis(k as u64 * 8_000 / args.calls as u64);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(offset).await;
+            let mut stats = CallerStats::default();
+            if let Err(e) = caller(&url, &q, &i, &s, end, late, k, &mut stats).await {
+                stats.error = Some(e.to_string());
+            }
+            stats
+        }));
+    }
+    println!(
+        "{:>7} {:>8} {:>8} {:>6} {:>7} {:>7} {:>8} {:>8}",
+        "minute", "RSS MB", "threads", "fds", "CPU %", "calls", "pending", "conns"
+    );
+    let mut samples = Vec::new();
+    let mut cpu_prev = (load::cpu_seconds(pid), Instant::now());
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(args.sample_s).min(end - Instant::now())).await;
+        let s = sample(pid, args.port, started, &mut cpu_prev).await;
+        let minute_mark = (samples.len() as u64 * args.sample_s).is_multiple_of(60);
+        if minute_mark || Instant::now() >= end {
+            print_sample(&s);
+        }
+        samples.push(s);
+    }
+    let mut stats = CallerStats::default();
+    let mut errors = Vec::new();
+    for t in tasks {
+        let s = t.await?;
+        stats.turns += s.turns;
+        stats.replies += s.replies;
+        stats.late += s.late;
+        stats.missing += s.missing;
+        stats.barge_ins += s.barge_ins;
+        stats.clears += s.clears;
+        stats.stale_frames += s.stale_frames;
+        stats.latencies.extend(s.latencies);
+        errors.extend(s.error);
+    }
+    // Every caller has hung up: the gauges must come back to 0.
+    let mut after = sample(pid, args.port, started, &mut cpu_prev).await;
+    let settle = Instant::now() + Duration::from_secs(10);
+    while (after.active_calls + after.pending_sockets > 0.0) && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        after = sample(pid, args.port, started, &mut cpu_prev).await;
+    }
+    print_sample(&after);
+    let _ = std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status();
+    let _ = server.wait();
+
+    let warmup = args
+        .warmup_minutes
+        .unwrap_or((args.minutes * 0.1).max(2.0).min(args.minutes / 2.0));
+    let reference = samples
+        .iter()
+        .rfind(|s| s.minute <= warmup)
+        .map_or(f64::NAN, |s| s.rss_mb);
+    let later: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.minute > warmup)
+        .map(|s| s.rss_mb)
+        .collect();
+    let rss_min = later.iter().copied().fold(f64::INFINITY, f64::min);
+    let rss_max = later.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let drift_pct = |v: f64| (v / reference - 1.0) * 100.0;
+    let rss_flat =
+        !later.is_empty() && drift_pct(rss_max).abs() <= 5.0 && drift_pct(rss_min).abs() <= 5.0;
+    stats.latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        let l = &stats.latencies;
+        if l.is_empty() {
+            f64::NAN
+        } else {
+            l[((l.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    let gauges_zero = after.active_calls == 0.0 && after.pending_sockets == 0.0;
+    let pass = rss_flat
+        && stats.late == 0
+        && stats.missing == 0
+        && stats.stale_frames == 0
+        && stats.clears == stats.barge_ins
+        && gauges_zero
+        && errors.is_empty();
+    println!(
+        "{} calls × {:.1} min: {} turns, {} replies, {} barge-ins ({} cleared), {} late, {} \
+         missing, {} stale frames; speech end → first audio p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        args.calls,
+        args.minutes,
+        stats.turns,
+        stats.replies,
+        stats.barge_ins,
+        stats.clears,
+        stats.late,
+        stats.missing,
+        stats.stale_frames,
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+    println!(
+        "RSS after {warmup:.1} min warm-up {reference:.0} MB, then {rss_min:.0}–{rss_max:.0} MB \
+         ({:+.1} % / {:+.1} %); gauges at the end: {} calls, {} pending, {} connections; \
+         caller errors: {}",
+        drift_pct(rss_min),
+        drift_pct(rss_max),
+        after.active_calls,
+        after.pending_sockets,
+        after.open_connections,
+        errors.len()
+    );
+    for e in errors.iter().take(5) {
+        println!("  caller error: {e}");
+    }
+    println!("{}", if pass { "PASS" } else { "FAIL" });
+    if let Some(path) = &args.json {
+        let out = serde_json::json!({
+            "calls": args.calls,
+            "minutes": args.minutes,
+            "warmup_minutes": warmup,
+            "late_ms": args.late_ms,
+            "turns": stats.turns,
+            "replies": stats.replies,
+            "barge_ins": stats.barge_ins,
+            "clears": stats.clears,
+            "late": stats.late,
+            "missing": stats.missing,
+            "stale_frames": stats.stale_frames,
+            "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)},
+            "rss_mb": {"reference": reference, "min": rss_min, "max": rss_max},
+            "rss_flat": rss_flat,
+            "gauges_at_end": after,
+            "caller_errors": errors,
+            "pass": pass,
+            "samples": samples,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+    }
+    anyhow::ensure!(pass, "the soak failed its criteria");
+    Ok(())
+}
+
+async fn sample(pid: u32, port: u16, started: Instant, cpu: &mut (f64, Instant)) -> Sample {
+    let metrics = http_get(port, "/metrics").await.unwrap_or_default();
+    let now = (load::cpu_seconds(pid), Instant::now());
+    let cpu_pct = (now.0 - cpu.0) / (now.1 - cpu.1).as_secs_f64().max(1e-3) * 100.0;
+    *cpu = now;
+    Sample {
+        minute: started.elapsed().as_secs_f64() / 60.0,
+        rss_mb: load::rss_mb(pid),
+        threads: load::threads(pid),
+        open_fds: load::open_fds(pid),
+        cpu_pct,
+        active_calls: metric(&metrics, "gazelle_active_calls"),
+        pending_sockets: metric(&metrics, "gazelle_pending_sockets"),
+        open_connections: metric(&metrics, "gazelle_open_connections"),
+    }
+}
+
+fn print_sample(s: &Sample) {
+    println!(
+        "{:>7.1} {:>8.0} {:>8} {:>6} {:>7.0} {:>7} {:>8} {:>8}",
+        s.minute,
+        s.rss_mb,
+        s.threads,
+        s.open_fds,
+        s.cpu_pct,
+        s.active_calls,
+        s.pending_sockets,
+        s.open_connections
+    );
+}
+
+/// Sends messages in real time (20 ms apart) from `next`, draining events into `on_event`.
+struct Line {
+    client: VocodeClient,
+    next: tokio::time::Instant,
+}
+
+impl Line {
+    async fn send(&mut self, m: &str) -> anyhow::Result<()> {
+        self.client.send_text(m).await?;
+        self.next += Duration::from_millis(CHUNK_MS);
+        tokio::time::sleep_until(self.next).await;
+        Ok(())
+    }
+}
+
+/// One caller: ask, listen (barging in on every third reply), pause, until `end`.
+#[allow(clippy::too_many_arguments)]
+async fn caller(
+    url: &str,
+    question: &(Vec<String>, usize),
+    interrupt: &(Vec<String>, usize),
+    silence: &str,
+    end: Instant,
+    late: Duration,
+    k: usize,
+    stats: &mut CallerStats,
+) -> anyhow::Result<()> {
+    let mut cc = ClientConfig::new(RATE, gazelle::audio::Encoding::Linear16);
+    cc.subscribe_transcript = false;
+    let client = VocodeClient::connect(url, cc).await?;
+    let mut line = Line {
+        client,
+        next: tokio::time::Instant::now(),
+    };
+    let mut turn = k as u64 % 3;
+    while Instant::now() + Duration::from_secs(12) < end {
+        let spoke_until = speak(&mut line, question).await?;
+        turn += 1;
+        let barge_after = turn.is_multiple_of(3).then_some(Duration::from_millis(800));
+        let turn_heard = Listen {
+            spoke_until,
+            barge_after,
+        };
+        if listen(&mut line, turn_heard, silence, late, stats).await? {
+            stats.barge_ins += 1;
+            let spoke_until = barge_in(&mut line, interrupt, stats).await?;
+            let reply = Listen {
+                spoke_until,
+                barge_after: None,
+            };
+            listen(&mut line, reply, silence, late, stats).await?;
+        }
+        for _ in 0..25 {
+            line.send(silence).await?;
+        }
+    }
+    line.client.stop().await?;
+    Ok(())
+}
+
+/// Speaks an utterance; returns when its speech ended.
+async fn speak(line: &mut Line, utterance: &(Vec<String>, usize)) -> anyhow::Result<Instant> {
+    let mut spoke_until = Instant::now();
+    for (i, m) in utterance.0.iter().enumerate() {
+        line.send(m).await?;
+        if i == utterance.1 {
+            spoke_until = Instant::now();
+        }
+    }
+    Ok(spoke_until)
+}
+
+/// Listens to the reply to a turn (keeping the line open with silence) until it has played out,
+/// or on a barge-in turn until it has played for a while: then returns true, and the caller
+/// talks over it.
+async fn listen(
+    line: &mut Line,
+    turn: Listen,
+    silence: &str,
+    late: Duration,
+    stats: &mut CallerStats,
+) -> anyhow::Result<bool> {
+    stats.turns += 1;
+    let mut first_audio: Option<Instant> = None;
+    let mut queued = Duration::ZERO;
+    loop {
+        line.send(silence).await?;
+        while let Ok(ev) = line.client.events.try_recv() {
+            match ev.kind {
+                EventKind::Audio { samples, rate } => {
+                    if first_audio.is_none() {
+                        first_audio = Some(ev.at);
+                        let after = ev.at.saturating_duration_since(turn.spoke_until);
+                        stats.replies += 1;
+                        stats.latencies.push(after.as_secs_f64() * 1e3);
+                        if after > late {
+                            stats.late += 1;
+                        }
+                    }
+                    queued += Duration::from_secs_f64(samples.len() as f64 / rate as f64);
+                }
+                EventKind::Closed { code, reason } => {
+                    anyhow::bail!("the server closed the call ({code:?} {reason})")
+                }
+                EventKind::Error { kind, message } => anyhow::bail!("{kind}: {message}"),
+                _ => {}
+            }
+        }
+        let now = Instant::now();
+        match (first_audio, turn.barge_after) {
+            (None, _) if now > turn.spoke_until + Duration::from_secs(6) => {
+                stats.missing += 1;
+                return Ok(false);
+            }
+            (Some(t), Some(after)) if now > t + after => return Ok(true),
+            (Some(t), None) if now > t + queued + Duration::from_millis(400) => return Ok(false),
+            _ => {}
+        }
+    }
+}
+
+/// Talks over the bot: expects a clear while speaking and no audio of the cut reply after it.
+/// Returns when the interruption's speech ended.
+async fn barge_in(
+    line: &mut Line,
+    interrupt: &(Vec<String>, usize),
+    stats: &mut CallerStats,
+) -> anyhow::Result<Instant> {
+    let mut cleared: Option<Instant> = None;
+    let mut spoke_until = Instant::now();
+    for (i, m) in interrupt.0.iter().enumerate() {
+        line.send(m).await?;
+        if i == interrupt.1 {
+            spoke_until = Instant::now();
+        }
+        while let Ok(ev) = line.client.events.try_recv() {
+            match ev.kind {
+                EventKind::Clear { .. } if cleared.is_none() => {
+                    cleared = Some(ev.at);
+                    stats.clears += 1;
+                }
+                // The reply to the interruption cannot start before its speech has ended.
+                EventKind::Audio { .. } if cleared.is_some() => stats.stale_frames += 1,
+                EventKind::Closed { code, reason } => {
+                    anyhow::bail!("the server closed the call ({code:?} {reason})")
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(spoke_until)
+}
