@@ -607,6 +607,8 @@ async fn f7_half_open_connections_are_dropped_and_health_answers() {
 async fn f8_every_entry_point_checks_who_is_calling() {
     // An open server still keeps the registry off and checks the browser's origin.
     let server = common::start_server(config("Hi.")).await;
+    let (_, page_config) = common::http(&server, "GET", "/config", &[], "").await;
+    assert!(page_config.contains("\"auth\":\"none\""), "{page_config}");
     let (status, body) = common::http(&server, "GET", "/calls", &[], "").await;
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("GAZELLE_ADMIN_TOKEN"), "{body}");
@@ -625,6 +627,8 @@ async fn f8_every_entry_point_checks_who_is_calling() {
         common::credentials(s, Some("the-key"), AuthConfig::default())
     })
     .await;
+    let (_, page_config) = common::http(&server, "GET", "/config", &[], "").await;
+    assert!(page_config.contains("\"auth\":\"token\""), "{page_config}");
     let err = connect(&server.ws_url(), &[])
         .await
         .expect_err("no credentials");

@@ -44,7 +44,8 @@ fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
 }
 
 /// What the page needs to draw its controls: the voices on offer (the choice is shown only when
-/// there is more than one) and the server's default prompt and first message.
+/// there is more than one), the server's default prompt and first message, and whether calls
+/// need a call token (`"auth": "token"`, minted with the access key) or nothing (`"none"`).
 async fn config(State(state): State<AppState>) -> impl IntoResponse {
     let settings = &state.services.settings;
     Json(serde_json::json!({
@@ -52,5 +53,6 @@ async fn config(State(state): State<AppState>) -> impl IntoResponse {
         "voices": [state.services.tts.name()],
         "system_prompt": settings.system_prompt,
         "first_message": settings.first_message,
+        "auth": if state.auth.required() { "token" } else { "none" },
     }))
 }
