@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use gazelle::audio::Encoding;
-use gazelle::config::ProviderTimeouts;
 use gazelle::metrics::Metrics;
 use gazelle::tts::elevenlabs::{ElevenLabs, ElevenLabsConfig, ElevenLabsMode};
+use gazelle::tts::http::ProviderTimeouts;
 use gazelle::tts::openai::{OpenAi, OpenAiConfig};
 use gazelle::tts::playht::{PlayHt, PlayHtConfig};
 use gazelle::tts::xtts::{Xtts, XttsConfig};

@@ -339,48 +339,6 @@ impl TtsProvider {
     }
 }
 
-/// How long a network speech provider may take, in `[tts.<provider>.timeouts]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ProviderTimeouts {
-    /// TCP, TLS and websocket handshakes.
-    pub connect_ms: u64,
-    /// From handing a unit over to its first audio byte.
-    pub first_byte_ms: u64,
-    /// Longest silence in the middle of a unit's audio.
-    pub stall_ms: u64,
-}
-
-impl Default for ProviderTimeouts {
-    fn default() -> Self {
-        ProviderTimeouts {
-            connect_ms: 3_000,
-            first_byte_ms: 5_000,
-            stall_ms: 5_000,
-        }
-    }
-}
-
-impl ProviderTimeouts {
-    pub fn get(&self) -> crate::tts::http::Timeouts {
-        use std::time::Duration;
-        crate::tts::http::Timeouts {
-            connect: Duration::from_millis(self.connect_ms),
-            first_byte: Duration::from_millis(self.first_byte_ms),
-            stall: Duration::from_millis(self.stall_ms),
-        }
-    }
-
-    fn validate(&self, provider: &str) -> Result<(), ConfigError> {
-        if self.connect_ms == 0 || self.first_byte_ms == 0 || self.stall_ms == 0 {
-            return Err(ConfigError::Invalid(format!(
-                "tts.{provider}.timeouts must all be above 0 ms"
-            )));
-        }
-        Ok(())
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EspeakVoice {
@@ -454,10 +412,14 @@ impl Config {
                 "tts.fallback must differ from tts.provider (espeak is the usual fallback)".into(),
             ));
         }
-        self.tts.elevenlabs.timeouts.validate("elevenlabs")?;
-        self.tts.xtts.timeouts.validate("xtts")?;
-        self.tts.openai.timeouts.validate("openai")?;
-        self.tts.playht.timeouts.validate("playht")?;
+        for (name, t) in [
+            ("elevenlabs", &self.tts.elevenlabs.timeouts),
+            ("xtts", &self.tts.xtts.timeouts),
+            ("openai", &self.tts.openai.timeouts),
+            ("playht", &self.tts.playht.timeouts),
+        ] {
+            t.validate(name).map_err(ConfigError::Invalid)?;
+        }
         let used = |p| self.tts.provider == p || self.tts.fallback == Some(p);
         if used(TtsProvider::Xtts) {
             self.tts.xtts.validate().map_err(ConfigError::Invalid)?;

@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use gazelle::audio::Encoding;
-use gazelle::config::ProviderTimeouts;
 use gazelle::metrics::Metrics;
 use gazelle::tts::elevenlabs::{ElevenLabs, ElevenLabsConfig, ElevenLabsMode};
 use gazelle::tts::fallback::Fallback;
+use gazelle::tts::http::ProviderTimeouts;
 use gazelle::tts::openai::{OpenAi, OpenAiConfig, OpenAiFormat};
 use gazelle::tts::playht::{PlayHt, PlayHtConfig};
 use gazelle::tts::xtts::{Xtts, XttsConfig};

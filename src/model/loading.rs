@@ -102,7 +102,7 @@ impl SpeechLanguageModel for LoadingModel {
         }
     }
 
-    fn open_session(&self) -> Result<Box<dyn SlmSession>, SlmError> {
+    fn open_session(&self, system_prompt: Option<&str>) -> Result<Box<dyn SlmSession>, SlmError> {
         let model = match &*self.state.borrow() {
             State::Ready(m) => m.clone(),
             State::Loading => {
@@ -119,7 +119,7 @@ impl SpeechLanguageModel for LoadingModel {
                 )))
             }
         };
-        model.open_session()
+        model.open_session(system_prompt)
     }
 }
 
@@ -156,14 +156,14 @@ mod tests {
         });
         assert_eq!(m.status().word(), "loading");
         assert!(m.status().loading_for().is_some());
-        let Err(e) = m.open_session() else {
+        let Err(e) = m.open_session(None) else {
             panic!("a session opened before the model loaded")
         };
         assert!(e.to_string().contains("still loading"), "{e}");
         go_tx.send(()).unwrap();
         m.ready().await.unwrap();
         assert_eq!(m.status().word(), "ok");
-        assert!(m.open_session().is_ok());
+        assert!(m.open_session(None).is_ok());
     }
 
     #[tokio::test]
@@ -172,7 +172,7 @@ mod tests {
         assert_eq!(m.failure().await, "config.json: no such file");
         assert!(matches!(m.status(), ModelStatus::Failed(ref e) if e.contains("config.json")));
         assert_eq!(m.status().word(), "error");
-        let Err(e) = m.open_session() else {
+        let Err(e) = m.open_session(None) else {
             panic!("a session opened on a failed model")
         };
         assert!(

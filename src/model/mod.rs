@@ -15,8 +15,6 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::conversation::Conversation;
-
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SlmError {
     #[error("the speech-language model is not loaded: {0}")]
@@ -59,19 +57,14 @@ pub trait SpeechLanguageModel: Send + Sync + 'static {
         ModelStatus::Ready
     }
 
-    /// Opens the per-call state of one conversation.
-    fn open_session(&self) -> Result<Box<dyn SlmSession>, SlmError>;
+    /// Opens the per-call state of one conversation, under its system prompt.
+    fn open_session(&self, system_prompt: Option<&str>) -> Result<Box<dyn SlmSession>, SlmError>;
 }
 
 pub trait SlmSession: Send + 'static {
-    /// Starts a reply to `turn`, the newest user turn of `conversation` (whose history holds the
-    /// turns before it). Generation stops between two tokens once `cancel` fires.
-    fn respond(
-        &mut self,
-        turn: UserTurn,
-        conversation: &Conversation,
-        cancel: CancellationToken,
-    ) -> TokenStream;
+    /// Starts a reply to `turn`, the newest user turn of the session's conversation (the session
+    /// keeps the turns before it). Generation stops between two tokens once `cancel` fires.
+    fn respond(&mut self, turn: UserTurn, cancel: CancellationToken) -> TokenStream;
 
     /// The last reply was cut off: only `spoken` reached the user, and the model should continue
     /// from there.

@@ -8,7 +8,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{SlmSession, SpeechLanguageModel, TokenStream, UserTurn, TOKEN_QUEUE};
-use crate::pipeline::conversation::Conversation;
 
 #[derive(Debug, Clone)]
 pub struct ScriptedModel {
@@ -46,18 +45,16 @@ impl SpeechLanguageModel for ScriptedModel {
         "scripted"
     }
 
-    fn open_session(&self) -> Result<Box<dyn SlmSession>, super::SlmError> {
+    fn open_session(
+        &self,
+        _system_prompt: Option<&str>,
+    ) -> Result<Box<dyn SlmSession>, super::SlmError> {
         Ok(Box::new(self.clone()))
     }
 }
 
 impl SlmSession for ScriptedModel {
-    fn respond(
-        &mut self,
-        _turn: UserTurn,
-        _conversation: &Conversation,
-        cancel: CancellationToken,
-    ) -> TokenStream {
+    fn respond(&mut self, _turn: UserTurn, cancel: CancellationToken) -> TokenStream {
         let (tx, rx) = mpsc::channel(TOKEN_QUEUE);
         let tokens = self.tokens();
         let delay = self.token_delay;
@@ -98,7 +95,7 @@ mod tests {
         let turn = UserTurn {
             audio: Arc::from(vec![0.0f32; 10]),
         };
-        let mut rx = m.respond(turn, &Conversation::default(), cancel.clone());
+        let mut rx = m.respond(turn, cancel.clone());
         assert_eq!(rx.recv().await.unwrap().unwrap(), "one");
         cancel.cancel();
         let started = std::time::Instant::now();

@@ -13,7 +13,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::gazelle::{GazelleEngine, GazelleSession, GenerationParams, Spoken};
 use super::{SlmError, SlmSession, SpeechLanguageModel, TokenStream, UserTurn, TOKEN_QUEUE};
-use crate::pipeline::conversation::Conversation;
 
 /// Jobs waiting for the inference thread. Calls wait (their replies start later) beyond this.
 const WORKER_QUEUE: usize = 256;
@@ -42,8 +41,6 @@ struct Job {
 
 /// Gazelle as the pipeline's speech-language model.
 pub struct GazelleModel {
-    engine: Arc<GazelleEngine>,
-    params: GenerationParams,
     jobs: mpsc::Sender<Job>,
 }
 
@@ -51,25 +48,11 @@ impl GazelleModel {
     /// Starts the inference thread.
     pub fn start(engine: Arc<GazelleEngine>, params: GenerationParams) -> Self {
         let (jobs, rx) = mpsc::channel(WORKER_QUEUE);
-        let worker_engine = engine.clone();
-        let worker_params = params.clone();
         std::thread::Builder::new()
             .name("model-worker".into())
-            .spawn(move || run(worker_engine, worker_params, rx))
+            .spawn(move || run(engine, params, rx))
             .expect("spawn the model worker");
-        GazelleModel {
-            engine,
-            params,
-            jobs,
-        }
-    }
-
-    pub fn engine(&self) -> &Arc<GazelleEngine> {
-        &self.engine
-    }
-
-    pub fn params(&self) -> &GenerationParams {
-        &self.params
+        GazelleModel { jobs }
     }
 }
 
@@ -78,25 +61,25 @@ impl SpeechLanguageModel for GazelleModel {
         "gazelle"
     }
 
-    fn open_session(&self) -> Result<Box<dyn SlmSession>, SlmError> {
+    fn open_session(&self, system_prompt: Option<&str>) -> Result<Box<dyn SlmSession>, SlmError> {
         let (tx, rx) = mpsc::channel(CALL_QUEUE);
         tokio::spawn(call_task(rx, self.jobs.clone()));
-        Ok(Box::new(GazelleCall { jobs: tx }))
+        Ok(Box::new(GazelleCall {
+            jobs: tx,
+            system_prompt: system_prompt.map(str::to_string),
+        }))
     }
 }
 
 /// A call's handle on its model session.
 struct GazelleCall {
     jobs: mpsc::Sender<(Work, Option<String>)>,
+    /// The session opens under it on the call's first turn.
+    system_prompt: Option<String>,
 }
 
 impl SlmSession for GazelleCall {
-    fn respond(
-        &mut self,
-        turn: UserTurn,
-        conversation: &Conversation,
-        cancel: CancellationToken,
-    ) -> TokenStream {
+    fn respond(&mut self, turn: UserTurn, cancel: CancellationToken) -> TokenStream {
         let (tokens, rx) = mpsc::channel(TOKEN_QUEUE);
         let work = Work::Respond {
             audio: turn.audio,
@@ -105,7 +88,7 @@ impl SlmSession for GazelleCall {
         };
         if self
             .jobs
-            .try_send((work, conversation.system_prompt.clone()))
+            .try_send((work, self.system_prompt.clone()))
             .is_err()
         {
             let _ = tokens.try_send(Err(SlmError::Generation(

@@ -14,6 +14,9 @@ use crate::metrics::Metrics;
 use crate::vad::silero::frame_len;
 use crate::vad::{SileroState, TurnDetector, TurnEvent, TurnSettings, VadHandle};
 
+/// Caller audio on its way to the resampler, with its share of the call's input budget.
+pub type AudioIn = (Vec<f32>, super::limits::BudgetPermit);
+
 /// Audio at 16 kHz with the time its last sample arrived.
 #[derive(Debug)]
 pub struct Heard {
@@ -46,7 +49,7 @@ pub enum VadEvent {
 /// Resamples the caller's audio to 16 kHz. Ends when the input closes or the call ends.
 pub async fn ingest(
     mut resampler: StreamResampler,
-    mut input: mpsc::Receiver<super::call::AudioIn>,
+    mut input: mpsc::Receiver<AudioIn>,
     output: mpsc::Sender<Heard>,
     cancel: CancellationToken,
 ) {

@@ -1,15 +1,12 @@
-//! The registry of live calls: each call's command channel under its id (the Twilio call SID,
-//! the Vocode conversation id, or a generated one), so the server can answer questions about a
-//! call (its history) from outside the call's own connection. Entries remove themselves when the
-//! call's actor ends. Generated ids are random (128 bits), so one call's id says nothing about
-//! another's, and a client-chosen id that is already live is refused, never shared or replaced.
+//! The registry of live calls: a value per call (its command channel) under its id (the Twilio
+//! call SID, the Vocode conversation id, or a generated one), so the server can answer questions
+//! about a call (its history) from outside the call's own connection. Entries remove themselves
+//! when their registration drops. Generated ids are random (128 bits), so one call's id says
+//! nothing about another's, and a client-chosen id that is already live is refused, never shared
+//! or replaced. It knows nothing of calls beyond that: the value type is the caller's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-
-use tokio::sync::mpsc;
-
-use super::call::CallCommand;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
@@ -17,19 +14,34 @@ pub enum RegistryError {
     InUse(String),
 }
 
-#[derive(Clone, Default)]
-pub struct CallRegistry {
+pub struct CallRegistry<T> {
     /// Only ever locked for a map operation; never held across an await.
-    calls: Arc<Mutex<HashMap<String, mpsc::Sender<CallCommand>>>>,
+    calls: Arc<Mutex<HashMap<String, T>>>,
+}
+
+impl<T> Clone for CallRegistry<T> {
+    fn clone(&self) -> Self {
+        CallRegistry {
+            calls: self.calls.clone(),
+        }
+    }
+}
+
+impl<T> Default for CallRegistry<T> {
+    fn default() -> Self {
+        CallRegistry {
+            calls: Default::default(),
+        }
+    }
 }
 
 /// Removes its call from the registry when dropped.
-pub struct Registration {
-    registry: CallRegistry,
+pub struct Registration<T> {
+    registry: CallRegistry<T>,
     id: String,
 }
 
-impl Drop for Registration {
+impl<T> Drop for Registration<T> {
     fn drop(&mut self) {
         self.registry
             .calls
@@ -39,14 +51,14 @@ impl Drop for Registration {
     }
 }
 
-impl CallRegistry {
+impl<T: Clone> CallRegistry<T> {
     /// Registers a call under `id`, or under a random id when none is given. A live id is
     /// refused.
     pub fn register(
         &self,
         id: Option<String>,
-        commands: mpsc::Sender<CallCommand>,
-    ) -> Result<(String, Registration), RegistryError> {
+        value: T,
+    ) -> Result<(String, Registration<T>), RegistryError> {
         let mut calls = self.calls.lock().expect("registry lock");
         let id = match id.filter(|i| !i.is_empty()) {
             Some(id) if calls.contains_key(&id) => return Err(RegistryError::InUse(id)),
@@ -58,7 +70,7 @@ impl CallRegistry {
                 }
             },
         };
-        calls.insert(id.clone(), commands);
+        calls.insert(id.clone(), value);
         let registration = Registration {
             registry: self.clone(),
             id: id.clone(),
@@ -75,7 +87,7 @@ impl CallRegistry {
         self.len() == 0
     }
 
-    pub fn get(&self, id: &str) -> Option<mpsc::Sender<CallCommand>> {
+    pub fn get(&self, id: &str) -> Option<T> {
         self.calls.lock().expect("registry lock").get(id).cloned()
     }
 
@@ -98,15 +110,15 @@ mod tests {
 
     #[test]
     fn a_live_id_is_refused_and_entries_leave_with_their_registration() {
-        let r = CallRegistry::default();
-        let (tx, _rx) = mpsc::channel(1);
-        let (a, ga) = r.register(Some("CA1".into()), tx.clone()).unwrap();
+        let r = CallRegistry::<u8>::default();
+        let tx = 7u8;
+        let (a, ga) = r.register(Some("CA1".into()), tx).unwrap();
         assert_eq!(a, "CA1");
         assert_eq!(
-            r.register(Some("CA1".into()), tx.clone()).err(),
+            r.register(Some("CA1".into()), tx).err(),
             Some(RegistryError::InUse("CA1".into()))
         );
-        let (c, _gc) = r.register(None, tx.clone()).unwrap();
+        let (c, _gc) = r.register(None, tx).unwrap();
         let (d, _gd) = r.register(Some(String::new()), tx).unwrap();
         // Generated ids are random: nothing to guess from one to the next.
         assert!(c.starts_with("call-") && c.len() == 37, "{c}");

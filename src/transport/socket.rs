@@ -205,12 +205,12 @@ where
 }
 
 /// A socket's claim on the server's capacity: a pending slot while it waits for its start
-/// message (counted in `gazelle_pending_sockets`), then a call slot. Idle sockets therefore never
-/// hold call slots, and the start deadline bounds how long they hold pending ones.
+/// message (counted in `gazelle_pending_sockets`), then a call slot, which the call's actor
+/// holds. Idle sockets therefore never hold call slots, and the start deadline bounds how long
+/// they hold pending ones.
 pub struct Admission {
     pending: Option<OwnedSemaphorePermit>,
     calls: Arc<Semaphore>,
-    call: Option<OwnedSemaphorePermit>,
     metrics: Arc<Metrics>,
 }
 
@@ -224,24 +224,17 @@ impl Admission {
         Admission {
             pending: Some(pending),
             calls,
-            call: None,
             metrics,
         }
     }
 
-    /// Trades the pending slot for a call slot; false when every call slot is taken.
-    pub fn start_call(&mut self) -> bool {
-        if self.call.is_some() {
-            return true;
-        }
-        let Ok(call) = self.calls.clone().try_acquire_owned() else {
-            return false;
-        };
-        self.call = Some(call);
+    /// Trades the pending slot for a call slot; `None` when every call slot is taken.
+    pub fn start_call(&mut self) -> Option<OwnedSemaphorePermit> {
+        let call = self.calls.clone().try_acquire_owned().ok()?;
         if self.pending.take().is_some() {
             self.metrics.pending_sockets.dec();
         }
-        true
+        Some(call)
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -64,6 +65,45 @@ impl ApiKey {
 impl std::fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ApiKey(${}: ***)", self.env)
+    }
+}
+
+/// How long a network speech provider may take, in `[tts.<provider>.timeouts]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderTimeouts {
+    /// TCP, TLS and websocket handshakes.
+    pub connect_ms: u64,
+    /// From handing a unit over to its first audio byte.
+    pub first_byte_ms: u64,
+    /// Longest silence in the middle of a unit's audio.
+    pub stall_ms: u64,
+}
+
+impl Default for ProviderTimeouts {
+    fn default() -> Self {
+        ProviderTimeouts {
+            connect_ms: 3_000,
+            first_byte_ms: 5_000,
+            stall_ms: 5_000,
+        }
+    }
+}
+
+impl ProviderTimeouts {
+    pub fn get(&self) -> Timeouts {
+        Timeouts {
+            connect: Duration::from_millis(self.connect_ms),
+            first_byte: Duration::from_millis(self.first_byte_ms),
+            stall: Duration::from_millis(self.stall_ms),
+        }
+    }
+
+    pub fn validate(&self, provider: &str) -> Result<(), String> {
+        if self.connect_ms == 0 || self.first_byte_ms == 0 || self.stall_ms == 0 {
+            return Err(format!("tts.{provider}.timeouts must all be above 0 ms"));
+        }
+        Ok(())
     }
 }
 

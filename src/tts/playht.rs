@@ -7,9 +7,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::http::{self, ApiKey, BodyFormat, HttpSpeaker};
+use super::http::{self, ApiKey, BodyFormat, HttpSpeaker, ProviderTimeouts};
 use super::{OutputHint, Synthesizer, TtsError, Voice};
-use crate::config::ProviderTimeouts;
 use crate::metrics::Metrics;
 
 const PROVIDER: &str = "playht";

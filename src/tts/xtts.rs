@@ -9,9 +9,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
-use super::http::{self, BodyFormat, HttpSpeaker, Timeouts};
+use super::http::{self, BodyFormat, HttpSpeaker, ProviderTimeouts, Timeouts};
 use super::{OutputHint, Synthesizer, TtsError, Voice};
-use crate::config::ProviderTimeouts;
 use crate::metrics::Metrics;
 
 const PROVIDER: &str = "xtts";

@@ -110,20 +110,25 @@ pub async fn serve(
             Err(e) => complaints.bad("twilio_bad_event", &e.to_string()),
         }
     };
-    let refusal = match check_start(&start, &stream_auth) {
-        Err((kind, why)) => Some((kind, why)),
-        Ok(()) if !admission.start_call() => Some(("busy", "at server.max_calls".into())),
-        Ok(()) => None,
+    let admitted = match check_start(&start, &stream_auth) {
+        Err((kind, why)) => Err((kind, why)),
+        Ok(()) => admission
+            .start_call()
+            .ok_or(("busy", "at server.max_calls".to_string())),
     };
-    if let Some((kind, why)) = refusal {
-        complaints.bad(kind, &why);
-        let ending = match kind {
-            "busy" => Ending::Busy,
-            _ => Ending::Policy(why),
-        };
-        socket::close(&mut socket, &ending, settings.send_timeout).await;
-        return;
-    }
+    drop(admission);
+    let slot = match admitted {
+        Ok(slot) => slot,
+        Err((kind, why)) => {
+            complaints.bad(kind, &why);
+            let ending = match kind {
+                "busy" => Ending::Busy,
+                _ => Ending::Policy(why),
+            };
+            socket::close(&mut socket, &ending, settings.send_timeout).await;
+            return;
+        }
+    };
     let params = &start.custom_parameters;
     let options = CallOptions {
         id: start.call_sid.clone(),
@@ -136,7 +141,7 @@ pub async fn serve(
         playback_acks: true,
     };
     let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
-    let mut call = match call::start(services.clone(), options, out_tx, &server) {
+    let mut call = match call::start(services.clone(), options, out_tx, &server, Some(slot)) {
         Ok(c) => c,
         Err(e) => {
             complaints.bad(e.kind(), &e.to_string());
@@ -176,7 +181,6 @@ pub async fn serve(
     drop(call);
     let _ = finish_tx.send(ending);
     let _ = writer.await;
-    drop(admission);
 }
 
 /// The start event's format, call SID and stream token.

@@ -101,13 +101,14 @@ pub async fn serve(
         }
     };
 
-    if !admission.start_call() {
+    let Some(slot) = admission.start_call() else {
         metrics.error("busy");
         let why = "the server is at its call limit (server.max_calls); try again later";
         let _ = send_text(&mut socket, t, error_json("busy", why)).await;
         socket::close(&mut socket, &Ending::Busy, settings.send_timeout).await;
         return;
-    }
+    };
+    drop(admission);
     let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
     let options = CallOptions {
         id: config.conversation_id.clone(),
@@ -119,7 +120,7 @@ pub async fn serve(
         subscribe_transcript: config.subscribe_transcript.unwrap_or(false),
         playback_acks: false,
     };
-    let mut call = match call::start(services.clone(), options, out_tx, &server) {
+    let mut call = match call::start(services.clone(), options, out_tx, &server, Some(slot)) {
         Ok(c) => c,
         Err(e) => {
             let kind = e.kind();
@@ -168,7 +169,6 @@ pub async fn serve(
     drop(call);
     let _ = finish_tx.send(ending);
     let _ = writer.await;
-    drop(admission);
 }
 
 /// What one websocket message means to the protocol.

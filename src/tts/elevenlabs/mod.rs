@@ -21,10 +21,9 @@ use tokio_util::sync::CancellationToken;
 use self::context::ContextTask;
 use self::socket::Socket;
 use super::fallback::FallbackVoice;
-use super::http::{self, ApiKey, BodyFormat, HttpSpeaker, Timeouts};
+use super::http::{self, ApiKey, BodyFormat, HttpSpeaker, ProviderTimeouts, Timeouts};
 use super::{AudioStream, OutputHint, Synthesizer, TextUnit, TtsError, Voice, AUDIO_QUEUE};
 use crate::audio::Encoding;
-use crate::config::ProviderTimeouts;
 use crate::metrics::Metrics;
 
 const PROVIDER: &str = "elevenlabs";

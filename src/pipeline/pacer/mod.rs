@@ -4,15 +4,17 @@
 //! lead. The pacer also keeps the playout ledger: when each unit's samples play on the client, so
 //! the call can tell how much of the reply was heard.
 
-use std::collections::VecDeque;
+mod queue;
+
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Outbound;
-use crate::audio::resample::StreamResampler;
+use crate::audio::resample::{ResampleError, StreamResampler};
 use crate::tts::AudioStream;
+use queue::FrameQueue;
 
 /// Where each unit's audio plays on the client's clock.
 #[derive(Debug, Clone, Default)]
@@ -107,168 +109,178 @@ pub async fn run(
     ledger: watch::Sender<Playout>,
     cancel: CancellationToken,
 ) {
-    let rate = settings.output_rate;
-    let frame_len = (rate * settings.frame_ms / 1000) as usize;
-    let secs = |n: usize| Duration::from_secs_f64(n as f64 / rate as f64);
-    let mut resampler: Option<StreamResampler> = None;
-    let mut pending: VecDeque<f32> = VecDeque::new();
-    // The unit of each sample in `pending`, as runs: (unit, samples).
-    let mut pending_units: VecDeque<(usize, usize)> = VecDeque::new();
-    // Whether the newest pending unit is complete, so a short tail may go out on its own.
-    let mut tail_complete = false;
+    let mut p = Pacer::new(settings, ledger);
     let mut input_open = true;
-    let mut plays_until = now();
-    let mut first_synth = true;
-    let mut first_sent = true;
-    // When the newest synthesized audio arrived, to tell the causes of an underrun apart.
-    let mut last_input_at = now();
-    ledger.send_modify(|l| {
-        *l = Playout {
-            sample_rate: rate,
-            ..Default::default()
-        }
-    });
-
     loop {
-        let sendable =
-            pending.len() >= frame_len || (!pending.is_empty() && (tail_complete || !input_open));
+        let sendable = p.queue.sendable(p.frame_len, input_open);
         if !sendable && !input_open {
-            let _ = events.send(PacerEvent::Finished { plays_until }).await;
+            let _ = events
+                .send(PacerEvent::Finished {
+                    plays_until: p.plays_until,
+                })
+                .await;
             return;
         }
-        let n = frame_len.min(pending.len());
-        let room = secs(pending.len()) < settings.max_ahead;
-        // Sending this frame now must leave at most `lead` queued on the client.
-        let send_at = plays_until.max(now()) + secs(n);
-        let send_at = send_at.checked_sub(settings.lead).unwrap_or(send_at);
+        let room = p.secs(p.queue.len()) < settings.max_ahead;
+        let send_at = p.send_at();
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return,
-            chunk = audio.recv(), if input_open && room => {
-                let chunk = match chunk {
-                    Some(Ok(c)) => c,
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "synthesis failed mid-reply");
-                        let _ = events.send(PacerEvent::Failed).await;
-                        input_open = false;
-                        continue;
-                    }
-                    None => {
-                        input_open = false;
-                        continue;
-                    }
-                };
-                last_input_at = now();
-                if first_synth && !chunk.samples.is_empty() {
-                    first_synth = false;
-                    let _ = events.send(PacerEvent::FirstSynthAudio(now())).await;
-                }
-                let r = match &mut resampler {
-                    Some(r) if r.input_rate() == chunk.sample_rate => r,
-                    slot => match StreamResampler::new(chunk.sample_rate, rate) {
-                        Ok(r) => slot.insert(r),
-                        Err(e) => {
-                            tracing::error!(error = %e, "pacer cannot resample synthesized audio");
-                            let _ = events.send(PacerEvent::Failed).await;
-                            return;
-                        }
-                    },
-                };
-                let converted = r.push(&chunk.samples).and_then(|mut out| {
-                    if chunk.unit_done {
-                        // Flush so the unit's last samples are attributed to it.
-                        out.extend(r.flush()?);
-                    }
-                    Ok(out)
-                });
-                let out = match converted {
-                    Ok(out) => out,
-                    Err(e) => {
+            chunk = audio.recv(), if input_open && room => match chunk {
+                Some(Ok(c)) => {
+                    if let Err(e) = p.take(c, &events).await {
                         tracing::error!(error = %e, "pacer cannot resample synthesized audio");
                         let _ = events.send(PacerEvent::Failed).await;
                         return;
                     }
-                };
-                if !out.is_empty() {
-                    match pending_units.back_mut() {
-                        Some((u, k)) if *u == chunk.unit => *k += out.len(),
-                        _ => pending_units.push_back((chunk.unit, out.len())),
-                    }
-                    pending.extend(out);
                 }
-                tail_complete = chunk.unit_done;
-                if chunk.unit_done {
-                    let unit = chunk.unit;
-                    let queued: u64 = pending_units
-                        .iter()
-                        .filter(|(u, _)| *u == unit)
-                        .map(|&(_, k)| k as u64)
-                        .sum();
-                    ledger.send_modify(|l| {
-                        ensure_unit(l, unit);
-                        let sent: u64 = l.units[unit].runs.iter().map(|r| r.1).sum();
-                        l.units[unit].total = Some(sent + queued);
-                    });
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "synthesis failed mid-reply");
+                    let _ = events.send(PacerEvent::Failed).await;
+                    input_open = false;
                 }
-            }
+                None => input_open = false,
+            },
             _ = tokio::time::sleep_until(send_at.into()), if sendable => {
-                let frame: Vec<f32> = pending.drain(..n).collect();
-                let at = now();
-                if !first_sent && at > plays_until + UNDERRUN_TOLERANCE {
-                    let by = at - plays_until;
-                    let synthesis = last_input_at > plays_until;
-                    let _ = events.send(PacerEvent::Underrun { by, synthesis }).await;
-                }
-                let start = plays_until.max(at);
-                plays_until = start + secs(n);
-                // Attribute the frame's samples to units, oldest first.
-                let mut left = n;
-                let mut offset = 0;
-                let mut runs = Vec::new();
-                // Units whose last sample is in this frame.
-                let mut finished = Vec::new();
-                while left > 0 {
-                    let Some((u, avail)) = pending_units.front_mut() else { break };
-                    let take = left.min(*avail);
-                    runs.push((*u, start + secs(offset), take as u64));
-                    *avail -= take;
-                    left -= take;
-                    offset += take;
-                    if *avail == 0 {
-                        let unit = *u;
-                        pending_units.pop_front();
-                        // Complete only if synthesis finished it (nothing more will come).
-                        let more = pending_units.iter().any(|(v, _)| *v == unit);
-                        if !more && (tail_complete || pending_units.front().is_some()) {
-                            finished.push(unit);
-                        }
-                    }
-                }
-                ledger.send_modify(|l| {
-                    for &(u, at, k) in &runs {
-                        ensure_unit(l, u);
-                        l.units[u].runs.push((at, k));
-                    }
-                    l.ends_at = Some(plays_until);
-                });
-                let due = (plays_until > at).then_some(plays_until);
-                let out = Outbound::Audio { samples: frame, reply: cancel.clone(), due };
-                if send.send(out).await.is_err() {
+                if p.send_frame(&send, &events, &cancel).await.is_err() {
                     return;
-                }
-                for unit in finished {
-                    let token = cancel.clone();
-                    let done = Outbound::UnitSent { reply: settings.reply, unit, token };
-                    if send.send(done).await.is_err() {
-                        return;
-                    }
-                }
-                if first_sent {
-                    first_sent = false;
-                    let _ = events.send(PacerEvent::FirstAudioSent(now())).await;
                 }
             }
         }
+    }
+}
+
+/// The pacer's state between `select!` rounds.
+struct Pacer {
+    settings: PacerSettings,
+    frame_len: usize,
+    resampler: Option<StreamResampler>,
+    queue: FrameQueue,
+    ledger: watch::Sender<Playout>,
+    /// When the client will have played everything sent so far.
+    plays_until: Instant,
+    first_synth: bool,
+    first_sent: bool,
+    /// When the newest synthesized audio arrived, to tell the causes of an underrun apart.
+    last_input_at: Instant,
+}
+
+impl Pacer {
+    fn new(settings: PacerSettings, ledger: watch::Sender<Playout>) -> Self {
+        let rate = settings.output_rate;
+        ledger.send_modify(|l| {
+            *l = Playout {
+                sample_rate: rate,
+                ..Default::default()
+            }
+        });
+        Pacer {
+            settings,
+            frame_len: (rate * settings.frame_ms / 1000) as usize,
+            resampler: None,
+            queue: FrameQueue::default(),
+            ledger,
+            plays_until: now(),
+            first_synth: true,
+            first_sent: true,
+            last_input_at: now(),
+        }
+    }
+
+    fn secs(&self, n: usize) -> Duration {
+        Duration::from_secs_f64(n as f64 / self.settings.output_rate as f64)
+    }
+
+    /// When the next frame may go: sending it then leaves at most `lead` queued on the client.
+    fn send_at(&self) -> Instant {
+        let n = self.frame_len.min(self.queue.len());
+        let at = self.plays_until.max(now()) + self.secs(n);
+        at.checked_sub(self.settings.lead).unwrap_or(at)
+    }
+
+    /// Takes one chunk of synthesized audio: converts it to the caller's rate and queues it.
+    async fn take(
+        &mut self,
+        chunk: crate::tts::SynthChunk,
+        events: &mpsc::Sender<PacerEvent>,
+    ) -> Result<(), ResampleError> {
+        self.last_input_at = now();
+        if self.first_synth && !chunk.samples.is_empty() {
+            self.first_synth = false;
+            let _ = events.send(PacerEvent::FirstSynthAudio(now())).await;
+        }
+        let rate = self.settings.output_rate;
+        let r = match &mut self.resampler {
+            Some(r) if r.input_rate() == chunk.sample_rate => r,
+            slot => slot.insert(StreamResampler::new(chunk.sample_rate, rate)?),
+        };
+        let mut out = r.push(&chunk.samples)?;
+        if chunk.unit_done {
+            // Flush so the unit's last samples are attributed to it.
+            out.extend(r.flush()?);
+        }
+        let unit = chunk.unit;
+        if let Some(queued) = self.queue.push(unit, out, chunk.unit_done) {
+            self.ledger.send_modify(|l| {
+                ensure_unit(l, unit);
+                let sent: u64 = l.units[unit].runs.iter().map(|r| r.1).sum();
+                l.units[unit].total = Some(sent + queued);
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends the next frame, records where it plays, and marks the units it completes. `Err`
+    /// when the transport is gone.
+    async fn send_frame(
+        &mut self,
+        send: &mpsc::Sender<Outbound>,
+        events: &mpsc::Sender<PacerEvent>,
+        cancel: &CancellationToken,
+    ) -> Result<(), ()> {
+        let frame = self.queue.pop(self.frame_len);
+        let at = now();
+        if !self.first_sent && at > self.plays_until + UNDERRUN_TOLERANCE {
+            let by = at - self.plays_until;
+            let synthesis = self.last_input_at > self.plays_until;
+            let _ = events.send(PacerEvent::Underrun { by, synthesis }).await;
+        }
+        let start = self.plays_until.max(at);
+        self.plays_until = start + self.secs(frame.samples.len());
+        let plays_until = self.plays_until;
+        let runs: Vec<(usize, Instant, u64)> = frame
+            .runs
+            .iter()
+            .map(|&(u, offset, k)| (u, start + self.secs(offset), k as u64))
+            .collect();
+        self.ledger.send_modify(|l| {
+            for &(u, at, k) in &runs {
+                ensure_unit(l, u);
+                l.units[u].runs.push((at, k));
+            }
+            l.ends_at = Some(plays_until);
+        });
+        let due = (plays_until > at).then_some(plays_until);
+        let out = Outbound::Audio {
+            samples: frame.samples,
+            reply: cancel.clone(),
+            due,
+        };
+        send.send(out).await.map_err(|_| ())?;
+        for unit in frame.finished {
+            let token = cancel.clone();
+            let done = Outbound::UnitSent {
+                reply: self.settings.reply,
+                unit,
+                token,
+            };
+            send.send(done).await.map_err(|_| ())?;
+        }
+        if self.first_sent {
+            self.first_sent = false;
+            let _ = events.send(PacerEvent::FirstAudioSent(now())).await;
+        }
+        Ok(())
     }
 }
 

@@ -8,6 +8,8 @@
 //! is examined a bounded number of times however the reply is split into tokens, and the work
 //! per reply stays linear in its length.
 
+pub(crate) mod stage;
+
 /// Words after which a full stop does not end a sentence (compared lower-case, without the dot).
 const ABBREVIATIONS: &[&str] = &[
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "u.s", "u.k",
@@ -432,5 +434,4 @@ fn continues_end(c: char) -> bool {
 }
 
 #[cfg(test)]
-#[path = "sentence_tests.rs"]
 mod tests;

@@ -1,0 +1,372 @@
+//! The call actor: one task that owns a call's conversation, its model session, its voice and the
+//! reply in flight. It turns the listening stage's turn events into replies (one set of speaking
+//! stages per reply: sentence stage → synthesizer → pacer) and on barge-in cancels the reply,
+//! drops its queued audio and tells the client to clear, in one step, keeping in the history only
+//! what was heard. It takes its inputs as channels, so tests drive it with synthetic turn events.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::handle::CallCommand;
+use super::reply::{next_reply_event, Heard, Reply, ReplyEvent, TurnEnd};
+use super::Registration;
+use crate::audio::MODEL_RATE;
+use crate::metrics::Metrics;
+use crate::model::{SlmSession, TokenStream, UserTurn};
+use crate::pipeline::conversation::{Conversation, Turn};
+use crate::pipeline::limits::Limits;
+use crate::pipeline::listen::VadEvent;
+use crate::pipeline::pacer::{self, PacerEvent, PacerSettings, Playout};
+use crate::pipeline::sentence::stage::{accumulate, TextEvent};
+use crate::pipeline::sentence::SentenceSettings;
+use crate::pipeline::{Outbound, PipelineSettings, Timeline};
+use crate::tts::Voice;
+
+/// Text units waiting for the synthesizer of a reply.
+const UNIT_QUEUE: usize = 32;
+/// Reply milestones; a handful per reply.
+const REPLY_EVENT_QUEUE: usize = 64;
+
+/// What the actor needs to know of the server and of the caller.
+pub(crate) struct ActorConfig {
+    pub settings: Arc<PipelineSettings>,
+    pub limits: Arc<Limits>,
+    pub metrics: Arc<Metrics>,
+    pub output_rate: u32,
+    /// The transport reports played units; else the playout clock estimates them.
+    pub playback_acks: bool,
+    pub subscribe_transcript: bool,
+}
+
+/// Held while the actor lives: the call's place in the registry and its call slot, so the server
+/// knows a call has ended only once its actor has.
+#[derive(Default)]
+pub(crate) struct Keep {
+    pub _registration: Option<Registration>,
+    pub _slot: Option<OwnedSemaphorePermit>,
+}
+
+pub(crate) struct Actor {
+    cfg: ActorConfig,
+    out: mpsc::Sender<Outbound>,
+    cancel: CancellationToken,
+    conversation: Conversation,
+    session: Box<dyn SlmSession>,
+    voice: Box<dyn Voice>,
+    reply: Option<Reply>,
+    next_reply: u64,
+    /// Every task of the call; aborted when the actor ends.
+    tasks: JoinSet<()>,
+    _keep: Keep,
+}
+
+/// Keeps the active-calls gauge right however the actor ends.
+struct Live(Arc<Metrics>);
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.active_calls.dec();
+    }
+}
+
+impl Actor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: ActorConfig,
+        session: Box<dyn SlmSession>,
+        voice: Box<dyn Voice>,
+        conversation: Conversation,
+        out: mpsc::Sender<Outbound>,
+        cancel: CancellationToken,
+        tasks: JoinSet<()>,
+        keep: Keep,
+    ) -> Self {
+        Actor {
+            cfg,
+            out,
+            cancel,
+            conversation,
+            session,
+            voice,
+            reply: None,
+            next_reply: 0,
+            tasks,
+            _keep: keep,
+        }
+    }
+
+    /// Runs the call until it is cancelled, its transport goes, or the listening stage ends.
+    pub async fn run(
+        mut self,
+        mut vad: mpsc::Receiver<VadEvent>,
+        mut commands: mpsc::Receiver<CallCommand>,
+    ) {
+        self.cfg.metrics.active_calls.inc();
+        let _live = Live(self.cfg.metrics.clone());
+        if let Some(text) = self.conversation.first_message.clone() {
+            let (tx, rx) = mpsc::channel(1);
+            let _ = tx.try_send(Ok(text));
+            self.start_reply(rx, self.cancel.child_token(), None);
+        }
+        loop {
+            let plays_until = self.reply.as_ref().and_then(|r| r.plays_until);
+            let playback_over = async move {
+                match plays_until {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = self.out.closed() => break,
+                ev = vad.recv() => match ev {
+                    Some(ev) => self.on_vad(ev).await,
+                    None => break,
+                },
+                cmd = commands.recv() => match cmd {
+                    Some(CallCommand::History(tx)) => {
+                        let _ = tx.send(self.conversation.clone());
+                    }
+                    Some(CallCommand::Played { reply, unit }) => {
+                        if let Some(r) = self.reply.as_mut().filter(|r| r.id == reply) {
+                            r.acknowledge(unit);
+                        }
+                    }
+                    None => break,
+                },
+                ev = next_reply_event(&mut self.reply) => match ev {
+                    ReplyEvent::Text(ev) => self.on_text(ev).await,
+                    ReplyEvent::Pacer(ev) => self.on_pacer(ev).await,
+                },
+                _ = playback_over => self.finish_reply(),
+            }
+        }
+        self.cancel.cancel();
+        self.tasks.shutdown().await;
+    }
+
+    async fn on_vad(&mut self, ev: VadEvent) {
+        match ev {
+            VadEvent::SpeechStart => {}
+            VadEvent::Interruption { .. } => self.barge_in("interruption").await,
+            VadEvent::SpeechEnd {
+                audio,
+                true_end,
+                detected,
+                forced,
+            } => {
+                // A turn that ends while the bot still talks interrupts it too.
+                self.barge_in("turn").await;
+                let duration_ms = audio.len() as u64 * 1000 / MODEL_RATE as u64;
+                tracing::debug!(duration_ms, forced, "user turn");
+                let cancel = self.cancel.child_token();
+                let tokens = self.session.respond(UserTurn { audio }, cancel.clone());
+                self.conversation.turns.push(Turn::User { duration_ms });
+                let turn_end = (true_end, detected, duration_ms as f64);
+                self.start_reply(tokens, cancel, Some(turn_end));
+            }
+            VadEvent::Failed(e) => {
+                tracing::error!(error = %e, "VAD failed; the call can no longer hear");
+                let _ = self
+                    .out
+                    .send(Outbound::Error {
+                        kind: "vad",
+                        message: format!("voice detection failed: {e}"),
+                    })
+                    .await;
+                self.cancel.cancel();
+            }
+        }
+    }
+
+    /// Starts the speaking stages for one reply.
+    fn start_reply(
+        &mut self,
+        tokens: TokenStream,
+        cancel: CancellationToken,
+        turn_end: Option<TurnEnd>,
+    ) {
+        let id = self.next_reply;
+        self.next_reply += 1;
+        let s = &self.cfg.settings;
+        let sentence = SentenceSettings {
+            first_clause_words: s.first_clause_words,
+            max_chars: s.max_unit_chars,
+        };
+        let (unit_tx, unit_rx) = mpsc::channel(UNIT_QUEUE);
+        let (text_tx, text_rx) = mpsc::channel(REPLY_EVENT_QUEUE);
+        let (pacer_tx, pacer_rx) = mpsc::channel(REPLY_EVENT_QUEUE);
+        let (ledger_tx, ledger_rx) = watch::channel(Playout::default());
+        // Tasks of earlier replies have ended; forget them so a long call does not pile them up.
+        while self.tasks.try_join_next().is_some() {}
+        self.tasks.spawn(accumulate(
+            tokens,
+            sentence,
+            self.cfg.limits.max_reply_chars,
+            unit_tx,
+            text_tx,
+            cancel.clone(),
+        ));
+        let audio = self.voice.synthesize(unit_rx, cancel.clone());
+        let pacer = PacerSettings {
+            reply: id,
+            output_rate: self.cfg.output_rate,
+            frame_ms: s.output_frame_ms,
+            lead: s.lead(),
+            max_ahead: Duration::from_millis(self.cfg.limits.max_synth_ahead_ms as u64),
+        };
+        self.tasks.spawn(pacer::run(
+            pacer,
+            audio,
+            self.out.clone(),
+            pacer_tx,
+            ledger_tx,
+            cancel.clone(),
+        ));
+        self.reply = Some(Reply::new(
+            id, cancel, turn_end, text_rx, pacer_rx, ledger_rx,
+        ));
+    }
+
+    fn stage(&mut self, at: Instant, pick: fn(&mut Timeline) -> &mut Option<f64>) {
+        if let Some(r) = self.reply.as_mut() {
+            r.stage(at, pick);
+        }
+    }
+
+    async fn on_text(&mut self, ev: TextEvent) {
+        match ev {
+            TextEvent::FirstToken(at) => self.stage(at, |t| &mut t.first_token_ms),
+            TextEvent::Unit(text, at) => {
+                self.stage(at, |t| &mut t.first_unit_ms);
+                let Some(r) = self.reply.as_mut() else { return };
+                r.units.push(text.clone());
+                let reply = r.id;
+                if self.cfg.subscribe_transcript {
+                    let _ = self.out.send(Outbound::Transcript { reply, text }).await;
+                }
+            }
+            TextEvent::Done => {
+                if let Some(r) = self.reply.as_mut() {
+                    r.text_done = true;
+                }
+            }
+            TextEvent::TooLong(limit) => {
+                self.cfg.metrics.error("reply_too_long");
+                tracing::warn!(limit, "a reply reached limits.max_reply_chars and was cut");
+            }
+            TextEvent::Failed(e) => {
+                self.cfg.metrics.error("slm");
+                tracing::warn!(error = %e, "the model failed mid-reply");
+                let _ = self
+                    .out
+                    .send(Outbound::Error {
+                        kind: "slm",
+                        message: format!("the model failed: {e}"),
+                    })
+                    .await;
+            }
+        }
+    }
+
+    async fn on_pacer(&mut self, ev: PacerEvent) {
+        match ev {
+            PacerEvent::FirstSynthAudio(at) => self.stage(at, |t| &mut t.first_synth_byte_ms),
+            PacerEvent::FirstAudioSent(at) => {
+                self.stage(at, |t| &mut t.first_audio_sent_ms);
+                self.send_timeline().await;
+            }
+            PacerEvent::Finished { plays_until } => {
+                if let Some(r) = self.reply.as_mut() {
+                    r.plays_until = Some(plays_until);
+                }
+            }
+            PacerEvent::Underrun { by, synthesis } => {
+                let cause = if synthesis { "synthesis" } else { "scheduling" };
+                tracing::debug!(gap_ms = by.as_secs_f64() * 1e3, cause, "playback underrun");
+                self.cfg.metrics.underrun(cause, by);
+            }
+            PacerEvent::Failed => {
+                self.cfg.metrics.error("tts");
+                let _ = self
+                    .out
+                    .send(Outbound::Error {
+                        kind: "tts",
+                        message: "speech synthesis failed".into(),
+                    })
+                    .await;
+            }
+        }
+    }
+
+    async fn send_timeline(&mut self) {
+        let Some(t) = self.reply.as_mut().and_then(Reply::take_timeline) else {
+            return;
+        };
+        let h = &self.cfg.metrics.turn_stage_seconds;
+        for (stage, v) in [
+            ("vad_end", t.vad_end_ms),
+            ("first_token", t.first_token_ms),
+            ("first_unit", t.first_unit_ms),
+            ("first_synth_byte", t.first_synth_byte_ms),
+            ("first_audio_sent", t.first_audio_sent_ms),
+        ] {
+            if let Some(ms) = v {
+                h.with_label_values(&[stage]).observe(ms / 1000.0);
+            }
+        }
+        let _ = self.out.send(Outbound::Timeline(t)).await;
+    }
+
+    /// The reply played out in full.
+    fn finish_reply(&mut self) {
+        let Some(r) = self.reply.take() else { return };
+        let text = r.units.join(" ");
+        if !text.is_empty() {
+            self.conversation.turns.push(Turn::Bot {
+                text,
+                interrupted: false,
+            });
+        }
+    }
+
+    /// Stops the reply in flight, if the bot is generating or speaking: cancels generation and
+    /// synthesis, drops queued audio, tells the client to clear, and keeps what was heard.
+    async fn barge_in(&mut self, during: &'static str) {
+        let Some(r) = self.reply.take() else { return };
+        r.cancel.cancel();
+        // Tokio's clock, which the pacer's ledger uses too (and tests can pause).
+        let now = tokio::time::Instant::now().into_std();
+        let spoken = match r.heard(now, self.cfg.playback_acks) {
+            Heard::All => {
+                self.reply = Some(r);
+                self.finish_reply();
+                return;
+            }
+            Heard::Cut(spoken) => spoken,
+        };
+        self.cfg
+            .metrics
+            .barge_ins
+            .with_label_values(&[during])
+            .inc();
+        tracing::debug!(reply = r.id, %spoken, "barge-in");
+        let _ = self
+            .out
+            .send(Outbound::Clear {
+                reply: r.id,
+                spoken: spoken.clone(),
+            })
+            .await;
+        self.session.reply_truncated(&spoken);
+        if !spoken.is_empty() {
+            self.conversation.turns.push(Turn::Bot {
+                text: spoken,
+                interrupted: true,
+            });
+        }
+    }
+}

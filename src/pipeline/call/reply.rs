@@ -1,0 +1,155 @@
+//! The bookkeeping of one reply in flight: its cancellation token, its latency timeline, the
+//! units it spoke, what the client acknowledged, the milestones its stages report, and the
+//! playout ledger from which the call learns how much of it was heard.
+
+use std::time::Instant;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::pipeline::pacer::{self, PacerEvent, Playout};
+use crate::pipeline::sentence::stage::TextEvent;
+use crate::pipeline::Timeline;
+
+/// When the user's turn ended (the true end of speech, the VAD's decision) and how long it was,
+/// in milliseconds.
+pub(super) type TurnEnd = (Instant, Instant, f64);
+
+pub(super) struct Reply {
+    pub id: u64,
+    pub cancel: CancellationToken,
+    /// The user turn it answers; `None` for the first message.
+    turn_end: Option<TurnEnd>,
+    pub timeline: Timeline,
+    timeline_sent: bool,
+    pub units: Vec<String>,
+    /// Units the client acknowledged as played, from the start.
+    acked: usize,
+    text_events: Option<mpsc::Receiver<TextEvent>>,
+    pacer_events: Option<mpsc::Receiver<PacerEvent>>,
+    ledger: watch::Receiver<Playout>,
+    pub text_done: bool,
+    /// When the client finishes playing the reply, once all audio is out.
+    pub plays_until: Option<Instant>,
+}
+
+/// What the client heard of a reply that is being stopped.
+#[derive(Debug, PartialEq)]
+pub(super) enum Heard {
+    /// All of it: it had finished playing.
+    All,
+    /// This much (possibly nothing): it is cut here.
+    Cut(String),
+}
+
+impl Reply {
+    pub fn new(
+        id: u64,
+        cancel: CancellationToken,
+        turn_end: Option<TurnEnd>,
+        text_events: mpsc::Receiver<TextEvent>,
+        pacer_events: mpsc::Receiver<PacerEvent>,
+        ledger: watch::Receiver<Playout>,
+    ) -> Self {
+        let mut timeline = Timeline {
+            reply: id,
+            ..Default::default()
+        };
+        if let Some((true_end, detected, ms)) = turn_end {
+            timeline.user_audio_ms = ms;
+            timeline.vad_end_ms = Some(Timeline::offset(true_end, detected));
+        }
+        Reply {
+            id,
+            cancel,
+            turn_end,
+            timeline,
+            timeline_sent: false,
+            units: Vec::new(),
+            acked: 0,
+            text_events: Some(text_events),
+            pacer_events: Some(pacer_events),
+            ledger,
+            text_done: false,
+            plays_until: None,
+        }
+    }
+
+    /// Records when a stage of the timeline was reached (the first time only); the first
+    /// message, which answers no turn, has no timeline.
+    pub fn stage(&mut self, at: Instant, pick: fn(&mut Timeline) -> &mut Option<f64>) {
+        let Some((true_end, _, _)) = self.turn_end else {
+            return;
+        };
+        let slot = pick(&mut self.timeline);
+        if slot.is_none() {
+            *slot = Some(Timeline::offset(true_end, at));
+        }
+    }
+
+    /// The timeline, once, when it is complete enough to send (a reply to a user turn).
+    pub fn take_timeline(&mut self) -> Option<Timeline> {
+        if self.timeline_sent || self.turn_end.is_none() {
+            return None;
+        }
+        self.timeline_sent = true;
+        Some(self.timeline.clone())
+    }
+
+    /// The client played unit `unit` to its end.
+    pub fn acknowledge(&mut self, unit: usize) {
+        self.acked = self.acked.max(unit + 1);
+    }
+
+    /// What the client has heard by `now`: the acknowledged units when the transport reports
+    /// playback, else the share of the audio the playout clock says was played.
+    pub fn heard(&self, now: Instant, playback_acks: bool) -> Heard {
+        let ledger = self.ledger.borrow().clone();
+        let silent = ledger.ends_at.is_none_or(|t| t <= now);
+        if self.text_done && self.plays_until.is_some() && silent {
+            // Finished playing; the timer just has not fired yet.
+            return Heard::All;
+        }
+        Heard::Cut(if playback_acks {
+            self.units[..self.acked.min(self.units.len())].join(" ")
+        } else {
+            pacer::spoken_text(&self.units, &ledger, now).0
+        })
+    }
+}
+
+pub(super) enum ReplyEvent {
+    Text(TextEvent),
+    Pacer(PacerEvent),
+}
+
+/// The next milestone of the reply in flight; pending while there is none. A stage's channel that
+/// closes is forgotten so it cannot wake the actor again. Text events go first: a unit's event is
+/// queued before the unit reaches the synthesizer, so taking text first keeps the timeline in
+/// causal order (a unit is never seen after audio made from it).
+pub(super) async fn next_reply_event(reply: &mut Option<Reply>) -> ReplyEvent {
+    let Some(r) = reply else {
+        return std::future::pending().await;
+    };
+    loop {
+        let (text_open, pacer_open) = (r.text_events.is_some(), r.pacer_events.is_some());
+        if !text_open && !pacer_open {
+            return std::future::pending().await;
+        }
+        tokio::select! {
+            biased;
+            ev = async { r.text_events.as_mut().expect("checked").recv().await }, if text_open => {
+                match ev {
+                    Some(ev) => return ReplyEvent::Text(ev),
+                    None => r.text_events = None,
+                }
+            }
+            ev = async { r.pacer_events.as_mut().expect("checked").recv().await }, if pacer_open => {
+                match ev {
+                    Some(ev) => return ReplyEvent::Pacer(ev),
+                    None => r.pacer_events = None,
+                }
+            }
+        }
+    }
+}
