@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::cli::{DTypeArg, DeviceArg};
+use crate::model::device::{DeviceKind, WeightDtype};
 use crate::pipeline::limits::Limits;
 use crate::pipeline::PipelineSettings;
 
@@ -26,7 +26,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
-    pub auth: AuthConfig,
+    pub auth: crate::transport::auth::AuthConfig,
     pub limits: Limits,
     pub assets: AssetConfig,
     pub pipeline: PipelineSettings,
@@ -59,35 +59,6 @@ impl Default for TwilioConfig {
             auth_token_env: "TWILIO_AUTH_TOKEN".into(),
             max_frame_bytes: 64 * 1024,
             require_stream_token: true,
-        }
-    }
-}
-
-/// Who may use the server. Secrets come from the environment variables named here.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    /// The variable holding the API key. When it is set, `/conversation` needs the key as an
-    /// `Authorization: Bearer` header, or a call token from `POST /auth/token` in `?token=`.
-    pub api_key_env: String,
-    /// The variable holding the admin token. `/calls` and `/calls/{id}/history` are off unless
-    /// it is set, and then need it as an `Authorization: Bearer` header.
-    pub admin_token_env: String,
-    /// Seconds a call token stays valid; each is good for one call.
-    pub token_ttl_s: u64,
-    /// Browser origins (`https://app.example.com`) that may open `/conversation` besides the
-    /// server's own; `"*"` allows any. Requests without an Origin header (non-browser clients)
-    /// are not affected.
-    pub allowed_origins: Vec<String>,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            api_key_env: "GAZELLE_API_KEY".into(),
-            admin_token_env: "GAZELLE_ADMIN_TOKEN".into(),
-            token_ttl_s: 60,
-            allowed_origins: Vec::new(),
         }
     }
 }
@@ -221,10 +192,10 @@ pub struct GazelleSlmConfig {
     /// The Hub cache root (default: HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub).
     pub cache_dir: Option<std::path::PathBuf>,
     /// Language-model weights: f32, bf16 or f16.
-    pub dtype: DTypeArg,
+    pub dtype: WeightDtype,
     /// Audio tower and projector: f32 keeps them within 1e-4 of PyTorch.
-    pub audio_dtype: DTypeArg,
-    pub device: DeviceArg,
+    pub audio_dtype: WeightDtype,
+    pub device: DeviceKind,
     /// Positions of context a call may hold (at most the model's `max_position_embeddings`).
     /// It bounds each call's KV-cache memory (Mistral-7B bf16: 128 KiB per position, so 1 GiB at
     /// 8192); beyond it the oldest exchanges are dropped.
@@ -246,9 +217,9 @@ impl Default for GazelleSlmConfig {
             revision: None,
             offline: false,
             cache_dir: None,
-            dtype: DTypeArg::Bf16,
-            audio_dtype: DTypeArg::F32,
-            device: DeviceArg::Cpu,
+            dtype: WeightDtype::Bf16,
+            audio_dtype: WeightDtype::F32,
+            device: DeviceKind::Cpu,
             max_context: 8192,
             max_new_tokens: 128,
             temperature: 0.0,

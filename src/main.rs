@@ -1,14 +1,10 @@
 //! The `gazelle` command line: `serve` runs the voice server; `generate`, `download` and
-//! `bench-model` drive the Gazelle model; `vad` prints the VAD's segments of a file.
+//! `bench-model` drive the Gazelle model; `vad` prints the VAD's segments of a file. Each
+//! subcommand lives in `src/cli/`.
 
-use std::path::PathBuf;
+mod cli;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-
-use gazelle::config::{Config, SlmKind};
-use gazelle::model::{bench, cli};
-use gazelle::server;
 
 #[derive(Parser)]
 #[command(
@@ -24,256 +20,32 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the voice server.
-    Serve(ServeArgs),
+    Serve(cli::serve::ServeArgs),
     /// Print the speech segments the VAD finds in a WAV file (as the live pipeline would).
-    Vad(VadArgs),
+    Vad(cli::vad::VadArgs),
     /// Answer one audio clip with the Gazelle speech-language model.
-    Generate(cli::GenerateArgs),
+    Generate(cli::generate::GenerateArgs),
     /// Download a model into the Hugging Face cache.
-    Download(cli::DownloadArgs),
+    Download(cli::download::DownloadArgs),
     /// Measure encoder, prefill and decode speed at a real shape with random weights.
-    BenchModel(bench::BenchArgs),
-}
-
-#[derive(clap::Args)]
-struct VadArgs {
-    /// A WAV file (PCM16, float32 or µ-law; any rate and channel count).
-    wav: PathBuf,
-    /// Print JSON: {"sample_rate": 16000, "segments": [{"start": samples, "end": samples}]}.
-    #[arg(long)]
-    json: bool,
-    /// Run the model at 8000 Hz instead of 16000 Hz.
-    #[arg(long, default_value_t = 16_000)]
-    rate: u32,
-    /// TOML config file whose [pipeline.vad] settings to use.
-    #[arg(long, short)]
-    config: Option<PathBuf>,
-    #[arg(long)]
-    ort_lib: Option<PathBuf>,
-    #[arg(long)]
-    vad_model: Option<PathBuf>,
-}
-
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// TOML config file; flags override it.
-    #[arg(long, short)]
-    config: Option<PathBuf>,
-    #[arg(long)]
-    host: Option<String>,
-    #[arg(long, short)]
-    port: Option<u16>,
-    /// The speech-language model.
-    #[arg(long, value_enum)]
-    slm: Option<SlmKind>,
-    /// The scripted model's reply.
-    #[arg(long)]
-    reply: Option<String>,
-    /// Use Gazelle from this Hub repo id or local directory (implies --slm gazelle).
-    #[arg(long)]
-    model: Option<String>,
-    /// Hub branch, tag or commit of --model.
-    #[arg(long)]
-    revision: Option<String>,
-    /// Load --model from the local Hub cache only.
-    #[arg(long)]
-    offline: bool,
-    /// Gazelle language-model dtype.
-    #[arg(long, value_enum)]
-    dtype: Option<cli::DTypeArg>,
-    /// Where Gazelle runs (cuda needs a build with --features cuda).
-    #[arg(long, value_enum)]
-    device: Option<cli::DeviceArg>,
-    /// Delay before each token of the scripted reply, in milliseconds.
-    #[arg(long)]
-    token_delay_ms: Option<u64>,
-    /// The ONNX Runtime shared library (else $GAZELLE_ORT_LIB, $ORT_DYLIB_PATH, the cache).
-    #[arg(long)]
-    ort_lib: Option<PathBuf>,
-    /// The Silero VAD model (else $GAZELLE_VAD_MODEL, the cache).
-    #[arg(long)]
-    vad_model: Option<PathBuf>,
-    /// Folder with libespeak-ng.so and espeak-ng-data (else $GAZELLE_ESPEAK_DIR, the cache).
-    #[arg(long)]
-    espeak_dir: Option<PathBuf>,
-    /// espeak-ng voice name.
-    #[arg(long)]
-    voice: Option<String>,
-    /// Spoken at the start of each call unless the client sends its own.
-    #[arg(long)]
-    first_message: Option<String>,
-    /// Log as JSON lines.
-    #[arg(long)]
-    log_json: bool,
+    BenchModel(cli::bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Serve(args) => serve(args),
-        Command::Vad(args) => vad_segments(args),
+    match Cli::parse().command {
+        Command::Serve(args) => cli::serve::run(args),
+        Command::Vad(args) => cli::vad::run(args),
         Command::Generate(a) => {
-            init_logging(false);
-            cli::run_generate(a)
+            cli::init_logging(false);
+            cli::generate::run_generate(a)
         }
         Command::Download(a) => {
-            init_logging(false);
-            cli::run_download(a)
+            cli::init_logging(false);
+            cli::download::run_download(a)
         }
         Command::BenchModel(a) => {
-            init_logging(false);
-            bench::run_bench(a)
+            cli::init_logging(false);
+            cli::bench::run_bench(a)
         }
     }
-}
-
-fn merged_config(a: &ServeArgs) -> anyhow::Result<Config> {
-    let mut c = Config::load(a.config.as_deref())?;
-    if let Some(h) = &a.host {
-        c.server.host = h.clone();
-    }
-    if let Some(p) = a.port {
-        c.server.port = p;
-    }
-    if let Some(k) = a.slm {
-        c.slm.kind = k;
-    }
-    if let Some(r) = &a.reply {
-        c.slm.reply = r.clone();
-    }
-    if let Some(m) = &a.model {
-        c.slm.kind = SlmKind::Gazelle;
-        c.slm.gazelle.model = m.clone();
-    }
-    if let Some(r) = &a.revision {
-        c.slm.gazelle.revision = Some(r.clone());
-    }
-    c.slm.gazelle.offline |= a.offline;
-    if let Some(d) = a.dtype {
-        c.slm.gazelle.dtype = d;
-    }
-    if let Some(d) = a.device {
-        c.slm.gazelle.device = d;
-    }
-    if let Some(d) = a.token_delay_ms {
-        c.slm.token_delay_ms = d;
-    }
-    if let Some(p) = &a.ort_lib {
-        c.assets.ort_lib = Some(p.clone());
-    }
-    if let Some(p) = &a.vad_model {
-        c.assets.vad_model = Some(p.clone());
-    }
-    if let Some(p) = &a.espeak_dir {
-        c.assets.espeak_dir = Some(p.clone());
-    }
-    if let Some(v) = &a.voice {
-        c.tts.espeak.voice = v.clone();
-    }
-    if let Some(m) = &a.first_message {
-        c.pipeline.first_message = Some(m.clone());
-    }
-    c.server.log_json |= a.log_json;
-    c.validate()?;
-    Ok(c)
-}
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = merged_config(&args)?;
-    init_logging(config.server.log_json);
-    check_fd_limit(&config);
-    let runtime = tokio::runtime::Runtime::new()?;
-    let (services, load) = server::setup::services(&config)?;
-    let state = server::setup::state(&config, services);
-    runtime.block_on(async move {
-        let addr = format!("{}:{}", config.server.host, config.server.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        eprintln!("gazelle listening on http://{}", listener.local_addr()?);
-        // A model that fails to load ends the server, with the reason, instead of leaving it up
-        // and useless.
-        let failed = std::sync::Arc::new(std::sync::OnceLock::new());
-        let stop = {
-            let failed = failed.clone();
-            async move {
-                tokio::select! {
-                    _ = shutdown_signal() => {}
-                    e = load.failure() => { let _ = failed.set(e); }
-                }
-            }
-        };
-        server::serve(listener, state, stop).await?;
-        if let Some(e) = failed.get() {
-            anyhow::bail!("cannot load the speech-language model: {e}");
-        }
-        anyhow::Ok(())
-    })
-}
-
-/// Raises the open-file limit and warns when the connection caps could still exceed it.
-fn check_fd_limit(config: &Config) {
-    let s = &config.server;
-    let needed = (s.max_connections + s.max_pending_sockets + s.max_calls) as u64 + 256;
-    match server::listener::raise_fd_limit() {
-        Some(limit) if limit < needed => tracing::warn!(
-            limit,
-            needed,
-            "the open-file limit is below server.max_connections + max_pending_sockets + \
-             max_calls (+256 for the rest); lower those or raise `ulimit -n`"
-        ),
-        Some(_) => {}
-        None => tracing::warn!("cannot read the open-file limit"),
-    }
-}
-
-fn vad_segments(args: VadArgs) -> anyhow::Result<()> {
-    use gazelle::{assets, audio, vad};
-    let config = Config::load(args.config.as_deref())?;
-    let bytes =
-        std::fs::read(&args.wav).with_context(|| format!("reading {}", args.wav.display()))?;
-    let clip =
-        audio::wav::read(&bytes).with_context(|| format!("decoding {}", args.wav.display()))?;
-    let samples = audio::resample::resample_all(&clip.samples, clip.sample_rate, args.rate)?;
-    let env = vad::silero::init_runtime(&assets::ort_lib(args.ort_lib.as_deref())?)?;
-    let mut model = vad::SileroModel::load(env, &assets::vad_model(args.vad_model.as_deref())?)?;
-    let segments = vad::offline::segments(&mut model, &samples, args.rate, config.pipeline.vad)?;
-    if args.json {
-        let out = serde_json::json!({ "sample_rate": args.rate, "segments": segments });
-        println!("{out}");
-    } else {
-        for s in &segments {
-            let r = args.rate as f64;
-            println!("{:8.3} s – {:8.3} s", s.start as f64 / r, s.end as f64 / r);
-        }
-    }
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use gazelle::audio::Encoding;
 use gazelle::config::{Config, SlmKind};
-use gazelle::model::cli::DTypeArg;
+use gazelle::model::device::WeightDtype;
 use gazelle::transport::vocode::client::{ClientConfig, EventKind, VocodeClient};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,7 +19,7 @@ async fn two_spoken_turns_through_gazelle() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gazelle/llama");
     config.slm.gazelle.model = fixture.display().to_string();
     config.slm.gazelle.offline = true;
-    config.slm.gazelle.dtype = DTypeArg::F32;
+    config.slm.gazelle.dtype = WeightDtype::F32;
     config.slm.gazelle.max_new_tokens = 24;
     let server = common::start_server(config).await;
     // The server listens while the model loads; /health says so until it is ready.

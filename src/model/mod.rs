@@ -2,9 +2,7 @@
 //! that stands in where no GPU or weights are at hand. A model is shared by every call; each call
 //! opens a session that owns its per-call state (for Gazelle, the KV cache).
 
-pub mod bench;
-pub mod bench_suite;
-pub mod cli;
+pub mod device;
 pub mod gazelle;
 pub mod loading;
 pub mod scripted;

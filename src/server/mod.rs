@@ -3,7 +3,6 @@
 //! connection gets, admission (credentials, origin, a slot for a socket waiting to start and one
 //! per call), and graceful shutdown (signal → stop accepting → cancel every call → drain).
 
-pub mod auth;
 pub mod frontend;
 pub mod listener;
 pub mod setup;
@@ -40,7 +39,7 @@ pub struct AppState {
     /// One permit per websocket waiting for its start message (`max_pending_sockets`).
     pub pending: Arc<Semaphore>,
     pub twilio: twilio::TwilioSettings,
-    pub auth: Arc<auth::Auth>,
+    pub auth: Arc<crate::transport::auth::Auth>,
     pub listen: listener::ListenSettings,
 }
 

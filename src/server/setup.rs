@@ -7,19 +7,19 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::auth::{Auth, AuthSettings, Secret};
 use super::listener::ListenSettings;
 use super::AppState;
 use crate::assets::{self, AssetError};
 use crate::config::{Config, GazelleSlmConfig, SlmKind, TtsProvider};
 use crate::metrics::Metrics;
-use crate::model::cli::open_device;
+use crate::model::device::open_device;
 use crate::model::gazelle::hub::{self, HubOptions};
 use crate::model::gazelle::{GenerationParams, Precision};
 use crate::model::loading::LoadingModel;
 use crate::model::worker::GazelleModel;
 use crate::model::{scripted::ScriptedModel, SpeechLanguageModel};
 use crate::pipeline::call::Services;
+use crate::transport::auth::{Auth, AuthSettings, Secret};
 use crate::tts::espeak::{Espeak, EspeakConfig};
 use crate::tts::{elevenlabs, fallback, openai, playht, xtts};
 use crate::tts::{Synthesizer, TtsError};

@@ -2,6 +2,7 @@
 //! [`crate::pipeline::call::CallHandle`] and encodes the call's [`crate::pipeline::Outbound`]
 //! messages for the wire.
 
+pub mod auth;
 pub mod guard;
 pub mod socket;
 pub mod twilio;

@@ -90,9 +90,9 @@ pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub fn credentials(
     state: &mut AppState,
     api_key: Option<&str>,
-    config: gazelle::config::AuthConfig,
+    config: gazelle::transport::auth::AuthConfig,
 ) {
-    use gazelle::server::auth::{Auth, AuthSettings, Secret};
+    use gazelle::transport::auth::{Auth, AuthSettings, Secret};
     state.auth = std::sync::Arc::new(Auth::new(AuthSettings {
         api_key: api_key.map(Secret::new),
         admin_token: Some(Secret::new(ADMIN_TOKEN)),

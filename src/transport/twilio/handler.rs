@@ -17,7 +17,7 @@ use super::protocol::{self, Event, Start};
 use crate::audio::{mulaw, Encoding};
 use crate::pipeline::call::{self, CallHandle, CallOptions, Services};
 use crate::pipeline::Outbound;
-use crate::server::auth::Auth;
+use crate::transport::auth::Auth;
 use crate::transport::guard::{Untrusted, WarnLimiter};
 use crate::transport::socket::{
     self, Admission, Beat, Control, Ending, Keepalive, SocketSettings, Writer,

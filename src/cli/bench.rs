@@ -8,10 +8,10 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 use clap::Args;
 
-use super::bench_suite::{random_audio, text_id, token_ids};
-use super::cli::{open_device, DTypeArg, DeviceArg};
-use super::gazelle::random::random_gazelle;
-use super::gazelle::{GazelleConfig, Precision};
+use super::bench_suite::{self, random_audio, text_id, token_ids, SuiteOptions};
+use gazelle::model::device::{open_device, DeviceKind, WeightDtype};
+use gazelle::model::gazelle::random::random_gazelle;
+use gazelle::model::gazelle::{GazelleConfig, Precision};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -23,11 +23,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub layers: Option<usize>,
     #[arg(long, value_enum, default_value = "bf16")]
-    pub dtype: DTypeArg,
+    pub dtype: WeightDtype,
     #[arg(long, value_enum, default_value = "f32")]
-    pub audio_dtype: DTypeArg,
+    pub audio_dtype: WeightDtype,
     #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceArg,
+    pub device: DeviceKind,
     /// Seconds of (random) audio in the turn.
     #[arg(long, default_value_t = 5.0)]
     pub audio_seconds: f64,
@@ -109,8 +109,15 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let model = random_gazelle(&cfg, precision, &device, 1)?;
     let build_s = t.elapsed().as_secs_f64();
     if args.suite {
-        let report = super::bench_suite::run_suite(&model, &args)?;
-        super::bench_suite::print_suite(&report);
+        let options = SuiteOptions {
+            contexts: args.contexts.clone(),
+            prefill_lengths: args.prefill_lengths.clone(),
+            encoder_seconds: args.encoder_seconds.clone(),
+            decode_tokens: args.decode_tokens,
+            repeats: args.repeats,
+        };
+        let report = bench_suite::run_suite(&model, &options)?;
+        bench_suite::print_suite(&report);
         if let Some(path) = &args.json {
             let mut out = serde_json::to_value(&report)?;
             out["preset"] = args.random_weights.clone().into();
@@ -261,7 +268,8 @@ mod tests {
     fn benchmarks_random_weights_at_a_config_file() {
         let dir = tempfile::tempdir().unwrap();
         let json = dir.path().join("bench.json");
-        let fixture = crate::model::gazelle::parity_tests::fixture_dir("mistral");
+        let fixture =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gazelle/mistral");
         let spec = fixture.join("config.json");
         let (spec, json_arg) = (spec.to_str().unwrap(), json.to_str().unwrap());
         let argv = [

@@ -15,9 +15,39 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// Who may use the server. Secrets come from the environment variables named here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The variable holding the API key. When it is set, `/conversation` needs the key as an
+    /// `Authorization: Bearer` header, or a call token from `POST /auth/token` in `?token=`.
+    pub api_key_env: String,
+    /// The variable holding the admin token. `/calls` and `/calls/{id}/history` are off unless
+    /// it is set, and then need it as an `Authorization: Bearer` header.
+    pub admin_token_env: String,
+    /// Seconds a call token stays valid; each is good for one call.
+    pub token_ttl_s: u64,
+    /// Browser origins (`https://app.example.com`) that may open `/conversation` besides the
+    /// server's own; `"*"` allows any. Requests without an Origin header (non-browser clients)
+    /// are not affected.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            api_key_env: "GAZELLE_API_KEY".into(),
+            admin_token_env: "GAZELLE_ADMIN_TOKEN".into(),
+            token_ttl_s: 60,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
 
 /// A secret from the environment; never printed.
 #[derive(Clone)]
@@ -185,7 +215,7 @@ pub struct AuthSettings {
     pub api_key: Option<Secret>,
     pub admin_token: Option<Secret>,
     pub twilio_token: Option<Secret>,
-    pub config: crate::config::AuthConfig,
+    pub config: AuthConfig,
     pub twilio_token_env: String,
 }
 
@@ -370,7 +400,7 @@ mod tests {
             api_key: api_key.map(Secret::new),
             admin_token: admin.map(Secret::new),
             twilio_token: None,
-            config: crate::config::AuthConfig {
+            config: AuthConfig {
                 allowed_origins: origins.iter().map(|o| o.to_string()).collect(),
                 ..Default::default()
             },

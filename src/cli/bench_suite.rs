@@ -12,8 +12,21 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::bench::BenchArgs;
-use super::gazelle::{Gazelle, GazelleConfig};
+use gazelle::model::gazelle::{Gazelle, GazelleConfig};
+
+/// What `--suite` measures (from `gazelle bench-model`'s flags).
+pub struct SuiteOptions {
+    /// Context lengths for decode tok/s.
+    pub contexts: Vec<usize>,
+    /// Prompt lengths for prefill.
+    pub prefill_lengths: Vec<usize>,
+    /// Clip lengths (seconds) for the audio encoder.
+    pub encoder_seconds: Vec<f64>,
+    /// Forced decode length.
+    pub decode_tokens: usize,
+    /// Timed repetitions; the median is reported.
+    pub repeats: usize,
+}
 
 /// What one `--suite` run reports (also the JSON).
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -95,7 +108,7 @@ fn kv_bytes(cfg: &GazelleConfig, context: usize, bytes: u64) -> u64 {
 }
 
 /// Seconds of reproducible noise at 16 kHz (speed does not depend on what the audio says).
-pub(super) fn random_audio(seconds: f64) -> Vec<f32> {
+pub fn random_audio(seconds: f64) -> Vec<f32> {
     let mut seed = 12345u32;
     (0..(seconds * 16000.0) as usize)
         .map(|_| {
@@ -106,7 +119,7 @@ pub(super) fn random_audio(seconds: f64) -> Vec<f32> {
 }
 
 /// `i` as a text id of `cfg`'s vocabulary: below its size and never the `<|audio|>` id.
-pub(super) fn text_id(cfg: &GazelleConfig, i: u32) -> u32 {
+pub fn text_id(cfg: &GazelleConfig, i: u32) -> u32 {
     let vocab = cfg.text.vocab_size as u32;
     let id = i % vocab;
     if id == cfg.audio_token_index {
@@ -117,14 +130,14 @@ pub(super) fn text_id(cfg: &GazelleConfig, i: u32) -> u32 {
 }
 
 /// `n` text ids spread over the vocabulary.
-pub(super) fn token_ids(cfg: &GazelleConfig, n: usize) -> Vec<u32> {
+pub fn token_ids(cfg: &GazelleConfig, n: usize) -> Vec<u32> {
     (0..n as u32)
         .map(|i| text_id(cfg, 100 + (i * 7919) % 30000))
         .collect()
 }
 
 /// Runs the suite on an already built model.
-pub fn run_suite(model: &Gazelle, args: &BenchArgs) -> anyhow::Result<SuiteReport> {
+pub fn run_suite(model: &Gazelle, args: &SuiteOptions) -> anyhow::Result<SuiteReport> {
     let dev = model.device().clone();
     let cfg = model.config().clone();
     let lm = model.language_model();

@@ -1,5 +1,5 @@
-//! Command-line entry points for the model: `gazelle generate` and `gazelle download`. The binary
-//! only adds these `Args` as subcommands and calls `run_*`.
+//! `gazelle generate`: answer one audio clip with the Gazelle model, streaming the text (or one
+//! JSON object with tokens and timings).
 
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -7,49 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
-use candle_core::{DType, Device};
-use clap::{Args, ValueEnum};
+use anyhow::Context;
+use clap::Args;
 
-use super::gazelle::hub::{self, HubOptions, DEFAULT_REPO};
-use super::gazelle::{GenerationParams, Precision};
-use crate::audio::{resample::resample_all, wav, MODEL_RATE};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DTypeArg {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl From<DTypeArg> for DType {
-    fn from(d: DTypeArg) -> Self {
-        match d {
-            DTypeArg::F32 => DType::F32,
-            DTypeArg::Bf16 => DType::BF16,
-            DTypeArg::F16 => DType::F16,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceArg {
-    Cpu,
-    Cuda,
-}
-
-/// Opens the device; CUDA needs a build with `--features cuda`.
-pub fn open_device(d: DeviceArg) -> anyhow::Result<Device> {
-    match d {
-        DeviceArg::Cpu => Ok(Device::Cpu),
-        DeviceArg::Cuda if cfg!(feature = "cuda") => Ok(Device::new_cuda(0)?),
-        DeviceArg::Cuda => {
-            bail!("this binary was built without CUDA; rebuild with --features cuda")
-        }
-    }
-}
+use gazelle::audio::{resample::resample_all, wav, MODEL_RATE};
+use gazelle::model::device::{open_device, DeviceKind, WeightDtype};
+use gazelle::model::gazelle::hub::{self, HubOptions, DEFAULT_REPO};
+use gazelle::model::gazelle::{GenerationParams, Precision};
 
 /// Where the model comes from (shared by generate, download and serve).
 #[derive(Debug, Clone, Args)]
@@ -109,46 +73,15 @@ pub struct GenerateArgs {
     pub seed: u64,
     /// Language model dtype.
     #[arg(long, value_enum, default_value = "bf16")]
-    pub dtype: DTypeArg,
+    pub dtype: WeightDtype,
     /// Audio tower and projector dtype (f32 keeps them within 1e-4 of PyTorch; they are small).
     #[arg(long, value_enum, default_value = "f32")]
-    pub audio_dtype: DTypeArg,
+    pub audio_dtype: WeightDtype,
     #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceArg,
+    pub device: DeviceKind,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
-}
-
-/// `gazelle download`: fill the Hub cache with a model's files.
-#[derive(Debug, Clone, Args)]
-pub struct DownloadArgs {
-    /// Hub repo id.
-    #[arg(default_value = DEFAULT_REPO)]
-    pub model: String,
-    #[arg(long)]
-    pub revision: Option<String>,
-    #[arg(long)]
-    pub cache_dir: Option<PathBuf>,
-}
-
-pub fn run_download(args: DownloadArgs) -> anyhow::Result<()> {
-    let opts = HubOptions {
-        revision: args.revision,
-        cache_dir: args.cache_dir,
-        progress: true,
-        ..Default::default()
-    };
-    let files = hub::resolve(&args.model, &opts)?;
-    println!("{} is ready:", files.origin);
-    let optional = [&files.tokenizer_config, &files.chat_template];
-    let all = [&files.config, &files.tokenizer]
-        .into_iter()
-        .chain(optional.into_iter().flatten());
-    for p in all.chain(files.weights.iter()) {
-        println!("  {}", p.display());
-    }
-    Ok(())
 }
 
 pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -235,9 +168,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let wav = dir.path().join("a.wav");
         let samples: Vec<f32> = (0..16000).map(|i| (i as f32 * 0.07).sin() * 0.25).collect();
-        let bytes = crate::audio::wav::write(&samples, 16000, crate::audio::Encoding::Linear16);
+        let bytes = gazelle::audio::wav::write(&samples, 16000, gazelle::audio::Encoding::Linear16);
         std::fs::write(&wav, bytes).unwrap();
-        let model = crate::model::gazelle::parity_tests::fixture_dir("llama");
+        let model =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gazelle/llama");
         let args = GenerateArgs {
             model: ModelArgs {
                 model: model.to_string_lossy().into(),
@@ -254,9 +188,9 @@ mod tests {
             top_k: 0,
             repetition_penalty: 1.1,
             seed: 3,
-            dtype: DTypeArg::F32,
-            audio_dtype: DTypeArg::F32,
-            device: DeviceArg::Cpu,
+            dtype: WeightDtype::F32,
+            audio_dtype: WeightDtype::F32,
+            device: DeviceKind::Cpu,
             json: true,
         };
         let mut out = Vec::new();

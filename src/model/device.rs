@@ -1,0 +1,54 @@
+//! Where and in what precision the model runs, as typed settings (`[slm.gazelle]` and the
+//! command line share them): the weight dtype and the device, and opening the device.
+
+use candle_core::{DType, Device};
+
+/// The dtype of a part of the model's weights.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<WeightDtype> for DType {
+    fn from(d: WeightDtype) -> Self {
+        match d {
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::Bf16 => DType::BF16,
+            WeightDtype::F16 => DType::F16,
+        }
+    }
+}
+
+/// Where the model runs.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(
+        "this binary was built without CUDA; rebuild with --features cuda (scripts/build-cuda)"
+    )]
+    NoCuda,
+    #[error("cannot open CUDA device 0: {0}")]
+    Cuda(#[from] candle_core::Error),
+}
+
+/// Opens the device; CUDA needs a build with `--features cuda`.
+pub fn open_device(kind: DeviceKind) -> Result<Device, DeviceError> {
+    match kind {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda if cfg!(feature = "cuda") => Ok(Device::new_cuda(0)?),
+        DeviceKind::Cuda => Err(DeviceError::NoCuda),
+    }
+}
