@@ -210,6 +210,21 @@ pub struct GazelleSlmConfig {
     pub seed: u64,
 }
 
+impl GazelleSlmConfig {
+    /// How replies are sampled.
+    pub fn generation_params(&self) -> crate::model::gazelle::GenerationParams {
+        crate::model::gazelle::GenerationParams {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            stop_on_eos: true,
+        }
+    }
+}
+
 impl Default for GazelleSlmConfig {
     fn default() -> Self {
         GazelleSlmConfig {

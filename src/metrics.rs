@@ -12,6 +12,248 @@ use prometheus::{
 /// Playback gaps shorter than this are timer noise, not an underrun.
 pub const UNDERRUN_TOLERANCE: Duration = Duration::from_millis(1);
 
+/// Every kind of error the server counts. Its name is both the `kind` label of
+/// `gazelle_errors_total` and the `kind` a client sees in `gazelle_error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// Malformed JSON from a client.
+    BadJson,
+    /// A Vocode message of an unknown type.
+    UnknownType,
+    /// A Vocode message with missing fields or wrong types.
+    BadMessage,
+    /// Audio data that is not base64.
+    BadBase64,
+    /// Audio that cannot be decoded (bad WAV header, unsupported rate).
+    BadAudio,
+    /// A WAV header that changes a call's audio format.
+    FormatChanged,
+    /// One message with more audio than a call may have in flight.
+    AudioTooLong,
+    /// A websocket frame over the size limit.
+    FrameTooLarge,
+    /// A binary websocket frame where the protocol has text.
+    BinaryFrame,
+    /// A message before the call's start message.
+    NotStarted,
+    /// A second start message.
+    AlreadyStarted,
+    /// An invalid start message (rates, encodings).
+    BadConfig,
+    /// A system prompt or first message over its limit.
+    TextTooLong,
+    /// A call id that is too long or has characters outside the allowed set.
+    BadId,
+    /// A call id that a live call already has.
+    IdInUse,
+    /// A call that could not start (the model could not open a session).
+    CallStart,
+    /// A caller turned away at the call or pending-socket limit.
+    Busy,
+    /// A socket that sent no start message in time.
+    StartTimeout,
+    /// A call that received nothing for the idle timeout.
+    IdleTimeout,
+    /// A write to a caller that stalled.
+    SendTimeout,
+    /// A reply cut at its character limit.
+    ReplyTooLong,
+    /// A request with missing, wrong, expired or reused credentials.
+    Auth,
+    /// A browser from an origin that is not allowed.
+    Origin,
+    /// A connection over the per-address cap.
+    TooManyConnectionsPerIp,
+    /// The voice-activity detector failed.
+    Vad,
+    /// The speech-language model failed mid-reply.
+    Slm,
+    /// Speech synthesis failed mid-reply.
+    Tts,
+    /// A Twilio request with a missing or bad signature.
+    TwilioSignature,
+    /// A Twilio request while Twilio's routes are closed.
+    TwilioClosed,
+    /// A Twilio webhook body too large or too slow.
+    TwilioBadBody,
+    /// A media-stream event that is not valid JSON or not a known event.
+    TwilioBadEvent,
+    /// A media payload that is not base64.
+    TwilioBadPayload,
+    /// A mark name we never sent.
+    TwilioUnknownMark,
+    /// A media-stream event before `start`.
+    TwilioBeforeStart,
+    /// `connected` or `start` after the stream began.
+    TwilioRepeatedStart,
+    /// A binary frame on a media stream.
+    TwilioBinary,
+    /// A media stream not in µ-law 8 kHz mono.
+    TwilioBadFormat,
+    /// A media stream without a valid per-call token.
+    TwilioStreamToken,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 38] = [
+        ErrorKind::BadJson,
+        ErrorKind::UnknownType,
+        ErrorKind::BadMessage,
+        ErrorKind::BadBase64,
+        ErrorKind::BadAudio,
+        ErrorKind::FormatChanged,
+        ErrorKind::AudioTooLong,
+        ErrorKind::FrameTooLarge,
+        ErrorKind::BinaryFrame,
+        ErrorKind::NotStarted,
+        ErrorKind::AlreadyStarted,
+        ErrorKind::BadConfig,
+        ErrorKind::TextTooLong,
+        ErrorKind::BadId,
+        ErrorKind::IdInUse,
+        ErrorKind::CallStart,
+        ErrorKind::Busy,
+        ErrorKind::StartTimeout,
+        ErrorKind::IdleTimeout,
+        ErrorKind::SendTimeout,
+        ErrorKind::ReplyTooLong,
+        ErrorKind::Auth,
+        ErrorKind::Origin,
+        ErrorKind::TooManyConnectionsPerIp,
+        ErrorKind::Vad,
+        ErrorKind::Slm,
+        ErrorKind::Tts,
+        ErrorKind::TwilioSignature,
+        ErrorKind::TwilioClosed,
+        ErrorKind::TwilioBadBody,
+        ErrorKind::TwilioBadEvent,
+        ErrorKind::TwilioBadPayload,
+        ErrorKind::TwilioUnknownMark,
+        ErrorKind::TwilioBeforeStart,
+        ErrorKind::TwilioRepeatedStart,
+        ErrorKind::TwilioBinary,
+        ErrorKind::TwilioBadFormat,
+        ErrorKind::TwilioStreamToken,
+    ];
+
+    /// The label and the client's `kind`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::BadJson => "bad_json",
+            ErrorKind::UnknownType => "unknown_type",
+            ErrorKind::BadMessage => "bad_message",
+            ErrorKind::BadBase64 => "bad_base64",
+            ErrorKind::BadAudio => "bad_audio",
+            ErrorKind::FormatChanged => "format_changed",
+            ErrorKind::AudioTooLong => "audio_too_long",
+            ErrorKind::FrameTooLarge => "frame_too_large",
+            ErrorKind::BinaryFrame => "binary_frame",
+            ErrorKind::NotStarted => "not_started",
+            ErrorKind::AlreadyStarted => "already_started",
+            ErrorKind::BadConfig => "bad_config",
+            ErrorKind::TextTooLong => "text_too_long",
+            ErrorKind::BadId => "bad_id",
+            ErrorKind::IdInUse => "id_in_use",
+            ErrorKind::CallStart => "call_start",
+            ErrorKind::Busy => "busy",
+            ErrorKind::StartTimeout => "start_timeout",
+            ErrorKind::IdleTimeout => "idle_timeout",
+            ErrorKind::SendTimeout => "send_timeout",
+            ErrorKind::ReplyTooLong => "reply_too_long",
+            ErrorKind::Auth => "auth",
+            ErrorKind::Origin => "origin",
+            ErrorKind::TooManyConnectionsPerIp => "too_many_connections_per_ip",
+            ErrorKind::Vad => "vad",
+            ErrorKind::Slm => "slm",
+            ErrorKind::Tts => "tts",
+            ErrorKind::TwilioSignature => "twilio_signature",
+            ErrorKind::TwilioClosed => "twilio_closed",
+            ErrorKind::TwilioBadBody => "twilio_bad_body",
+            ErrorKind::TwilioBadEvent => "twilio_bad_event",
+            ErrorKind::TwilioBadPayload => "twilio_bad_payload",
+            ErrorKind::TwilioUnknownMark => "twilio_unknown_mark",
+            ErrorKind::TwilioBeforeStart => "twilio_before_start",
+            ErrorKind::TwilioRepeatedStart => "twilio_repeated_start",
+            ErrorKind::TwilioBinary => "twilio_binary",
+            ErrorKind::TwilioBadFormat => "twilio_bad_format",
+            ErrorKind::TwilioStreamToken => "twilio_stream_token",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for ErrorKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// What a barge-in cut into (the `during` label of `gazelle_barge_ins_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BargeIn {
+    /// The user talked over the bot for `min_interruption_ms`.
+    Interruption,
+    /// A whole user turn ended while the bot was still talking.
+    Turn,
+}
+
+impl BargeIn {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BargeIn::Interruption => "interruption",
+            BargeIn::Turn => "turn",
+        }
+    }
+}
+
+/// Why a caller's playback ran dry (the `cause` label of `gazelle_output_underrun_seconds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnderrunCause {
+    /// The audio was not synthesized in time.
+    Synthesis,
+    /// It was ready, but the pacer sent it late (an overloaded server).
+    Scheduling,
+    /// It was handed over in time, but written to the socket late.
+    Transport,
+}
+
+impl UnderrunCause {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            UnderrunCause::Synthesis => "synthesis",
+            UnderrunCause::Scheduling => "scheduling",
+            UnderrunCause::Transport => "transport",
+        }
+    }
+}
+
+/// A stage of a reply's latency timeline (the `stage` label of `gazelle_turn_stage_seconds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnStage {
+    VadEnd,
+    FirstToken,
+    FirstUnit,
+    FirstSynthByte,
+    FirstAudioSent,
+}
+
+impl TurnStage {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TurnStage::VadEnd => "vad_end",
+            TurnStage::FirstToken => "first_token",
+            TurnStage::FirstUnit => "first_unit",
+            TurnStage::FirstSynthByte => "first_synth_byte",
+            TurnStage::FirstAudioSent => "first_audio_sent",
+        }
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
     /// Calls with an open transport.
@@ -33,6 +275,8 @@ pub struct Metrics {
     pub barge_ins: IntCounterVec,
     /// Seconds from a text unit reaching a speech provider to its first audio byte, by provider.
     pub tts_ttfb_seconds: HistogramVec,
+    /// Replies a speech provider failed during, by provider (the fallback, if any, took over).
+    pub tts_failures: IntCounterVec,
     /// Seconds a caller's playback ran dry mid-reply before the next frame went out, by cause:
     /// `synthesis` (its audio was not ready), `scheduling` (ready, but the pacer sent it late) or
     /// `transport` (handed over in time, but written to the socket late).
@@ -98,6 +342,14 @@ impl Metrics {
             &["provider"],
         )
         .expect("valid metric");
+        let tts_failures = IntCounterVec::new(
+            Opts::new(
+                "tts_failures_total",
+                "Replies a speech provider failed during, by provider",
+            ),
+            &["provider"],
+        )
+        .expect("valid metric");
         let output_underrun_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "output_underrun_seconds",
@@ -119,6 +371,7 @@ impl Metrics {
             Box::new(errors.clone()),
             Box::new(barge_ins.clone()),
             Box::new(tts_ttfb_seconds.clone()),
+            Box::new(tts_failures.clone()),
             Box::new(output_underrun_seconds.clone()),
         ] {
             registry.register(c).expect("unique metric names");
@@ -134,6 +387,7 @@ impl Metrics {
             errors,
             barge_ins,
             tts_ttfb_seconds,
+            tts_failures,
             output_underrun_seconds,
         }
     }
@@ -147,15 +401,27 @@ impl Metrics {
         String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
 
-    pub fn error(&self, kind: &str) {
-        self.errors.with_label_values(&[kind]).inc();
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors.with_label_values(&[kind.as_str()]).inc();
     }
 
-    /// A gap of `by` in a caller's playback, by cause (`synthesis`, `scheduling`, `transport`).
-    pub fn underrun(&self, cause: &str, by: Duration) {
+    /// A gap of `by` in a caller's playback, by cause.
+    pub fn underrun(&self, cause: UnderrunCause, by: Duration) {
         self.output_underrun_seconds
-            .with_label_values(&[cause])
+            .with_label_values(&[cause.as_str()])
             .observe(by.as_secs_f64());
+    }
+
+    /// A reply cut off by the user.
+    pub fn barge_in(&self, during: BargeIn) {
+        self.barge_ins.with_label_values(&[during.as_str()]).inc();
+    }
+
+    /// How long after the true end of the user's speech a reply reached `stage`.
+    pub fn turn_stage(&self, stage: TurnStage, seconds: f64) {
+        self.turn_stage_seconds
+            .with_label_values(&[stage.as_str()])
+            .observe(seconds);
     }
 
     /// A transport has just written an audio frame that the caller's playback needed at `due`;
@@ -164,7 +430,7 @@ impl Metrics {
         let Some(due) = due else { return };
         let now = tokio::time::Instant::now().into_std();
         if now > due + UNDERRUN_TOLERANCE {
-            self.underrun("transport", now - due);
+            self.underrun(UnderrunCause::Transport, now - due);
         }
     }
 }

@@ -117,7 +117,8 @@ async fn a_model_that_fails_to_load_is_reported() {
     let server = common::start_server(config).await;
     let reason = tokio::time::timeout(std::time::Duration::from_secs(30), server.load.failure())
         .await
-        .expect("the load neither failed nor finished");
+        .expect("the load neither failed nor finished")
+        .to_string();
     assert!(reason.contains("gazelle-no-such-model-dir"), "{reason}");
     let (code, body) = common::http(&server, "GET", "/health", &[], "").await;
     assert_eq!(code, 503, "{body}");

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::{ModelStatus, SlmError, SlmSession, SpeechLanguageModel};
+use super::{ModelError, ModelStatus, SlmError, SlmSession, SpeechLanguageModel};
 
 enum State {
     Loading,
     Ready(Arc<dyn SpeechLanguageModel>),
-    Failed(String),
+    Failed(ModelError),
 }
 
 /// A model whose loader runs on its own thread; calls reach the loaded model once it is there.
@@ -27,7 +27,7 @@ impl LoadingModel {
     /// Starts `load` on a new thread and returns at once.
     pub fn spawn<F>(name: &str, load: F) -> Self
     where
-        F: FnOnce() -> Result<Arc<dyn SpeechLanguageModel>, String> + Send + 'static,
+        F: FnOnce() -> Result<Arc<dyn SpeechLanguageModel>, ModelError> + Send + 'static,
     {
         let (tx, rx) = watch::channel(State::Loading);
         let label = name.to_string();
@@ -57,7 +57,7 @@ impl LoadingModel {
     }
 
     /// Resolves with the reason once loading has failed; never resolves if it succeeds.
-    pub async fn failure(&self) -> String {
+    pub async fn failure(&self) -> ModelError {
         let mut rx = self.state.clone();
         let outcome = rx
             .wait_for(|s| !matches!(s, State::Loading))
@@ -69,17 +69,17 @@ impl LoadingModel {
         match outcome {
             Ok(Some(e)) => e,
             Ok(None) => std::future::pending().await,
-            Err(_) => "the model loader stopped without a result".into(),
+            Err(_) => stopped(),
         }
     }
 
     /// Waits until the model is ready (`Ok`) or has failed to load (`Err` with the reason).
-    pub async fn ready(&self) -> Result<(), String> {
+    pub async fn ready(&self) -> Result<(), ModelError> {
         let mut rx = self.state.clone();
         let s = rx
             .wait_for(|s| !matches!(s, State::Loading))
             .await
-            .map_err(|_| "the model loader stopped without a result".to_string())?;
+            .map_err(|_| stopped())?;
         match &*s {
             State::Failed(e) => Err(e.clone()),
             _ => Ok(()),
@@ -98,7 +98,7 @@ impl SpeechLanguageModel for LoadingModel {
                 elapsed: self.started.elapsed(),
             },
             State::Ready(m) => m.status(),
-            State::Failed(e) => ModelStatus::Failed(e.clone()),
+            State::Failed(e) => ModelStatus::Failed(e.to_string()),
         }
     }
 
@@ -106,21 +106,29 @@ impl SpeechLanguageModel for LoadingModel {
         let model = match &*self.state.borrow() {
             State::Ready(m) => m.clone(),
             State::Loading => {
-                let secs = self.started.elapsed().as_secs();
-                return Err(SlmError::NotLoaded(format!(
-                    "{} is still loading ({secs} s so far); watch /health and call again",
-                    self.name
-                )));
+                return Err(SlmError::Loading {
+                    name: self.name.clone(),
+                    secs: self.started.elapsed().as_secs(),
+                });
             }
             State::Failed(e) => {
-                return Err(SlmError::NotLoaded(format!(
-                    "{} failed to load: {e}",
-                    self.name
-                )))
+                return Err(SlmError::LoadFailed {
+                    name: self.name.clone(),
+                    source: e.clone(),
+                })
             }
         };
         model.open_session(system_prompt)
     }
+}
+
+/// The loader thread ended without saying how (it panicked).
+#[derive(Debug, thiserror::Error)]
+#[error("the model loader stopped without a result")]
+struct LoaderStopped;
+
+fn stopped() -> ModelError {
+    Arc::new(LoaderStopped)
 }
 
 impl ModelStatus {
@@ -151,7 +159,7 @@ mod tests {
     async fn refuses_calls_until_loaded_then_serves_them() {
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let m = LoadingModel::spawn("slow", move || {
-            go_rx.recv().map_err(|e| e.to_string())?;
+            go_rx.recv().map_err(|e| Arc::new(e) as ModelError)?;
             Ok(Arc::new(ScriptedModel::new("Hi.", Duration::ZERO)) as Arc<dyn SpeechLanguageModel>)
         });
         assert_eq!(m.status().word(), "loading");
@@ -168,8 +176,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_load_is_reported_with_its_reason() {
-        let m = LoadingModel::spawn("broken", || Err("config.json: no such file".into()));
-        assert_eq!(m.failure().await, "config.json: no such file");
+        let m = LoadingModel::spawn("broken", || {
+            let e = std::io::Error::new(std::io::ErrorKind::NotFound, "config.json: no such file");
+            Err(Arc::new(e) as ModelError)
+        });
+        assert_eq!(m.failure().await.to_string(), "config.json: no such file");
         assert!(matches!(m.status(), ModelStatus::Failed(ref e) if e.contains("config.json")));
         assert_eq!(m.status().word(), "error");
         let Err(e) = m.open_session(None) else {

@@ -13,12 +13,19 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// Any error of a model's own, kept whole (with its sources) across the seam.
+pub type ModelError = Arc<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SlmError {
-    #[error("the speech-language model is not loaded: {0}")]
-    NotLoaded(String),
+    #[error("{name} is still loading ({secs} s so far); watch /health and call again")]
+    Loading { name: String, secs: u64 },
+    #[error("{name} failed to load: {source}")]
+    LoadFailed { name: String, source: ModelError },
     #[error("generation failed: {0}")]
-    Generation(String),
+    Generation(ModelError),
+    #[error("too many model requests queued for this call")]
+    Backlog,
     #[error("the model worker has stopped")]
     WorkerGone,
 }

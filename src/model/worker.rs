@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::gazelle::session::SessionError;
 use super::gazelle::{GazelleEngine, GazelleSession, GenerationParams, Spoken};
 use super::{SlmError, SlmSession, SpeechLanguageModel, TokenStream, UserTurn, TOKEN_QUEUE};
 
@@ -91,9 +92,7 @@ impl SlmSession for GazelleCall {
             .try_send((work, self.system_prompt.clone()))
             .is_err()
         {
-            let _ = tokens.try_send(Err(SlmError::Generation(
-                "too many model requests queued for this call".into(),
-            )));
+            let _ = tokens.try_send(Err(SlmError::Backlog));
         }
         rx
     }
@@ -161,7 +160,7 @@ fn run(engine: Arc<GazelleEngine>, params: GenerationParams, mut rx: mpsc::Recei
                 );
                 if let Err(e) = result {
                     tracing::warn!(error = %e, "Gazelle failed on a turn");
-                    let _ = tokens.blocking_send(Err(SlmError::Generation(e)));
+                    let _ = tokens.blocking_send(Err(SlmError::Generation(Arc::new(e))));
                 }
             }
             Work::Truncate { spoken } => {
@@ -185,35 +184,27 @@ fn respond(
     audio: &[f32],
     tokens: &mpsc::Sender<Result<String, SlmError>>,
     cancel: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let s = match session {
         Some(s) => s,
-        None => session.insert(
-            engine
-                .open_session(system_prompt.as_deref())
-                .map_err(|e| e.to_string())?,
-        ),
+        None => session.insert(engine.open_session(system_prompt.as_deref())?),
     };
-    let stats = s
-        .append_user_audio_turn(audio, "")
-        .map_err(|e| e.to_string())?;
+    let stats = s.append_user_audio_turn(audio, "")?;
     tracing::debug!(
         audio_tokens = stats.audio_tokens,
         encoder_ms = stats.encoder_ms,
         prefill_ms = stats.prefill_ms,
         "user turn in the cache"
     );
-    let reply = s
-        .generate(params, |_, piece| {
-            if cancel.is_cancelled() {
-                return ControlFlow::Break(());
-            }
-            if !piece.is_empty() && tokens.blocking_send(Ok(piece.to_string())).is_err() {
-                return ControlFlow::Break(());
-            }
-            ControlFlow::Continue(())
-        })
-        .map_err(|e| e.to_string())?;
+    let reply = s.generate(params, |_, piece| {
+        if cancel.is_cancelled() {
+            return ControlFlow::Break(());
+        }
+        if !piece.is_empty() && tokens.blocking_send(Ok(piece.to_string())).is_err() {
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    })?;
     tracing::debug!(
         tokens = reply.tokens.len(),
         stop = ?reply.stop,

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::metrics::ErrorKind;
+
 /// Bounds on one caller's input and on what the server buffers for one call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -69,11 +71,11 @@ pub enum LimitError {
 
 impl LimitError {
     /// The error kind clients see and metrics count.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            LimitError::TextTooLong { .. } => "text_too_long",
-            LimitError::AudioTooLong { .. } => "audio_too_long",
-            LimitError::BadId(_) => "bad_id",
+            LimitError::TextTooLong { .. } => ErrorKind::TextTooLong,
+            LimitError::AudioTooLong { .. } => ErrorKind::AudioTooLong,
+            LimitError::BadId(_) => ErrorKind::BadId,
         }
     }
 }
@@ -251,7 +253,7 @@ mod tests {
         let b = InputBudget::new(&limits, 8_000);
         assert!(b.check(4_000).is_ok());
         let e = b.check(4_001).unwrap_err();
-        assert_eq!(e.kind(), "audio_too_long");
+        assert_eq!(e.kind(), ErrorKind::AudioTooLong);
         assert!(
             e.to_string().contains("limits.max_buffered_audio_ms"),
             "{e}"
@@ -287,7 +289,11 @@ mod tests {
         assert!(check_id("CA0123456789abcdef").is_ok());
         assert!(check_id("user@example.com:42").is_ok());
         for bad in ["", "a b", "x\ny", "ü", &"a".repeat(129)] {
-            assert_eq!(check_id(bad).unwrap_err().kind(), "bad_id", "{bad:?}");
+            assert_eq!(
+                check_id(bad).unwrap_err().kind(),
+                ErrorKind::BadId,
+                "{bad:?}"
+            );
         }
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::audio::{resample::StreamResampler, MODEL_RATE};
-use crate::metrics::Metrics;
+use crate::metrics::{ErrorKind, Metrics};
 use crate::vad::silero::frame_len;
 use crate::vad::{SileroState, TurnDetector, TurnEvent, TurnSettings, VadHandle};
 
@@ -178,7 +178,7 @@ pub async fn detect(
             r = result => match r {
                 Ok(r) => r,
                 Err(e) => {
-                    metrics.error("vad");
+                    metrics.error(ErrorKind::Vad);
                     let _ = events.send(VadEvent::Failed(e.to_string())).await;
                     return;
                 }

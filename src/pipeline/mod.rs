@@ -49,7 +49,10 @@ pub enum Outbound {
     /// The conversation so far, on request.
     History(conversation::Conversation),
     /// A recoverable problem with the caller's input; the call goes on.
-    Error { kind: &'static str, message: String },
+    Error {
+        kind: crate::metrics::ErrorKind,
+        message: String,
+    },
 }
 
 /// Per-reply stage times in milliseconds after the true end of the user's speech.

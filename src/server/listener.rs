@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::metrics::Metrics;
+use crate::metrics::{ErrorKind, Metrics};
 
 #[derive(Debug, Clone, Copy)]
 pub struct ListenSettings {
@@ -103,7 +103,7 @@ pub async fn serve(
             },
         };
         let Some(ip_slot) = per_ip.claim(peer.ip(), settings.max_connections_per_ip) else {
-            metrics.error("too_many_connections_per_ip");
+            metrics.error(ErrorKind::TooManyConnectionsPerIp);
             if !refused_logged {
                 refused_logged = true;
                 tracing::warn!(

@@ -3,6 +3,7 @@
 //! connection gets, admission (credentials, origin, a slot for a socket waiting to start and one
 //! per call), and graceful shutdown (signal → stop accepting → cancel every call → drain).
 
+pub mod error;
 pub mod frontend;
 pub mod listener;
 pub mod setup;
@@ -24,6 +25,7 @@ use crate::model::ModelStatus;
 use crate::pipeline::call::Services;
 use crate::transport::socket::{Admission, SocketSettings};
 use crate::transport::vocode::handler;
+use error::ApiError;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -57,36 +59,35 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// A websocket refused for want of capacity: HTTP 503 with the reason.
-struct Busy(&'static str);
-
-impl IntoResponse for Busy {
-    fn into_response(self) -> Response {
-        (StatusCode::SERVICE_UNAVAILABLE, self.0).into_response()
+impl AppState {
+    /// Counts a refusal under its error kind and passes it on.
+    fn refuse(&self, e: impl Into<ApiError>) -> ApiError {
+        let e = e.into();
+        if let Some(kind) = e.kind() {
+            self.services.metrics.error(kind);
+        }
+        e
     }
 }
 
 /// A websocket's place before its call starts: refused with 503 when every call slot or every
 /// pending slot is taken.
-fn admit(state: &AppState) -> Result<Admission, Busy> {
-    let metrics = &state.services.metrics;
+fn admit(state: &AppState) -> Result<Admission, ApiError> {
     if state.calls.available_permits() == 0 {
-        metrics.error("busy");
-        return Err(Busy(
+        return Err(state.refuse(ApiError::Busy(
             "the server is at its call limit (server.max_calls); try again later",
-        ));
+        )));
     }
     let Ok(pending) = state.pending.clone().try_acquire_owned() else {
-        metrics.error("busy");
-        return Err(Busy(
+        return Err(state.refuse(ApiError::Busy(
             "too many connections are waiting to start a call (server.max_pending_sockets); \
              try again later",
-        ));
+        )));
     };
     Ok(Admission::new(
         pending,
         state.calls.clone(),
-        metrics.clone(),
+        state.services.metrics.clone(),
     ))
 }
 
@@ -100,25 +101,22 @@ async fn conversation(
     headers: HeaderMap,
     Query(query): Query<TokenQuery>,
     ws: WebSocketUpgrade,
-) -> Response {
-    let metrics = &state.services.metrics;
-    if let Err(e) = state.auth.check_origin(&headers) {
-        metrics.error("origin");
-        return e.into_response();
-    }
+) -> Result<Response, ApiError> {
+    state
+        .auth
+        .check_origin(&headers)
+        .map_err(|e| state.refuse(e))?;
     // Capacity before credentials, so a refused caller does not spend its single-use token.
-    let admission = match admit(&state) {
-        Ok(a) => a,
-        Err(refusal) => return refusal.into_response(),
-    };
-    if let Err(e) = state.auth.check_call(&headers, query.token.as_deref()) {
-        metrics.error("auth");
-        return e.into_response();
-    }
+    let admission = admit(&state)?;
+    state
+        .auth
+        .check_call(&headers, query.token.as_deref())
+        .map_err(|e| state.refuse(e))?;
     // Frames between our limit and twice it get a `frame_too_large` error; larger ones never
     // reach memory whole: the socket layer refuses them and the call ends (1009).
     let socket_limit = state.socket.max_frame_bytes.saturating_mul(2);
-    ws.max_message_size(socket_limit)
+    Ok(ws
+        .max_message_size(socket_limit)
         .max_frame_size(socket_limit)
         .on_upgrade(move |socket| {
             handler::serve(
@@ -128,22 +126,22 @@ async fn conversation(
                 state.socket,
                 state.cancel,
             )
-        })
+        }))
 }
 
 /// `POST /auth/token`: a single-use call token for a holder of the API key.
-async fn call_token(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    match state.auth.mint_call_token(&headers) {
-        Ok(token) => Json(serde_json::json!({
-            "token": token,
-            "expires_in": state.auth.token_ttl().as_secs(),
-        }))
-        .into_response(),
-        Err(e) => {
-            state.services.metrics.error("auth");
-            e.into_response()
-        }
-    }
+async fn call_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let token = state
+        .auth
+        .mint_call_token(&headers)
+        .map_err(|e| state.refuse(e))?;
+    Ok(Json(serde_json::json!({
+        "token": token,
+        "expires_in": state.auth.token_ttl().as_secs(),
+    })))
 }
 
 /// `status` is `ok` (200) once calls can start, `loading` (503, with `loading_s`) while the model
@@ -173,11 +171,17 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// `GET /calls`: the live calls' ids (admin token only).
-async fn list_calls(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(e) = state.auth.check_admin(&headers) {
-        return e.into_response();
-    }
-    Json(serde_json::json!({ "calls": state.services.registry.ids() })).into_response()
+async fn list_calls(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state
+        .auth
+        .check_admin(&headers)
+        .map_err(|e| state.refuse(e))?;
+    Ok(Json(
+        serde_json::json!({ "calls": state.services.registry.ids() }),
+    ))
 }
 
 /// The conversation so far of a live call, by its id (the Twilio call SID, the Vocode
@@ -186,18 +190,21 @@ async fn call_history(
     State(state): State<AppState>,
     headers: HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
-) -> Response {
-    if let Err(e) = state.auth.check_admin(&headers) {
-        return e.into_response();
-    }
+) -> Result<Json<crate::pipeline::conversation::Conversation>, ApiError> {
+    state
+        .auth
+        .check_admin(&headers)
+        .map_err(|e| state.refuse(e))?;
     let shown = crate::transport::guard::Untrusted(&id);
-    let Some(commands) = state.services.registry.get(&id) else {
-        return (StatusCode::NOT_FOUND, format!("no live call {shown}")).into_response();
-    };
-    match crate::pipeline::call::history(&commands).await {
-        Ok(c) => Json(c).into_response(),
-        Err(_) => (StatusCode::NOT_FOUND, format!("call {shown} has ended")).into_response(),
-    }
+    let commands = state
+        .services
+        .registry
+        .get(&id)
+        .ok_or_else(|| ApiError::NotFound(format!("no live call {shown}")))?;
+    let history = crate::pipeline::call::history(&commands).await;
+    history
+        .map(Json)
+        .map_err(|_| ApiError::NotFound(format!("call {shown} has ended")))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -14,10 +14,10 @@ use crate::config::{Config, GazelleSlmConfig, SlmKind, TtsProvider};
 use crate::metrics::Metrics;
 use crate::model::device::open_device;
 use crate::model::gazelle::hub::{self, HubOptions};
-use crate::model::gazelle::{GenerationParams, Precision};
+use crate::model::gazelle::Precision;
 use crate::model::loading::LoadingModel;
 use crate::model::worker::GazelleModel;
-use crate::model::{scripted::ScriptedModel, SpeechLanguageModel};
+use crate::model::{scripted::ScriptedModel, ModelError, SpeechLanguageModel};
 use crate::pipeline::call::Services;
 use crate::transport::auth::{Auth, AuthSettings, Secret};
 use crate::tts::espeak::{Espeak, EspeakConfig};
@@ -41,7 +41,7 @@ pub struct ModelLoad(Option<Arc<LoadingModel>>);
 
 impl ModelLoad {
     /// Resolves with the reason if loading fails; never resolves otherwise.
-    pub async fn failure(&self) -> String {
+    pub async fn failure(&self) -> ModelError {
         match &self.0 {
             Some(m) => m.failure().await,
             None => std::future::pending().await,
@@ -49,7 +49,7 @@ impl ModelLoad {
     }
 
     /// Waits until the model is ready, or for the reason it failed.
-    pub async fn ready(&self) -> Result<(), String> {
+    pub async fn ready(&self) -> Result<(), ModelError> {
         match &self.0 {
             Some(m) => m.ready().await,
             None => Ok(()),
@@ -82,8 +82,9 @@ pub fn services(config: &Config) -> Result<(Services, ModelLoad), SetupError> {
         ),
         SlmKind::Gazelle => {
             let c = config.slm.gazelle.clone();
-            let m = Arc::new(LoadingModel::spawn("gazelle", move || {
-                gazelle(&c).map(|m| Arc::new(m) as Arc<dyn SpeechLanguageModel>)
+            let m = Arc::new(LoadingModel::spawn("gazelle", move || match gazelle(&c) {
+                Ok(m) => Ok(Arc::new(m) as Arc<dyn SpeechLanguageModel>),
+                Err(e) => Err(Arc::new(e) as ModelError),
             }));
             (
                 m.clone() as Arc<dyn SpeechLanguageModel>,
@@ -104,10 +105,20 @@ pub fn services(config: &Config) -> Result<(Services, ModelLoad), SetupError> {
     Ok((services, load))
 }
 
+/// Why Gazelle could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GazelleSetupError {
+    #[error(transparent)]
+    Device(#[from] crate::model::device::DeviceError),
+    #[error(transparent)]
+    Hub(#[from] hub::HubError),
+    #[error(transparent)]
+    Load(#[from] hub::LoadError),
+}
+
 /// Finds, loads and starts the Gazelle model (downloading it first unless offline).
-fn gazelle(c: &GazelleSlmConfig) -> Result<GazelleModel, String> {
-    let err = |e: &dyn std::fmt::Display| e.to_string();
-    let device = open_device(c.device).map_err(|e| err(&e))?;
+fn gazelle(c: &GazelleSlmConfig) -> Result<GazelleModel, GazelleSetupError> {
+    let device = open_device(c.device)?;
     let opts = HubOptions {
         revision: c.revision.clone(),
         offline: c.offline,
@@ -115,23 +126,12 @@ fn gazelle(c: &GazelleSlmConfig) -> Result<GazelleModel, String> {
         endpoint: None,
         progress: true,
     };
-    let files = hub::resolve(&c.model, &opts).map_err(|e| err(&e))?;
+    let files = hub::resolve(&c.model, &opts)?;
     let started = std::time::Instant::now();
     let precision = Precision::new(c.dtype.into(), c.audio_dtype.into(), &device);
-    let engine = hub::load_engine(&files, precision, &device)
-        .map_err(|e| err(&e))?
-        .with_max_context(c.max_context);
+    let engine = hub::load_engine(&files, precision, &device)?.with_max_context(c.max_context);
     tracing::info!(model = %files.origin, secs = started.elapsed().as_secs_f64(), "Gazelle loaded");
-    let params = GenerationParams {
-        max_new_tokens: c.max_new_tokens,
-        temperature: c.temperature,
-        top_p: c.top_p,
-        top_k: c.top_k,
-        repetition_penalty: c.repetition_penalty,
-        seed: c.seed,
-        stop_on_eos: true,
-    };
-    Ok(GazelleModel::start(Arc::new(engine), params))
+    Ok(GazelleModel::start(Arc::new(engine), c.generation_params()))
 }
 
 /// The router state for a config and its services; secrets are read from the environment

@@ -9,10 +9,12 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 
+use super::error::ApiError;
 use super::AppState;
+use crate::metrics::ErrorKind;
 use crate::model::ModelStatus;
 use crate::transport::guard::Untrusted;
 use crate::transport::twilio::handler::{self, StreamAuth, STREAM_TOKEN};
@@ -22,15 +24,6 @@ use crate::transport::twilio::protocol;
 const MAX_WEBHOOK_BODY: usize = 64 * 1024;
 /// A webhook body must arrive within this.
 const WEBHOOK_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// A request whose `X-Twilio-Signature` is missing or wrong.
-pub struct BadSignature;
-
-impl IntoResponse for BadSignature {
-    fn into_response(self) -> Response {
-        (StatusCode::FORBIDDEN, "invalid X-Twilio-Signature").into_response()
-    }
-}
 
 /// Twilio settings resolved at start-up.
 #[derive(Clone, Default)]
@@ -86,7 +79,7 @@ impl TwilioSettings {
         headers: &HeaderMap,
         url: &str,
         params: &BTreeMap<String, String>,
-    ) -> Result<(), BadSignature> {
+    ) -> Result<(), ApiError> {
         let Some(token) = &self.auth_token else {
             return Ok(());
         };
@@ -98,7 +91,7 @@ impl TwilioSettings {
             _ => {
                 let url = Untrusted(url);
                 tracing::warn!(%url, "rejected a Twilio request with a missing or bad signature");
-                Err(BadSignature)
+                Err(ApiError::BadSignature)
             }
         }
     }
@@ -113,50 +106,39 @@ pub async fn voice(
     uri: Uri,
     Query(query): Query<BTreeMap<String, String>>,
     body: Body,
-) -> Response {
-    if let Err(e) = state.auth.check_twilio_open() {
-        state.services.metrics.error("twilio_closed");
-        return e.into_response();
-    }
-    let body = match tokio::time::timeout(
-        WEBHOOK_BODY_TIMEOUT,
-        axum::body::to_bytes(body, MAX_WEBHOOK_BODY),
-    )
-    .await
-    {
+) -> Result<Response, ApiError> {
+    state
+        .auth
+        .check_twilio_open()
+        .map_err(|e| state.refuse(e))?;
+    let read = axum::body::to_bytes(body, MAX_WEBHOOK_BODY);
+    let body = match tokio::time::timeout(WEBHOOK_BODY_TIMEOUT, read).await {
         Ok(Ok(b)) => b,
         Ok(Err(_)) => {
-            state.services.metrics.error("twilio_bad_body");
             let why = format!("the webhook body exceeds {MAX_WEBHOOK_BODY} bytes or broke off");
-            return (StatusCode::PAYLOAD_TOO_LARGE, why).into_response();
+            return Err(state.refuse(ApiError::TooLarge(why)));
         }
         Err(_) => {
-            state.services.metrics.error("twilio_bad_body");
-            return (
-                StatusCode::REQUEST_TIMEOUT,
-                "the webhook body took too long",
-            )
-                .into_response();
+            let why = "the webhook body took too long";
+            return Err(state.refuse(ApiError::Timeout(why)));
         }
     };
     let form: BTreeMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
     let url = state.twilio.url(&headers, &uri, "https");
-    if let Err(r) = state.twilio.check(&headers, &url, &form) {
-        state.services.metrics.error("twilio_signature");
-        return r.into_response();
-    }
+    state
+        .twilio
+        .check(&headers, &url, &form)
+        .map_err(|e| state.refuse(e))?;
     let call_sid = form.get("CallSid").map(String::as_str).unwrap_or("");
     if !call_sid.is_empty() {
-        if let Err(e) = crate::pipeline::limits::check_id(call_sid) {
-            state.services.metrics.error(e.kind());
-            return (StatusCode::BAD_REQUEST, e.to_string()).into_response();
-        }
+        crate::pipeline::limits::check_id(call_sid)
+            .map_err(|e| state.refuse(ApiError::BadRequest(e.kind(), e.to_string())))?;
     }
     let call = Untrusted(call_sid);
     // A caller hears why, instead of dead air, when no conversation can start.
     let unavailable = match state.services.slm.status() {
         ModelStatus::Ready if state.calls.available_permits() == 0 => {
-            state.services.metrics.error("busy");
+            state.services.metrics.error(ErrorKind::Busy);
             Some(("at its call limit", BUSY_SAY))
         }
         ModelStatus::Ready => None,
@@ -165,11 +147,7 @@ pub async fn voice(
     };
     if let Some((why, say)) = unavailable {
         tracing::warn!(%call, why, "Twilio call turned away");
-        return (
-            [(header::CONTENT_TYPE, "text/xml")],
-            protocol::twiml_say_and_hang_up(say),
-        )
-            .into_response();
+        return Ok(twiml(protocol::twiml_say_and_hang_up(say)));
     }
     let stream_url = state
         .twilio
@@ -183,19 +161,18 @@ pub async fn voice(
         parameters.get("first_message").map(String::as_str),
     );
     if let Err(e) = texts {
-        state.services.metrics.error(e.kind());
         tracing::warn!(%call, error = %e, "Twilio webhook parameters over the limits");
-        return (StatusCode::BAD_REQUEST, e.to_string()).into_response();
+        return Err(state.refuse(ApiError::BadRequest(e.kind(), e.to_string())));
     }
     // The stream must show this token, signed for this call, to start: a captured stream URL or
     // signature opens nothing.
     parameters.insert(STREAM_TOKEN.into(), state.auth.mint_stream_token(call_sid));
     tracing::info!(%call, "Twilio call");
-    (
-        [(header::CONTENT_TYPE, "text/xml")],
-        protocol::twiml_connect(&stream_url, &parameters),
-    )
-        .into_response()
+    Ok(twiml(protocol::twiml_connect(&stream_url, &parameters)))
+}
+
+fn twiml(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/xml")], body).into_response()
 }
 
 const BUSY_SAY: &str = "Sorry, all our lines are busy. Please call again in a few minutes.";
@@ -210,26 +187,24 @@ pub async fn stream(
     headers: HeaderMap,
     uri: Uri,
     ws: WebSocketUpgrade,
-) -> Response {
-    if let Err(e) = state.auth.check_twilio_open() {
-        state.services.metrics.error("twilio_closed");
-        return e.into_response();
-    }
+) -> Result<Response, ApiError> {
+    state
+        .auth
+        .check_twilio_open()
+        .map_err(|e| state.refuse(e))?;
     let url = state.twilio.url(&headers, &uri, "wss");
-    if let Err(r) = state.twilio.check(&headers, &url, &BTreeMap::new()) {
-        state.services.metrics.error("twilio_signature");
-        return r.into_response();
-    }
-    let admission = match super::admit(&state) {
-        Ok(a) => a,
-        Err(refusal) => return refusal.into_response(),
-    };
+    state
+        .twilio
+        .check(&headers, &url, &BTreeMap::new())
+        .map_err(|e| state.refuse(e))?;
+    let admission = super::admit(&state)?;
     let settings = state.twilio_socket;
     let stream_auth = StreamAuth {
         auth: state.auth.clone(),
         required: state.twilio.require_stream_token,
     };
-    ws.max_message_size(settings.max_frame_bytes)
+    Ok(ws
+        .max_message_size(settings.max_frame_bytes)
         .max_frame_size(settings.max_frame_bytes)
         .on_upgrade(move |socket| {
             handler::serve(
@@ -240,5 +215,5 @@ pub async fn stream(
                 stream_auth,
                 state.cancel,
             )
-        })
+        }))
 }

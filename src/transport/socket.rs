@@ -12,7 +12,7 @@ use futures::{Sink, SinkExt};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::metrics::{ErrorKind, Metrics};
 use crate::pipeline::Outbound;
 
 /// The bounds of one call's socket.
@@ -188,7 +188,7 @@ where
                 Ok(()) => self.metrics.frame_delivered(due),
                 Err(SendFailure::Closed) => break Ending::Hangup,
                 Err(SendFailure::TimedOut) => {
-                    self.metrics.error("send_timeout");
+                    self.metrics.error(ErrorKind::SendTimeout);
                     tracing::warn!(
                         timeout_s = self.send_timeout.as_secs_f64(),
                         "a write to the caller stalled; ending the call"
@@ -321,7 +321,7 @@ mod tests {
         let dead = CancellationToken::new();
         calls_tx
             .send(Outbound::Error {
-                kind: "x",
+                kind: ErrorKind::BadJson,
                 message: "hello".into(),
             })
             .await
@@ -385,7 +385,10 @@ mod tests {
         for i in 0..3 {
             let message = format!("m{i}");
             calls_tx
-                .send(Outbound::Error { kind: "x", message })
+                .send(Outbound::Error {
+                    kind: ErrorKind::BadJson,
+                    message,
+                })
                 .await
                 .unwrap();
         }

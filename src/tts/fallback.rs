@@ -73,7 +73,7 @@ pub struct FallbackVoice {
 }
 
 impl FallbackVoice {
-    /// Failures are counted as `errors_total{kind="tts_<primary_name>"}`.
+    /// Failures are counted in `tts_failures_total{provider="<primary_name>"}`.
     pub fn new(
         primary: Box<dyn Voice>,
         fallback: Box<dyn Voice>,
@@ -184,7 +184,10 @@ impl Relay {
         };
         self.primary_cancel.cancel();
         drop(ptx);
-        self.metrics.error(&format!("tts_{}", self.primary_name));
+        self.metrics
+            .tts_failures
+            .with_label_values(&[&self.primary_name])
+            .inc();
         if self.only_if.is_some_and(|takes| !takes(&error)) {
             let _ = self.out.send(Err(error)).await;
             return;

@@ -15,7 +15,7 @@ use super::handle::CallCommand;
 use super::reply::{next_reply_event, Heard, Reply, ReplyEvent, TurnEnd};
 use super::Registration;
 use crate::audio::MODEL_RATE;
-use crate::metrics::Metrics;
+use crate::metrics::{BargeIn, ErrorKind, Metrics, TurnStage, UnderrunCause};
 use crate::model::{SlmSession, TokenStream, UserTurn};
 use crate::pipeline::conversation::{Conversation, Turn};
 use crate::pipeline::limits::Limits;
@@ -151,7 +151,7 @@ impl Actor {
     async fn on_vad(&mut self, ev: VadEvent) {
         match ev {
             VadEvent::SpeechStart => {}
-            VadEvent::Interruption { .. } => self.barge_in("interruption").await,
+            VadEvent::Interruption { .. } => self.barge_in(BargeIn::Interruption).await,
             VadEvent::SpeechEnd {
                 audio,
                 true_end,
@@ -159,7 +159,7 @@ impl Actor {
                 forced,
             } => {
                 // A turn that ends while the bot still talks interrupts it too.
-                self.barge_in("turn").await;
+                self.barge_in(BargeIn::Turn).await;
                 let duration_ms = audio.len() as u64 * 1000 / MODEL_RATE as u64;
                 tracing::debug!(duration_ms, forced, "user turn");
                 let cancel = self.cancel.child_token();
@@ -173,7 +173,7 @@ impl Actor {
                 let _ = self
                     .out
                     .send(Outbound::Error {
-                        kind: "vad",
+                        kind: ErrorKind::Vad,
                         message: format!("voice detection failed: {e}"),
                     })
                     .await;
@@ -255,16 +255,16 @@ impl Actor {
                 }
             }
             TextEvent::TooLong(limit) => {
-                self.cfg.metrics.error("reply_too_long");
+                self.cfg.metrics.error(ErrorKind::ReplyTooLong);
                 tracing::warn!(limit, "a reply reached limits.max_reply_chars and was cut");
             }
             TextEvent::Failed(e) => {
-                self.cfg.metrics.error("slm");
+                self.cfg.metrics.error(ErrorKind::Slm);
                 tracing::warn!(error = %e, "the model failed mid-reply");
                 let _ = self
                     .out
                     .send(Outbound::Error {
-                        kind: "slm",
+                        kind: ErrorKind::Slm,
                         message: format!("the model failed: {e}"),
                     })
                     .await;
@@ -285,16 +285,21 @@ impl Actor {
                 }
             }
             PacerEvent::Underrun { by, synthesis } => {
-                let cause = if synthesis { "synthesis" } else { "scheduling" };
-                tracing::debug!(gap_ms = by.as_secs_f64() * 1e3, cause, "playback underrun");
+                let cause = if synthesis {
+                    UnderrunCause::Synthesis
+                } else {
+                    UnderrunCause::Scheduling
+                };
+                let gap_ms = by.as_secs_f64() * 1e3;
+                tracing::debug!(gap_ms, cause = cause.as_str(), "playback underrun");
                 self.cfg.metrics.underrun(cause, by);
             }
             PacerEvent::Failed => {
-                self.cfg.metrics.error("tts");
+                self.cfg.metrics.error(ErrorKind::Tts);
                 let _ = self
                     .out
                     .send(Outbound::Error {
-                        kind: "tts",
+                        kind: ErrorKind::Tts,
                         message: "speech synthesis failed".into(),
                     })
                     .await;
@@ -306,16 +311,15 @@ impl Actor {
         let Some(t) = self.reply.as_mut().and_then(Reply::take_timeline) else {
             return;
         };
-        let h = &self.cfg.metrics.turn_stage_seconds;
         for (stage, v) in [
-            ("vad_end", t.vad_end_ms),
-            ("first_token", t.first_token_ms),
-            ("first_unit", t.first_unit_ms),
-            ("first_synth_byte", t.first_synth_byte_ms),
-            ("first_audio_sent", t.first_audio_sent_ms),
+            (TurnStage::VadEnd, t.vad_end_ms),
+            (TurnStage::FirstToken, t.first_token_ms),
+            (TurnStage::FirstUnit, t.first_unit_ms),
+            (TurnStage::FirstSynthByte, t.first_synth_byte_ms),
+            (TurnStage::FirstAudioSent, t.first_audio_sent_ms),
         ] {
             if let Some(ms) = v {
-                h.with_label_values(&[stage]).observe(ms / 1000.0);
+                self.cfg.metrics.turn_stage(stage, ms / 1000.0);
             }
         }
         let _ = self.out.send(Outbound::Timeline(t)).await;
@@ -335,7 +339,7 @@ impl Actor {
 
     /// Stops the reply in flight, if the bot is generating or speaking: cancels generation and
     /// synthesis, drops queued audio, tells the client to clear, and keeps what was heard.
-    async fn barge_in(&mut self, during: &'static str) {
+    async fn barge_in(&mut self, during: BargeIn) {
         let Some(r) = self.reply.take() else { return };
         r.cancel.cancel();
         // Tokio's clock, which the pacer's ledger uses too (and tests can pause).
@@ -348,11 +352,7 @@ impl Actor {
             }
             Heard::Cut(spoken) => spoken,
         };
-        self.cfg
-            .metrics
-            .barge_ins
-            .with_label_values(&[during])
-            .inc();
+        self.cfg.metrics.barge_in(during);
         tracing::debug!(reply = r.id, %spoken, "barge-in");
         let _ = self
             .out

@@ -25,7 +25,7 @@ use super::registry::{self, RegistryError};
 use super::{Outbound, PipelineSettings};
 use crate::audio::Encoding;
 use crate::audio::{resample::StreamResampler, MODEL_RATE};
-use crate::metrics::Metrics;
+use crate::metrics::{ErrorKind, Metrics};
 use crate::model::SpeechLanguageModel;
 use crate::tts::{OutputHint, Synthesizer};
 use crate::vad::VadHandle;
@@ -62,13 +62,12 @@ pub enum CallError {
 
 impl CallError {
     /// The error kind clients see and metrics count.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            CallError::InputRate(..) => "bad_config",
-            CallError::Model(_) => "call_start",
+            CallError::InputRate(..) => ErrorKind::BadConfig,
+            CallError::Model(_) | CallError::Ended => ErrorKind::CallStart,
             CallError::Limit(e) => e.kind(),
-            CallError::Registry(_) => "id_in_use",
-            CallError::Ended => "ended",
+            CallError::Registry(_) => ErrorKind::IdInUse,
         }
     }
 }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::protocol::{self, Event, Start};
 use crate::audio::{mulaw, Encoding};
+use crate::metrics::ErrorKind;
 use crate::pipeline::call::{self, CallHandle, CallOptions, Services};
 use crate::pipeline::Outbound;
 use crate::transport::auth::Auth;
@@ -48,11 +49,11 @@ struct Complaints<'a> {
 }
 
 impl Complaints<'_> {
-    fn bad(&mut self, kind: &'static str, detail: &str) {
+    fn bad(&mut self, kind: ErrorKind, detail: &str) {
         self.services.metrics.error(kind);
         if self.limiter.allow(Instant::now()) {
             let detail = Untrusted(detail);
-            tracing::warn!(kind, %detail, "bad Twilio media-stream event");
+            tracing::warn!(kind = kind.as_str(), %detail, "bad Twilio media-stream event");
         }
     }
 }
@@ -78,7 +79,7 @@ pub async fn serve(
                 return;
             }
             _ = tokio::time::sleep_until(deadline) => {
-                complaints.bad("start_timeout", "no start event in time");
+                complaints.bad(ErrorKind::StartTimeout, "no start event in time");
                 let why = Ending::Policy("no start event within the start timeout".into());
                 socket::close(&mut socket, &why, settings.send_timeout).await;
                 return;
@@ -89,13 +90,16 @@ pub async fn serve(
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
                 complaints.bad(
-                    "twilio_binary",
+                    ErrorKind::TwilioBinary,
                     "binary frames are not part of the protocol",
                 );
                 continue;
             }
             Some(Err(e)) if too_big(&e) => {
-                complaints.bad("frame_too_large", "a frame over twilio.max_frame_bytes");
+                complaints.bad(
+                    ErrorKind::FrameTooLarge,
+                    "a frame over twilio.max_frame_bytes",
+                );
                 socket::close(&mut socket, &Ending::TooBig, settings.send_timeout).await;
                 return;
             }
@@ -106,15 +110,15 @@ pub async fn serve(
             Ok(Event::Start { start, .. }) => break start,
             Ok(Event::Connected { .. }) => {}
             Ok(Event::Stop { .. }) => return,
-            Ok(other) => complaints.bad("twilio_before_start", &format!("{other:?}")),
-            Err(e) => complaints.bad("twilio_bad_event", &e.to_string()),
+            Ok(other) => complaints.bad(ErrorKind::TwilioBeforeStart, &format!("{other:?}")),
+            Err(e) => complaints.bad(ErrorKind::TwilioBadEvent, &e.to_string()),
         }
     };
     let admitted = match check_start(&start, &stream_auth) {
         Err((kind, why)) => Err((kind, why)),
         Ok(()) => admission
             .start_call()
-            .ok_or(("busy", "at server.max_calls".to_string())),
+            .ok_or((ErrorKind::Busy, "at server.max_calls".to_string())),
     };
     drop(admission);
     let slot = match admitted {
@@ -122,7 +126,7 @@ pub async fn serve(
         Err((kind, why)) => {
             complaints.bad(kind, &why);
             let ending = match kind {
-                "busy" => Ending::Busy,
+                ErrorKind::Busy => Ending::Busy,
                 _ => Ending::Policy(why),
             };
             socket::close(&mut socket, &ending, settings.send_timeout).await;
@@ -184,11 +188,11 @@ pub async fn serve(
 }
 
 /// The start event's format, call SID and stream token.
-fn check_start(start: &Start, stream_auth: &StreamAuth) -> Result<(), (&'static str, String)> {
+fn check_start(start: &Start, stream_auth: &StreamAuth) -> Result<(), (ErrorKind, String)> {
     start
         .media_format
         .check()
-        .map_err(|e| ("twilio_bad_format", e.to_string()))?;
+        .map_err(|e| (ErrorKind::TwilioBadFormat, e.to_string()))?;
     let sid = start.call_sid.as_deref().unwrap_or("");
     if let Some(sid) = &start.call_sid {
         crate::pipeline::limits::check_id(sid).map_err(|e| (e.kind(), e.to_string()))?;
@@ -198,7 +202,7 @@ fn check_start(start: &Start, stream_auth: &StreamAuth) -> Result<(), (&'static 
             let why = format!(
                 "no {STREAM_TOKEN} parameter: streams must come from the TwiML of POST /twilio/voice"
             );
-            ("twilio_stream_token", why)
+            (ErrorKind::TwilioStreamToken, why)
         };
         let token = start
             .custom_parameters
@@ -207,7 +211,7 @@ fn check_start(start: &Start, stream_auth: &StreamAuth) -> Result<(), (&'static 
         stream_auth
             .auth
             .check_stream_token(token, sid)
-            .map_err(|e| ("twilio_stream_token", e.to_string()))?;
+            .map_err(|e| (ErrorKind::TwilioStreamToken, e.to_string()))?;
     }
     Ok(())
 }
@@ -235,7 +239,7 @@ where
                     continue;
                 }
                 Beat::Idle(quiet) => {
-                    complaints.bad("idle_timeout", "nothing received within the idle timeout");
+                    complaints.bad(ErrorKind::IdleTimeout, "nothing received within the idle timeout");
                     return Ending::Idle(quiet);
                 }
             },
@@ -250,13 +254,16 @@ where
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
                 complaints.bad(
-                    "twilio_binary",
+                    ErrorKind::TwilioBinary,
                     "binary frames are not part of the protocol",
                 );
                 continue;
             }
             Some(Err(e)) if too_big(&e) => {
-                complaints.bad("frame_too_large", "a frame over twilio.max_frame_bytes");
+                complaints.bad(
+                    ErrorKind::FrameTooLarge,
+                    "a frame over twilio.max_frame_bytes",
+                );
                 return Ending::TooBig;
             }
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ending::Hangup,
@@ -265,7 +272,7 @@ where
         let event = match protocol::parse(&text) {
             Ok(e) => e,
             Err(e) => {
-                complaints.bad("twilio_bad_event", &e.to_string());
+                complaints.bad(ErrorKind::TwilioBadEvent, &e.to_string());
                 continue;
             }
         };
@@ -278,7 +285,7 @@ where
                 let bytes = match protocol::decode_payload(&media.payload) {
                     Ok(b) => b,
                     Err(e) => {
-                        complaints.bad("twilio_bad_payload", &e.to_string());
+                        complaints.bad(ErrorKind::TwilioBadPayload, &e.to_string());
                         continue;
                     }
                 };
@@ -294,14 +301,14 @@ where
                         return Ending::CallEnded;
                     }
                 }
-                None => complaints.bad("twilio_unknown_mark", &mark.name),
+                None => complaints.bad(ErrorKind::TwilioUnknownMark, &mark.name),
             },
             Event::Dtmf { dtmf } => {
                 tracing::info!(call = %call.id, digit = %Untrusted(&dtmf.digit), "DTMF")
             }
             Event::Stop { .. } => return Ending::Stopped,
             Event::Connected { .. } | Event::Start { .. } => complaints.bad(
-                "twilio_repeated_start",
+                ErrorKind::TwilioRepeatedStart,
                 "connected/start after the stream began",
             ),
         }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::input::AudioInput;
 use super::protocol::{self, AudioConfigStart, ClientMessage, ServerMessage};
 use crate::audio::{is_supported_rate, supported_rates_text, Encoding};
+use crate::metrics::ErrorKind;
 use crate::pipeline::call::{self, CallHandle, CallOptions, Services};
 use crate::pipeline::Outbound;
 use crate::transport::guard::{Untrusted, WarnLimiter};
@@ -36,7 +37,7 @@ async fn send_text(
     socket::send_within(socket, Message::Text(text.into()), timeout).await
 }
 
-fn error_json(kind: &str, message: &str) -> String {
+fn error_json(kind: ErrorKind, message: &str) -> String {
     ServerMessage::Error { kind, message }.to_json()
 }
 
@@ -59,12 +60,12 @@ pub async fn serve(
                 return;
             }
             _ = tokio::time::sleep_until(deadline) => {
-                metrics.error("start_timeout");
+                metrics.error(ErrorKind::StartTimeout);
                 let why = format!(
                     "no websocket_audio_config_start within {} s",
                     settings.start_timeout.as_secs_f64()
                 );
-                let _ = send_text(&mut socket, t, error_json("start_timeout", &why)).await;
+                let _ = send_text(&mut socket, t, error_json(ErrorKind::StartTimeout, &why)).await;
                 socket::close(&mut socket, &Ending::Policy(why), settings.send_timeout).await;
                 return;
             }
@@ -77,17 +78,17 @@ pub async fn serve(
                 return;
             }
             Incoming::TooBig => {
-                metrics.error("frame_too_large");
+                metrics.error(ErrorKind::FrameTooLarge);
                 socket::close(&mut socket, &Ending::TooBig, settings.send_timeout).await;
                 return;
             }
             Incoming::Skip => continue,
             Incoming::Message(ClientMessage::AudioConfigStart(c)) => match validate(&c) {
                 Ok(()) => break c,
-                Err(e) => ("bad_config", e),
+                Err(e) => (ErrorKind::BadConfig, e),
             },
             Incoming::Message(_) => (
-                "not_started",
+                ErrorKind::NotStarted,
                 "send websocket_audio_config_start before audio or other messages".into(),
             ),
             Incoming::Reject(kind, message) => (kind, message),
@@ -102,9 +103,9 @@ pub async fn serve(
     };
 
     let Some(slot) = admission.start_call() else {
-        metrics.error("busy");
+        metrics.error(ErrorKind::Busy);
         let why = "the server is at its call limit (server.max_calls); try again later";
-        let _ = send_text(&mut socket, t, error_json("busy", why)).await;
+        let _ = send_text(&mut socket, t, error_json(ErrorKind::Busy, why)).await;
         socket::close(&mut socket, &Ending::Busy, settings.send_timeout).await;
         return;
     };
@@ -127,7 +128,7 @@ pub async fn serve(
             metrics.error(kind);
             let _ = send_text(&mut socket, t, error_json(kind, &e.to_string())).await;
             let ending = match kind {
-                "call_start" => Ending::Error(e.to_string()),
+                ErrorKind::CallStart => Ending::Error(e.to_string()),
                 _ => Ending::Policy(e.to_string()),
             };
             socket::close(&mut socket, &ending, settings.send_timeout).await;
@@ -175,7 +176,7 @@ pub async fn serve(
 enum Incoming {
     Message(ClientMessage),
     /// A bad input: its error kind and message for the client.
-    Reject(&'static str, String),
+    Reject(ErrorKind, String),
     /// Pings and pongs.
     Skip,
     /// Over the socket's own limit: the connection cannot go on.
@@ -186,14 +187,14 @@ enum Incoming {
 fn classify(msg: Option<Result<Message, axum::Error>>, settings: &SocketSettings) -> Incoming {
     match msg {
         Some(Ok(Message::Text(t))) if t.len() > settings.max_frame_bytes => {
-            Incoming::Reject("frame_too_large", too_large(t.len(), settings))
+            Incoming::Reject(ErrorKind::FrameTooLarge, too_large(t.len(), settings))
         }
         Some(Ok(Message::Text(t))) => match protocol::parse(&t) {
             Ok(m) => Incoming::Message(m),
             Err(e) => Incoming::Reject(e.kind(), e.to_string()),
         },
         Some(Ok(Message::Binary(_))) => Incoming::Reject(
-            "binary_frame",
+            ErrorKind::BinaryFrame,
             "binary frames are not part of the protocol; send JSON text".into(),
         ),
         Some(Err(e)) if too_big(&e) => Incoming::TooBig,
@@ -254,10 +255,11 @@ where
     let metrics = &services.metrics;
     let call_id = call.id.clone();
     let mut warnings = WarnLimiter::default();
-    let mut report = |kind: &'static str, message: String| {
+    let mut report = |kind: ErrorKind, message: String| {
         metrics.error(kind);
         if warnings.allow(Instant::now()) {
             let message = Untrusted(&message);
+            let kind = kind.as_str();
             tracing::debug!(call = %call_id, kind, %message, "bad input from caller");
         }
         // When the writer is behind, errors are only counted: a flood of bad frames must not
@@ -275,7 +277,7 @@ where
                     continue;
                 }
                 Beat::Idle(quiet) => {
-                    metrics.error("idle_timeout");
+                    metrics.error(ErrorKind::IdleTimeout);
                     return Ending::Idle(quiet);
                 }
             },
@@ -289,7 +291,7 @@ where
         match classify(msg, settings) {
             Incoming::Closed => return Ending::Hangup,
             Incoming::TooBig => {
-                metrics.error("frame_too_large");
+                metrics.error(ErrorKind::FrameTooLarge);
                 return Ending::TooBig;
             }
             Incoming::Skip => {}
@@ -320,7 +322,7 @@ where
                 Err(_) => return Ending::CallEnded,
             },
             Incoming::Message(ClientMessage::AudioConfigStart(_)) => report(
-                "already_started",
+                ErrorKind::AlreadyStarted,
                 "the call is already configured; open a new socket for a new call".into(),
             ),
         }

@@ -7,6 +7,7 @@ use super::protocol::{self, ProtocolError};
 use crate::audio::resample::{ResampleError, StreamResampler};
 use crate::audio::wav::{SampleFormat, StreamDecoder, WavError, WavFormat};
 use crate::audio::Encoding;
+use crate::metrics::ErrorKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
@@ -25,13 +26,12 @@ pub enum InputError {
 
 impl InputError {
     /// The `gazelle_error` kind.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
             InputError::Base64(e) => e.kind(),
-            InputError::Wav(WavError::FormatChanged { .. }) => "format_changed",
-            InputError::Wav(_) => "bad_audio",
-            InputError::TooLong { .. } => "audio_too_long",
-            InputError::Resample(_) => "bad_audio",
+            InputError::Wav(WavError::FormatChanged { .. }) => ErrorKind::FormatChanged,
+            InputError::Wav(_) | InputError::Resample(_) => ErrorKind::BadAudio,
+            InputError::TooLong { .. } => ErrorKind::AudioTooLong,
         }
     }
 }
@@ -116,17 +116,20 @@ mod tests {
     #[test]
     fn each_bad_message_has_its_kind() {
         let mut input = AudioInput::new(16_000, Encoding::Linear16, 500);
-        assert_eq!(input.push("***").unwrap_err().kind(), "bad_base64");
+        assert_eq!(input.push("***").unwrap_err().kind(), ErrorKind::BadBase64);
         let rate_1hz = wav::write(&[0.0; 4], 1, Encoding::Linear16);
-        assert_eq!(input.push(&b64(&rate_1hz)).unwrap_err().kind(), "bad_audio");
+        assert_eq!(
+            input.push(&b64(&rate_1hz)).unwrap_err().kind(),
+            ErrorKind::BadAudio
+        );
         let long = crate::audio::pcm::f32_to_s16le(&vec![0.0; 16_000]);
         let e = input.push(&b64(&long)).unwrap_err();
-        assert_eq!(e.kind(), "audio_too_long", "{e}");
+        assert_eq!(e.kind(), ErrorKind::AudioTooLong, "{e}");
         input.push(&b64(&[0u8; 320])).unwrap();
         let other = wav::write(&[0.0; 4], 48_000, Encoding::Linear16);
         assert_eq!(
             input.push(&b64(&other)).unwrap_err().kind(),
-            "format_changed"
+            ErrorKind::FormatChanged
         );
     }
 }

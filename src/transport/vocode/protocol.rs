@@ -5,6 +5,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::audio::{wav, Encoding};
+use crate::metrics::ErrorKind;
 use crate::pipeline::conversation::Conversation;
 use crate::pipeline::Timeline;
 
@@ -67,12 +68,12 @@ pub enum ProtocolError {
 
 impl ProtocolError {
     /// The `kind` reported to the client and counted in metrics.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            ProtocolError::BadJson(_) => "bad_json",
-            ProtocolError::UnknownType(_) => "unknown_type",
-            ProtocolError::BadMessage { .. } => "bad_message",
-            ProtocolError::BadBase64(_) => "bad_base64",
+            ProtocolError::BadJson(_) => ErrorKind::BadJson,
+            ProtocolError::UnknownType(_) => ErrorKind::UnknownType,
+            ProtocolError::BadMessage { .. } => ErrorKind::BadMessage,
+            ProtocolError::BadBase64(_) => ErrorKind::BadBase64,
         }
     }
 }
@@ -139,7 +140,7 @@ pub enum ServerMessage<'a> {
     History { conversation: &'a Conversation },
     /// Extension: a recoverable error; the call goes on.
     #[serde(rename = "gazelle_error")]
-    Error { kind: &'a str, message: &'a str },
+    Error { kind: ErrorKind, message: &'a str },
 }
 
 impl ServerMessage<'_> {
@@ -187,21 +188,33 @@ mod tests {
 
     #[test]
     fn each_bad_input_has_its_own_error() {
-        assert_eq!(parse("{nope").unwrap_err().kind(), "bad_json");
+        assert_eq!(parse("{nope").unwrap_err().kind().as_str(), "bad_json");
         assert_eq!(
-            parse(r#"{"type":"websocket_dance"}"#).unwrap_err().kind(),
+            parse(r#"{"type":"websocket_dance"}"#)
+                .unwrap_err()
+                .kind()
+                .as_str(),
             "unknown_type"
         );
-        assert_eq!(parse(r#"{"data":"x"}"#).unwrap_err().kind(), "bad_message");
         assert_eq!(
-            parse(r#"{"type":"websocket_audio"}"#).unwrap_err().kind(),
+            parse(r#"{"data":"x"}"#).unwrap_err().kind().as_str(),
+            "bad_message"
+        );
+        assert_eq!(
+            parse(r#"{"type":"websocket_audio"}"#)
+                .unwrap_err()
+                .kind()
+                .as_str(),
             "bad_message"
         );
         let bad_enc = r#"{"type":"websocket_audio_config_start",
             "input_audio_config":{"sampling_rate":8000,"audio_encoding":"opus"},
             "output_audio_config":{"sampling_rate":8000,"audio_encoding":"mulaw"}}"#;
-        assert_eq!(parse(bad_enc).unwrap_err().kind(), "bad_message");
-        assert_eq!(decode_base64("!!!").unwrap_err().kind(), "bad_base64");
+        assert_eq!(parse(bad_enc).unwrap_err().kind().as_str(), "bad_message");
+        assert_eq!(
+            decode_base64("!!!").unwrap_err().kind().as_str(),
+            "bad_base64"
+        );
     }
 
     #[test]
