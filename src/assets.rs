@@ -15,7 +15,7 @@ pub struct AssetError {
 
 /// The cache folder: `$GAZELLE_CACHE`, else `.cache/gazelle` under the working directory, else
 /// the one beside the source tree the binary was built in.
-pub fn cache_dirs() -> Vec<PathBuf> {
+pub(crate) fn cache_dirs() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     if let Some(d) = std::env::var_os("GAZELLE_CACHE") {
         dirs.push(PathBuf::from(d));

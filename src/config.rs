@@ -117,7 +117,10 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     /// The bounds of a call's socket, for a protocol whose frames are at most `max_frame_bytes`.
-    pub fn socket(&self, max_frame_bytes: usize) -> crate::transport::socket::SocketSettings {
+    pub(crate) fn socket(
+        &self,
+        max_frame_bytes: usize,
+    ) -> crate::transport::socket::SocketSettings {
         use std::time::Duration;
         crate::transport::socket::SocketSettings {
             max_frame_bytes,
@@ -212,7 +215,7 @@ pub struct GazelleSlmConfig {
 
 impl GazelleSlmConfig {
     /// How replies are sampled.
-    pub fn generation_params(&self) -> crate::model::gazelle::GenerationParams {
+    pub(crate) fn generation_params(&self) -> crate::model::gazelle::GenerationParams {
         crate::model::gazelle::GenerationParams {
             max_new_tokens: self.max_new_tokens,
             temperature: self.temperature,
@@ -313,18 +316,6 @@ pub enum TtsProvider {
     Playht,
 }
 
-impl TtsProvider {
-    pub fn name(self) -> &'static str {
-        match self {
-            TtsProvider::Espeak => "espeak",
-            TtsProvider::Elevenlabs => "elevenlabs",
-            TtsProvider::Xtts => "xtts",
-            TtsProvider::Openai => "openai",
-            TtsProvider::Playht => "playht",
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EspeakVoice {
@@ -363,7 +354,7 @@ impl Config {
         })
     }
 
-    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+    pub(crate) fn parse(text: &str) -> Result<Self, ConfigError> {
         let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: "<string>".into(),
             detail: e.to_string(),

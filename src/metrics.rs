@@ -10,12 +10,12 @@ use prometheus::{
 };
 
 /// Playback gaps shorter than this are timer noise, not an underrun.
-pub const UNDERRUN_TOLERANCE: Duration = Duration::from_millis(1);
+pub(crate) const UNDERRUN_TOLERANCE: Duration = Duration::from_millis(1);
 
 /// Every kind of error the server counts. Its name is both the `kind` label of
 /// `gazelle_errors_total` and the `kind` a client sees in `gazelle_error`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorKind {
+pub(crate) enum ErrorKind {
     /// Malformed JSON from a client.
     BadJson,
     /// A Vocode message of an unknown type.
@@ -95,7 +95,8 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 38] = [
+    #[cfg(test)]
+    pub(crate) const ALL: [ErrorKind; 38] = [
         ErrorKind::BadJson,
         ErrorKind::UnknownType,
         ErrorKind::BadMessage,
@@ -137,7 +138,7 @@ impl ErrorKind {
     ];
 
     /// The label and the client's `kind`.
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             ErrorKind::BadJson => "bad_json",
             ErrorKind::UnknownType => "unknown_type",
@@ -195,7 +196,7 @@ impl serde::Serialize for ErrorKind {
 
 /// What a barge-in cut into (the `during` label of `gazelle_barge_ins_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BargeIn {
+pub(crate) enum BargeIn {
     /// The user talked over the bot for `min_interruption_ms`.
     Interruption,
     /// A whole user turn ended while the bot was still talking.
@@ -203,7 +204,7 @@ pub enum BargeIn {
 }
 
 impl BargeIn {
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             BargeIn::Interruption => "interruption",
             BargeIn::Turn => "turn",
@@ -213,7 +214,7 @@ impl BargeIn {
 
 /// Why a caller's playback ran dry (the `cause` label of `gazelle_output_underrun_seconds`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnderrunCause {
+pub(crate) enum UnderrunCause {
     /// The audio was not synthesized in time.
     Synthesis,
     /// It was ready, but the pacer sent it late (an overloaded server).
@@ -223,7 +224,7 @@ pub enum UnderrunCause {
 }
 
 impl UnderrunCause {
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             UnderrunCause::Synthesis => "synthesis",
             UnderrunCause::Scheduling => "scheduling",
@@ -234,7 +235,7 @@ impl UnderrunCause {
 
 /// A stage of a reply's latency timeline (the `stage` label of `gazelle_turn_stage_seconds`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TurnStage {
+pub(crate) enum TurnStage {
     VadEnd,
     FirstToken,
     FirstUnit,
@@ -243,7 +244,7 @@ pub enum TurnStage {
 }
 
 impl TurnStage {
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             TurnStage::VadEnd => "vad_end",
             TurnStage::FirstToken => "first_token",
@@ -401,24 +402,24 @@ impl Metrics {
         String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
 
-    pub fn error(&self, kind: ErrorKind) {
+    pub(crate) fn error(&self, kind: ErrorKind) {
         self.errors.with_label_values(&[kind.as_str()]).inc();
     }
 
     /// A gap of `by` in a caller's playback, by cause.
-    pub fn underrun(&self, cause: UnderrunCause, by: Duration) {
+    pub(crate) fn underrun(&self, cause: UnderrunCause, by: Duration) {
         self.output_underrun_seconds
             .with_label_values(&[cause.as_str()])
             .observe(by.as_secs_f64());
     }
 
     /// A reply cut off by the user.
-    pub fn barge_in(&self, during: BargeIn) {
+    pub(crate) fn barge_in(&self, during: BargeIn) {
         self.barge_ins.with_label_values(&[during.as_str()]).inc();
     }
 
     /// How long after the true end of the user's speech a reply reached `stage`.
-    pub fn turn_stage(&self, stage: TurnStage, seconds: f64) {
+    pub(crate) fn turn_stage(&self, stage: TurnStage, seconds: f64) {
         self.turn_stage_seconds
             .with_label_values(&[stage.as_str()])
             .observe(seconds);
@@ -426,7 +427,7 @@ impl Metrics {
 
     /// A transport has just written an audio frame that the caller's playback needed at `due`;
     /// a write after that is a gap the caller hears, caused by the transport.
-    pub fn frame_delivered(&self, due: Option<Instant>) {
+    pub(crate) fn frame_delivered(&self, due: Option<Instant>) {
         let Some(due) = due else { return };
         let now = tokio::time::Instant::now().into_std();
         if now > due + UNDERRUN_TOLERANCE {
@@ -448,6 +449,22 @@ mod tests {
     fn transport_gaps(m: &Metrics) -> (u64, f64) {
         let h = m.output_underrun_seconds.with_label_values(&["transport"]);
         (h.get_sample_count(), h.get_sample_sum())
+    }
+
+    #[test]
+    fn error_kinds_have_distinct_snake_case_names() {
+        let names: std::collections::HashSet<&str> =
+            ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), ErrorKind::ALL.len());
+        for n in names {
+            let snake = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+            assert!(n.chars().all(snake), "{n}");
+        }
+        let m = Metrics::new();
+        m.error(ErrorKind::FormatChanged);
+        assert!(m
+            .render()
+            .contains("gazelle_errors_total{kind=\"format_changed\"} 1"));
     }
 
     #[tokio::test]

@@ -19,23 +19,23 @@ pub enum Encoding {
 /// The sample rates a caller may use, in a config message or a WAV header: the usual hardware and
 /// codec rates from 8 to 96 kHz. Anything else (a header saying 1 Hz or 4 GHz) is refused before a
 /// resampler is built for it.
-pub const SUPPORTED_RATES: [u32; 11] = [
+pub(crate) const SUPPORTED_RATES: [u32; 11] = [
     8_000, 11_025, 12_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000, 88_200, 96_000,
 ];
 
 /// Whether callers may use `rate`.
-pub fn is_supported_rate(rate: u32) -> bool {
+pub(crate) fn is_supported_rate(rate: u32) -> bool {
     SUPPORTED_RATES.contains(&rate)
 }
 
 /// The supported rates as text, for error messages.
-pub fn supported_rates_text() -> String {
+pub(crate) fn supported_rates_text() -> String {
     let rates: Vec<String> = SUPPORTED_RATES.iter().map(u32::to_string).collect();
     rates.join(", ")
 }
 
 /// Most channels a WAV header may declare (they are downmixed to mono).
-pub const MAX_CHANNELS: u16 = 8;
+pub(crate) const MAX_CHANNELS: u16 = 8;
 
 /// The rate the VAD and the speech-language model work at.
 pub const MODEL_RATE: u32 = 16_000;

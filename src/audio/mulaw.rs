@@ -55,7 +55,7 @@ fn encode_table() -> &'static [u8] {
 
 /// One µ-law byte → linear 16-bit sample.
 #[inline]
-pub fn decode(code: u8) -> i16 {
+pub(crate) fn decode(code: u8) -> i16 {
     decode_table()[code as usize]
 }
 

@@ -2,19 +2,20 @@
 
 /// i16 → f32 in [-1, 1).
 #[inline]
-pub fn i16_to_f32(s: i16) -> f32 {
+pub(crate) fn i16_to_f32(s: i16) -> f32 {
     s as f32 / 32768.0
 }
 
 /// f32 → i16, clamped, rounded to nearest.
 #[inline]
-pub fn f32_to_i16(x: f32) -> i16 {
+pub(crate) fn f32_to_i16(x: f32) -> i16 {
     let v = (x * 32768.0).round();
     v.clamp(i16::MIN as f32, i16::MAX as f32) as i16
 }
 
 /// Decodes s16le bytes. A trailing odd byte is ignored; streaming callers carry it themselves.
-pub fn s16le_to_f32(bytes: &[u8]) -> Vec<f32> {
+#[cfg(test)]
+pub(crate) fn s16le_to_f32(bytes: &[u8]) -> Vec<f32> {
     bytes
         .chunks_exact(2)
         .map(|b| i16_to_f32(i16::from_le_bytes([b[0], b[1]])))

@@ -29,7 +29,7 @@ fn gcd(a: u32, b: u32) -> u32 {
     }
 }
 
-pub struct StreamResampler {
+pub(crate) struct StreamResampler {
     from: u32,
     to: u32,
     inner: Option<Fft<f32>>,
@@ -48,7 +48,7 @@ impl std::fmt::Debug for StreamResampler {
 }
 
 impl StreamResampler {
-    pub fn new(from: u32, to: u32) -> Result<Self, ResampleError> {
+    pub(crate) fn new(from: u32, to: u32) -> Result<Self, ResampleError> {
         let err = |reason: String| ResampleError::Construct { from, to, reason };
         if !(1..=MAX_RATE).contains(&from) || !(1..=MAX_RATE).contains(&to) {
             return Err(err(format!("rates must be within 1..={MAX_RATE} Hz")));
@@ -80,12 +80,8 @@ impl StreamResampler {
         })
     }
 
-    pub fn input_rate(&self) -> u32 {
+    pub(crate) fn input_rate(&self) -> u32 {
         self.from
-    }
-
-    pub fn output_rate(&self) -> u32 {
-        self.to
     }
 
     /// Output samples owed for everything pushed so far.
@@ -126,7 +122,7 @@ impl StreamResampler {
 
     /// Converts a chunk; output may be shorter than the ideal length until the next call or
     /// `flush`, because whole FFT chunks are processed at a time.
-    pub fn push(&mut self, input: &[f32]) -> Result<Vec<f32>, ResampleError> {
+    pub(crate) fn push(&mut self, input: &[f32]) -> Result<Vec<f32>, ResampleError> {
         self.consumed += input.len() as u64;
         let Some(r) = self.inner.as_ref() else {
             self.produced += input.len() as u64;
@@ -147,7 +143,7 @@ impl StreamResampler {
 
     /// Pushes silence through the filter so every input sample has produced its output, then
     /// resets for a new stream.
-    pub fn flush(&mut self) -> Result<Vec<f32>, ResampleError> {
+    pub(crate) fn flush(&mut self) -> Result<Vec<f32>, ResampleError> {
         let mut out = Vec::new();
         let expected = self.expected();
         if let Some(r) = self.inner.as_ref() {
@@ -166,7 +162,7 @@ impl StreamResampler {
     }
 
     /// Forgets all state, for a new independent stream.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         if let Some(r) = self.inner.as_mut() {
             r.reset();
             self.to_trim = r.output_delay();

@@ -42,7 +42,7 @@ pub enum SampleFormat {
 }
 
 impl SampleFormat {
-    pub fn bytes_per_sample(self) -> usize {
+    pub(crate) fn bytes_per_sample(self) -> usize {
         match self {
             SampleFormat::Pcm16 => 2,
             SampleFormat::Float32 => 4,
@@ -129,7 +129,7 @@ fn parse_fmt(body: &[u8]) -> Result<WavFormat, WavError> {
 /// Parses a RIFF header up to the start of the data chunk's payload. Returns the format and the
 /// offset of the first sample byte. The data chunk's length is ignored: streaming recorders write 0
 /// or 0xFFFFFFFF there.
-pub fn parse_header(bytes: &[u8]) -> Result<(WavFormat, usize), WavError> {
+pub(crate) fn parse_header(bytes: &[u8]) -> Result<(WavFormat, usize), WavError> {
     if bytes.len() < 12 {
         return if bytes.starts_with(&b"RIFF"[..bytes.len().min(4)]) {
             Err(WavError::Truncated(bytes.len()))
@@ -243,7 +243,7 @@ pub fn write(samples: &[f32], sample_rate: u32, encoding: Encoding) -> Vec<u8> {
 /// decoded in the default yet), a later header must repeat it, and any header must declare one of
 /// [`super::SUPPORTED_RATES`]. So whatever a caller sends, at most one resampler is ever needed.
 #[derive(Debug)]
-pub struct StreamDecoder {
+pub(crate) struct StreamDecoder {
     format: WavFormat,
     /// Set once audio was decoded or a header was read: the format can no longer change.
     locked: bool,
@@ -252,7 +252,7 @@ pub struct StreamDecoder {
 
 impl StreamDecoder {
     /// `default` is the format of headerless blobs until a header says otherwise.
-    pub fn new(default: WavFormat) -> Self {
+    pub(crate) fn new(default: WavFormat) -> Self {
         StreamDecoder {
             format: default,
             locked: false,
@@ -260,12 +260,12 @@ impl StreamDecoder {
         }
     }
 
-    pub fn format(&self) -> WavFormat {
+    pub(crate) fn format(&self) -> WavFormat {
         self.format
     }
 
     /// Decodes one blob to mono f32 at `self.format().sample_rate`.
-    pub fn push(&mut self, blob: &[u8]) -> Result<Vec<f32>, WavError> {
+    pub(crate) fn push(&mut self, blob: &[u8]) -> Result<Vec<f32>, WavError> {
         let mut payload = blob;
         if blob.starts_with(b"RIFF") {
             let (format, start) = parse_header(blob)?;

@@ -110,16 +110,16 @@ fn vocode_messages(input: &[u8]) -> Result<bool, String> {
                     let _ = check_id(id);
                 }
             }
-            ClientMessage::Audio { data } => match audio.push(&data).inspect(|_| deep = true) {
-                Ok(samples) => {
+            ClientMessage::Audio { data } => {
+                if let Ok(samples) = audio.push(&data) {
+                    deep = true;
                     // The in-flight bound, at the call's rate, plus one resampler chunk.
                     let bound = rate as u64 * max_ms / 1000 + 8_192;
                     if samples.len() as u64 > bound {
                         return Err(format!("{} samples from one message", samples.len()));
                     }
                 }
-                Err(_) => {}
-            },
+            }
             ClientMessage::Stop | ClientMessage::GetHistory => {}
         }
     }

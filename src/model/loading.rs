@@ -17,7 +17,7 @@ enum State {
 }
 
 /// A model whose loader runs on its own thread; calls reach the loaded model once it is there.
-pub struct LoadingModel {
+pub(crate) struct LoadingModel {
     name: String,
     started: Instant,
     state: watch::Receiver<State>,
@@ -25,7 +25,7 @@ pub struct LoadingModel {
 
 impl LoadingModel {
     /// Starts `load` on a new thread and returns at once.
-    pub fn spawn<F>(name: &str, load: F) -> Self
+    pub(crate) fn spawn<F>(name: &str, load: F) -> Self
     where
         F: FnOnce() -> Result<Arc<dyn SpeechLanguageModel>, ModelError> + Send + 'static,
     {
@@ -57,7 +57,7 @@ impl LoadingModel {
     }
 
     /// Resolves with the reason once loading has failed; never resolves if it succeeds.
-    pub async fn failure(&self) -> ModelError {
+    pub(crate) async fn failure(&self) -> ModelError {
         let mut rx = self.state.clone();
         let outcome = rx
             .wait_for(|s| !matches!(s, State::Loading))
@@ -74,7 +74,8 @@ impl LoadingModel {
     }
 
     /// Waits until the model is ready (`Ok`) or has failed to load (`Err` with the reason).
-    pub async fn ready(&self) -> Result<(), ModelError> {
+    #[cfg(test)]
+    pub(crate) async fn ready(&self) -> Result<(), ModelError> {
         let mut rx = self.state.clone();
         let s = rx
             .wait_for(|s| !matches!(s, State::Loading))
@@ -133,7 +134,7 @@ fn stopped() -> ModelError {
 
 impl ModelStatus {
     /// How `/health` words it: `ok`, `loading` or `error`.
-    pub fn word(&self) -> &'static str {
+    pub(crate) fn word(&self) -> &'static str {
         match self {
             ModelStatus::Ready => "ok",
             ModelStatus::Loading { .. } => "loading",
@@ -142,7 +143,7 @@ impl ModelStatus {
     }
 
     /// Loading time so far, while loading.
-    pub fn loading_for(&self) -> Option<Duration> {
+    pub(crate) fn loading_for(&self) -> Option<Duration> {
         match self {
             ModelStatus::Loading { elapsed } => Some(*elapsed),
             _ => None,

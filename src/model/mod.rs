@@ -4,9 +4,9 @@
 
 pub mod device;
 pub mod gazelle;
-pub mod loading;
+pub(crate) mod loading;
 pub mod scripted;
-pub mod worker;
+pub(crate) mod worker;
 
 use std::sync::Arc;
 
@@ -14,10 +14,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Any error of a model's own, kept whole (with its sources) across the seam.
-pub type ModelError = Arc<dyn std::error::Error + Send + Sync>;
+pub(crate) type ModelError = Arc<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum SlmError {
+pub(crate) enum SlmError {
     #[error("{name} is still loading ({secs} s so far); watch /health and call again")]
     Loading { name: String, secs: u64 },
     #[error("{name} failed to load: {source}")]
@@ -32,28 +32,28 @@ pub enum SlmError {
 
 /// One user turn, as heard.
 #[derive(Debug, Clone)]
-pub struct UserTurn {
+pub(crate) struct UserTurn {
     /// Mono audio at 16 kHz, pads included.
     pub audio: Arc<[f32]>,
 }
 
 /// Tokens of a reply: text pieces in order, ending when the sender drops. An `Err` ends the
 /// reply early.
-pub type TokenStream = mpsc::Receiver<Result<String, SlmError>>;
+pub(crate) type TokenStream = mpsc::Receiver<Result<String, SlmError>>;
 
 /// How many tokens may wait between the model and the sentence accumulator. Generation waits when
 /// it is full, which only happens if synthesis falls far behind.
-pub const TOKEN_QUEUE: usize = 256;
+pub(crate) const TOKEN_QUEUE: usize = 256;
 
 /// Whether a model can take calls, as `/health` reports it.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ModelStatus {
+pub(crate) enum ModelStatus {
     Ready,
     Loading { elapsed: std::time::Duration },
     Failed(String),
 }
 
-pub trait SpeechLanguageModel: Send + Sync + 'static {
+pub(crate) trait SpeechLanguageModel: Send + Sync + 'static {
     /// A short name for logs and metrics.
     fn name(&self) -> &str;
 
@@ -66,7 +66,7 @@ pub trait SpeechLanguageModel: Send + Sync + 'static {
     fn open_session(&self, system_prompt: Option<&str>) -> Result<Box<dyn SlmSession>, SlmError>;
 }
 
-pub trait SlmSession: Send + 'static {
+pub(crate) trait SlmSession: Send + 'static {
     /// Starts a reply to `turn`, the newest user turn of the session's conversation (the session
     /// keeps the turns before it). Generation stops between two tokens once `cancel` fires.
     fn respond(&mut self, turn: UserTurn, cancel: CancellationToken) -> TokenStream;

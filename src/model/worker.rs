@@ -41,13 +41,13 @@ struct Job {
 }
 
 /// Gazelle as the pipeline's speech-language model.
-pub struct GazelleModel {
+pub(crate) struct GazelleModel {
     jobs: mpsc::Sender<Job>,
 }
 
 impl GazelleModel {
     /// Starts the inference thread.
-    pub fn start(engine: Arc<GazelleEngine>, params: GenerationParams) -> Self {
+    pub(crate) fn start(engine: Arc<GazelleEngine>, params: GenerationParams) -> Self {
         let (jobs, rx) = mpsc::channel(WORKER_QUEUE);
         std::thread::Builder::new()
             .name("model-worker".into())

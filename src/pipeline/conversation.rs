@@ -5,7 +5,7 @@ use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "role", rename_all = "lowercase")]
-pub enum Turn {
+pub(crate) enum Turn {
     /// A user turn; joint models hear audio, so there is no text, only its length.
     User { duration_ms: u64 },
     /// A bot turn: the text the user heard, and whether it was cut short.
@@ -13,26 +13,18 @@ pub enum Turn {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Conversation {
+pub(crate) struct Conversation {
     pub system_prompt: Option<String>,
     pub first_message: Option<String>,
     pub turns: Vec<Turn>,
 }
 
 impl Conversation {
-    pub fn new(system_prompt: Option<String>, first_message: Option<String>) -> Self {
+    pub(crate) fn new(system_prompt: Option<String>, first_message: Option<String>) -> Self {
         Conversation {
             system_prompt,
             first_message,
             turns: Vec::new(),
-        }
-    }
-
-    /// The text of the last bot turn, if the conversation ends with one.
-    pub fn last_bot_text(&self) -> Option<&str> {
-        match self.turns.last() {
-            Some(Turn::Bot { text, .. }) => Some(text),
-            _ => None,
         }
     }
 }

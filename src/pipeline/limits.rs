@@ -47,10 +47,10 @@ impl Default for Limits {
 }
 
 /// Longest call id a client may choose (a Vocode `conversation_id` or a Twilio call SID).
-pub const MAX_ID_CHARS: usize = 128;
+pub(crate) const MAX_ID_CHARS: usize = 128;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LimitError {
+pub(crate) enum LimitError {
     #[error("{what} has {chars} characters; the limit is {limit} (limits.{setting})")]
     TextTooLong {
         what: &'static str,
@@ -71,7 +71,7 @@ pub enum LimitError {
 
 impl LimitError {
     /// The error kind clients see and metrics count.
-    pub fn kind(&self) -> ErrorKind {
+    pub(crate) fn kind(&self) -> ErrorKind {
         match self {
             LimitError::TextTooLong { .. } => ErrorKind::TextTooLong,
             LimitError::AudioTooLong { .. } => ErrorKind::AudioTooLong,
@@ -81,7 +81,7 @@ impl LimitError {
 }
 
 impl Limits {
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         if !(100..=60_000).contains(&self.max_buffered_audio_ms) {
             return Err("limits.max_buffered_audio_ms must be within 100..=60000".into());
         }
@@ -98,7 +98,7 @@ impl Limits {
     }
 
     /// Checks a caller's system prompt and first message.
-    pub fn check_texts(
+    pub(crate) fn check_texts(
         &self,
         system_prompt: Option<&str>,
         first_message: Option<&str>,
@@ -128,7 +128,7 @@ impl Limits {
 }
 
 /// Checks a client-chosen call id: short, and only characters that are safe in logs and URLs.
-pub fn check_id(id: &str) -> Result<(), LimitError> {
+pub(crate) fn check_id(id: &str) -> Result<(), LimitError> {
     let ok = !id.is_empty()
         && id.chars().count() <= MAX_ID_CHARS
         && id
@@ -146,14 +146,14 @@ pub fn check_id(id: &str) -> Result<(), LimitError> {
 /// silence on the line earns no credit beyond that (a virtual clock that never lags the real
 /// one).
 #[derive(Debug)]
-pub struct RealtimeGate {
+pub(crate) struct RealtimeGate {
     burst: Duration,
     /// When the audio admitted so far would finish playing if spoken in real time.
     horizon: Instant,
 }
 
 impl RealtimeGate {
-    pub fn new(burst: Duration, now: Instant) -> Self {
+    pub(crate) fn new(burst: Duration, now: Instant) -> Self {
         RealtimeGate {
             burst,
             horizon: now,
@@ -161,7 +161,7 @@ impl RealtimeGate {
     }
 
     /// Admits `duration` of audio at `now`; returns how long the caller must wait first.
-    pub fn admit(&mut self, duration: Duration, now: Instant) -> Duration {
+    pub(crate) fn admit(&mut self, duration: Duration, now: Instant) -> Duration {
         self.horizon = self.horizon.max(now) + duration;
         self.horizon
             .saturating_duration_since(now)
@@ -172,17 +172,17 @@ impl RealtimeGate {
 /// The budget of caller samples in flight in one call: a chunk holds its permits from the
 /// transport until the VAD has taken it.
 #[derive(Debug, Clone)]
-pub struct InputBudget {
+pub(crate) struct InputBudget {
     samples: Arc<Semaphore>,
     capacity: usize,
     rate: u32,
 }
 
 /// A chunk's share of the budget; returned when dropped.
-pub type BudgetPermit = OwnedSemaphorePermit;
+pub(crate) type BudgetPermit = OwnedSemaphorePermit;
 
 impl InputBudget {
-    pub fn new(limits: &Limits, rate: u32) -> Self {
+    pub(crate) fn new(limits: &Limits, rate: u32) -> Self {
         let capacity = (rate as u64 * limits.max_buffered_audio_ms as u64 / 1000).max(1) as usize;
         InputBudget {
             samples: Arc::new(Semaphore::new(capacity)),
@@ -192,7 +192,7 @@ impl InputBudget {
     }
 
     /// Checks that `n` samples can ever fit, before any waiting.
-    pub fn check(&self, n: usize) -> Result<(), LimitError> {
+    pub(crate) fn check(&self, n: usize) -> Result<(), LimitError> {
         if n > self.capacity {
             return Err(LimitError::AudioTooLong {
                 ms: n as u64 * 1000 / self.rate as u64,
@@ -203,7 +203,7 @@ impl InputBudget {
     }
 
     /// Waits until `n` samples fit (call [`InputBudget::check`] first).
-    pub async fn acquire(&self, n: usize) -> BudgetPermit {
+    pub(crate) async fn acquire(&self, n: usize) -> BudgetPermit {
         self.samples
             .clone()
             .acquire_many_owned(n.min(self.capacity) as u32)
@@ -212,7 +212,8 @@ impl InputBudget {
     }
 
     /// Samples in flight now.
-    pub fn in_flight(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> usize {
         self.capacity - self.samples.available_permits()
     }
 }

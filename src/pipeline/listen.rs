@@ -15,24 +15,23 @@ use crate::vad::silero::frame_len;
 use crate::vad::{SileroState, TurnDetector, TurnEvent, TurnSettings, VadHandle};
 
 /// Caller audio on its way to the resampler, with its share of the call's input budget.
-pub type AudioIn = (Vec<f32>, super::limits::BudgetPermit);
+pub(crate) type AudioIn = (Vec<f32>, super::limits::BudgetPermit);
 
 /// Audio at 16 kHz with the time its last sample arrived.
 #[derive(Debug)]
-pub struct Heard {
+pub(crate) struct Heard {
     pub samples: Vec<f32>,
     pub arrived: Instant,
-    /// The chunk's share of the call's input budget, returned once the VAD has taken it.
-    pub budget: Option<super::limits::BudgetPermit>,
+    /// The chunk's share of the call's input budget, returned (dropped) once the VAD has
+    /// taken it.
+    pub _budget: Option<super::limits::BudgetPermit>,
 }
 
 #[derive(Debug, Clone)]
-pub enum VadEvent {
+pub(crate) enum VadEvent {
     SpeechStart,
     /// The user has talked over the bot for `min_interruption_ms`.
-    Interruption {
-        detected: Instant,
-    },
+    Interruption,
     /// A finished user turn.
     SpeechEnd {
         audio: Arc<[f32]>,
@@ -47,7 +46,7 @@ pub enum VadEvent {
 }
 
 /// Resamples the caller's audio to 16 kHz. Ends when the input closes or the call ends.
-pub async fn ingest(
+pub(crate) async fn ingest(
     mut resampler: StreamResampler,
     mut input: mpsc::Receiver<AudioIn>,
     output: mpsc::Sender<Heard>,
@@ -72,7 +71,7 @@ pub async fn ingest(
         let heard = Heard {
             samples,
             arrived,
-            budget: Some(budget),
+            _budget: Some(budget),
         };
         if output.send(heard).await.is_err() {
             return;
@@ -132,7 +131,7 @@ impl AudioWindow {
 }
 
 /// Runs the VAD over the call's 16 kHz audio and reports turn events.
-pub async fn detect(
+pub(crate) async fn detect(
     vad: VadHandle,
     settings: TurnSettings,
     mut input: mpsc::Receiver<Heard>,
@@ -206,7 +205,7 @@ pub async fn detect(
                         turn_start = Some(start);
                         VadEvent::SpeechStart
                     }
-                    TurnEvent::Interruption { .. } => VadEvent::Interruption { detected: now },
+                    TurnEvent::Interruption { .. } => VadEvent::Interruption,
                     TurnEvent::SpeechEnd { start, end, forced } => {
                         let speech_end = if forced { end } else { end.saturating_sub(pad) };
                         let audio: Arc<[f32]> = window.slice(start, end).into();
@@ -251,12 +250,12 @@ mod tests {
         w.push(&Heard {
             samples: vec![1.0; 16_000],
             arrived: t0 + Duration::from_secs(1),
-            budget: None,
+            _budget: None,
         });
         w.push(&Heard {
             samples: vec![2.0; 16_000],
             arrived: t0 + Duration::from_secs(2),
-            budget: None,
+            _budget: None,
         });
         assert_eq!(w.arrival(8_000), t0 + Duration::from_millis(500));
         assert_eq!(w.arrival(24_000), t0 + Duration::from_millis(1500));

@@ -4,12 +4,12 @@
 //! tasks joined by bounded channels; a reply's tasks share one cancellation token, a child of the
 //! call's, so a barge-in stops exactly that reply.
 
-pub mod call;
-pub mod conversation;
-pub mod limits;
-pub mod listen;
-pub mod pacer;
-pub mod registry;
+pub(crate) mod call;
+pub(crate) mod conversation;
+pub(crate) mod limits;
+pub(crate) mod listen;
+pub(crate) mod pacer;
+pub(crate) mod registry;
 pub mod sentence;
 
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use crate::vad::TurnSettings;
 
 /// What a call sends towards its transport. The transport encodes it for its wire protocol.
 #[derive(Debug, Clone)]
-pub enum Outbound {
+pub(crate) enum Outbound {
     /// One frame of bot audio at the caller's output rate. `reply` is the reply's token: a frame
     /// whose reply was cancelled while it waited in the queue is dropped, never sent. `due` is
     /// when the caller's playback reaches this frame, when it continues audio already queued
@@ -46,8 +46,6 @@ pub enum Outbound {
     Clear { reply: u64, spoken: String },
     /// The latency timeline of a reply, once its first audio is out.
     Timeline(Timeline),
-    /// The conversation so far, on request.
-    History(conversation::Conversation),
     /// A recoverable problem with the caller's input; the call goes on.
     Error {
         kind: crate::metrics::ErrorKind,
@@ -57,7 +55,7 @@ pub enum Outbound {
 
 /// Per-reply stage times in milliseconds after the true end of the user's speech.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Timeline {
+pub(crate) struct Timeline {
     pub reply: u64,
     /// Length of the user's turn audio.
     pub user_audio_ms: f64,
@@ -69,7 +67,7 @@ pub struct Timeline {
 }
 
 impl Timeline {
-    pub fn offset(from: Instant, to: Instant) -> f64 {
+    pub(crate) fn offset(from: Instant, to: Instant) -> f64 {
         to.saturating_duration_since(from).as_secs_f64() * 1000.0
     }
 }
@@ -109,11 +107,11 @@ impl Default for PipelineSettings {
 }
 
 impl PipelineSettings {
-    pub fn lead(&self) -> Duration {
+    pub(crate) fn lead(&self) -> Duration {
         Duration::from_millis(self.output_lead_ms as u64)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         self.vad.validate()?;
         if !(5..=200).contains(&self.output_frame_ms) {
             return Err("output_frame_ms must be within 5..=200".into());

@@ -9,12 +9,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RegistryError {
+pub(crate) enum RegistryError {
     #[error("a call with id {0:?} is already live; choose another id")]
     InUse(String),
 }
 
-pub struct CallRegistry<T> {
+pub(crate) struct CallRegistry<T> {
     /// Only ever locked for a map operation; never held across an await.
     calls: Arc<Mutex<HashMap<String, T>>>,
 }
@@ -36,7 +36,7 @@ impl<T> Default for CallRegistry<T> {
 }
 
 /// Removes its call from the registry when dropped.
-pub struct Registration<T> {
+pub(crate) struct Registration<T> {
     registry: CallRegistry<T>,
     id: String,
 }
@@ -54,7 +54,7 @@ impl<T> Drop for Registration<T> {
 impl<T: Clone> CallRegistry<T> {
     /// Registers a call under `id`, or under a random id when none is given. A live id is
     /// refused.
-    pub fn register(
+    pub(crate) fn register(
         &self,
         id: Option<String>,
         value: T,
@@ -79,19 +79,16 @@ impl<T: Clone> CallRegistry<T> {
     }
 
     /// Calls live now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.calls.lock().expect("registry lock").len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn get(&self, id: &str) -> Option<T> {
+    pub(crate) fn get(&self, id: &str) -> Option<T> {
         self.calls.lock().expect("registry lock").get(id).cloned()
     }
 
-    pub fn ids(&self) -> Vec<String> {
+    pub(crate) fn ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self
             .calls
             .lock()

@@ -8,7 +8,7 @@ use crate::metrics::ErrorKind;
 use crate::transport::auth::AuthError;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// Missing, wrong, expired or reused credentials; a refused origin; an endpoint that is off.
     #[error(transparent)]
     Auth(#[from] AuthError),
@@ -31,7 +31,7 @@ pub enum ApiError {
 impl ApiError {
     /// What `gazelle_errors_total` counts it as, if anything (a lookup of a call that has gone is
     /// not an error of the server's or the caller's).
-    pub fn kind(&self) -> Option<ErrorKind> {
+    pub(crate) fn kind(&self) -> Option<ErrorKind> {
         Some(match self {
             ApiError::Auth(AuthError::Origin(_)) => ErrorKind::Origin,
             ApiError::Auth(AuthError::TwilioUnsigned(_)) => ErrorKind::TwilioClosed,

@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::metrics::{ErrorKind, Metrics};
 
 #[derive(Debug, Clone, Copy)]
-pub struct ListenSettings {
+pub(crate) struct ListenSettings {
     pub max_connections: usize,
     /// 0: no cap per address.
     pub max_connections_per_ip: usize,
@@ -73,7 +73,7 @@ fn connection_error(e: &std::io::Error) -> bool {
 
 /// Serves `router` on `listener` until `stop` is cancelled, then waits for the HTTP requests in
 /// flight (not for upgraded websockets, which the caller waits for).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     settings: ListenSettings,

@@ -3,11 +3,11 @@
 //! connection gets, admission (credentials, origin, a slot for a socket waiting to start and one
 //! per call), and graceful shutdown (signal → stop accepting → cancel every call → drain).
 
-pub mod error;
-pub mod frontend;
+pub(crate) mod error;
+pub(crate) mod frontend;
 pub mod listener;
 pub mod setup;
-pub mod twilio;
+pub(crate) mod twilio;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,9 +31,9 @@ use error::ApiError;
 pub struct AppState {
     pub services: Services,
     /// The bounds of a Vocode call's socket.
-    pub socket: SocketSettings,
+    pub(crate) socket: SocketSettings,
     /// The bounds of a Twilio media stream.
-    pub twilio_socket: SocketSettings,
+    pub(crate) twilio_socket: SocketSettings,
     /// Cancelled on shutdown; every call's token is a child of it.
     pub cancel: CancellationToken,
     /// One permit per call in progress; refuses callers beyond `max_calls`.
@@ -42,10 +42,10 @@ pub struct AppState {
     pub pending: Arc<Semaphore>,
     pub twilio: twilio::TwilioSettings,
     pub auth: Arc<crate::transport::auth::Auth>,
-    pub listen: listener::ListenSettings,
+    pub(crate) listen: listener::ListenSettings,
 }
 
-pub fn app(state: AppState) -> Router {
+pub(crate) fn app(state: AppState) -> Router {
     Router::new()
         .route("/conversation", get(conversation))
         .route("/auth/token", post(call_token))

@@ -47,14 +47,6 @@ impl ModelLoad {
             None => std::future::pending().await,
         }
     }
-
-    /// Waits until the model is ready, or for the reason it failed.
-    pub async fn ready(&self) -> Result<(), ModelError> {
-        match &self.0 {
-            Some(m) => m.ready().await,
-            None => Ok(()),
-        }
-    }
 }
 
 /// Loads everything calls share. A model that takes long to load (Gazelle) goes on loading in
@@ -107,13 +99,13 @@ pub fn services(config: &Config) -> Result<(Services, ModelLoad), SetupError> {
 
 /// Why Gazelle could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum GazelleSetupError {
+pub(crate) enum GazelleSetupError {
     #[error(transparent)]
     Device(#[from] crate::model::device::DeviceError),
     #[error(transparent)]
     Hub(#[from] hub::HubError),
     #[error(transparent)]
-    Load(#[from] hub::LoadError),
+    Load(#[from] Box<hub::LoadError>),
 }
 
 /// Finds, loads and starts the Gazelle model (downloading it first unless offline).
@@ -129,7 +121,9 @@ fn gazelle(c: &GazelleSlmConfig) -> Result<GazelleModel, GazelleSetupError> {
     let files = hub::resolve(&c.model, &opts)?;
     let started = std::time::Instant::now();
     let precision = Precision::new(c.dtype.into(), c.audio_dtype.into(), &device);
-    let engine = hub::load_engine(&files, precision, &device)?.with_max_context(c.max_context);
+    let engine = hub::load_engine(&files, precision, &device)
+        .map_err(Box::new)?
+        .with_max_context(c.max_context);
     tracing::info!(model = %files.origin, secs = started.elapsed().as_secs_f64(), "Gazelle loaded");
     Ok(GazelleModel::start(Arc::new(engine), c.generation_params()))
 }

@@ -100,7 +100,7 @@ impl TwilioSettings {
 /// `POST /twilio/voice`: TwiML that connects the call to `/twilio/stream`. Query parameters
 /// `system_prompt`, `first_message` and `voice` (e.g. `/twilio/voice?system_prompt=…` as the
 /// number's webhook) pass through to the stream as `<Parameter>`s.
-pub async fn voice(
+pub(crate) async fn voice(
     State(state): State<AppState>,
     headers: HeaderMap,
     uri: Uri,
@@ -182,7 +182,7 @@ const UNAVAILABLE_SAY: &str =
     "Sorry, the assistant is unavailable right now. Please try again later.";
 
 /// `GET /twilio/stream`: the bidirectional media-stream websocket.
-pub async fn stream(
+pub(crate) async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,
     uri: Uri,

@@ -55,7 +55,7 @@ pub struct Secret(String);
 
 impl Secret {
     /// The value of `var`, if set and not empty.
-    pub fn from_env(var: &str) -> Option<Self> {
+    pub(crate) fn from_env(var: &str) -> Option<Self> {
         std::env::var(var)
             .ok()
             .filter(|v| !v.is_empty())
@@ -83,7 +83,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Why a request was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     #[error(
         "this server needs credentials: send Authorization: Bearer <API key>, or a call token \
          from POST /auth/token as ?token="
@@ -226,7 +226,7 @@ fn unix_now() -> u64 {
 }
 
 /// The token of an `Authorization: Bearer …` header.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
@@ -252,28 +252,17 @@ impl Auth {
         }
     }
 
-    /// An open server: no settings, no secrets.
-    pub fn open() -> Self {
-        Auth::new(AuthSettings {
-            api_key: None,
-            admin_token: None,
-            twilio_token: None,
-            config: Default::default(),
-            twilio_token_env: "TWILIO_AUTH_TOKEN".into(),
-        })
-    }
-
     /// Whether calls need credentials.
-    pub fn required(&self) -> bool {
+    pub(crate) fn required(&self) -> bool {
         self.api_key.is_some()
     }
 
-    pub fn token_ttl(&self) -> Duration {
+    pub(crate) fn token_ttl(&self) -> Duration {
         self.ttl
     }
 
     /// `POST /auth/token`: a call token for a holder of the API key.
-    pub fn mint_call_token(&self, headers: &HeaderMap) -> Result<String, AuthError> {
+    pub(crate) fn mint_call_token(&self, headers: &HeaderMap) -> Result<String, AuthError> {
         let Some(key) = &self.api_key else {
             return Err(AuthError::Off(
                 "POST /auth/token (no API key is set, so calls need no token)",
@@ -290,7 +279,7 @@ impl Auth {
 
     /// May this request open a call? The API key as a bearer header, or a call token (as a
     /// bearer header or `?token=`), which is spent.
-    pub fn check_call(
+    pub(crate) fn check_call(
         &self,
         headers: &HeaderMap,
         query_token: Option<&str>,
@@ -330,7 +319,7 @@ impl Auth {
     }
 
     /// The admin endpoints (`/calls`): off without an admin token, else they need it.
-    pub fn check_admin(&self, headers: &HeaderMap) -> Result<(), AuthError> {
+    pub(crate) fn check_admin(&self, headers: &HeaderMap) -> Result<(), AuthError> {
         let Some(token) = &self.admin_token else {
             return Err(AuthError::Off(
                 "the call registry",
@@ -345,7 +334,7 @@ impl Auth {
     }
 
     /// Browsers send `Origin`; it must be the server's own (`host`) or an allowed one.
-    pub fn check_origin(&self, headers: &HeaderMap) -> Result<(), AuthError> {
+    pub(crate) fn check_origin(&self, headers: &HeaderMap) -> Result<(), AuthError> {
         let Some(origin) = headers.get(header::ORIGIN) else {
             return Ok(());
         };
@@ -372,7 +361,7 @@ impl Auth {
 
     /// The Twilio entry points are open when Twilio signs its requests, or when the whole server
     /// is open; an API key without a Twilio token would leave them the only way in.
-    pub fn check_twilio_open(&self) -> Result<(), AuthError> {
+    pub(crate) fn check_twilio_open(&self) -> Result<(), AuthError> {
         if self.api_key.is_some() && !self.twilio_signed {
             return Err(AuthError::TwilioUnsigned(self.twilio_token_env.clone()));
         }
@@ -380,13 +369,13 @@ impl Auth {
     }
 
     /// The token `/twilio/voice` puts in its TwiML for the stream of call `call_sid`.
-    pub fn mint_stream_token(&self, call_sid: &str) -> String {
+    pub(crate) fn mint_stream_token(&self, call_sid: &str) -> String {
         self.streams
             .mint("t1", unix_now() + self.ttl.as_secs(), call_sid)
     }
 
     /// Checks (and spends) the token a media stream's `start` carries for `call_sid`.
-    pub fn check_stream_token(&self, token: &str, call_sid: &str) -> Result<(), AuthError> {
+    pub(crate) fn check_stream_token(&self, token: &str, call_sid: &str) -> Result<(), AuthError> {
         self.spend(&self.streams, token, "t1", call_sid)
     }
 }

@@ -11,7 +11,7 @@ const SHOWN_CHARS: usize = 80;
 
 /// Displays an untrusted string for a log: control characters, quotes and backslashes escaped,
 /// at most 80 characters, and how much was cut.
-pub struct Untrusted<'a>(pub &'a str);
+pub(crate) struct Untrusted<'a>(pub &'a str);
 
 impl fmt::Display for Untrusted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -52,7 +52,7 @@ const WINDOW: Duration = Duration::from_secs(60);
 /// Rate-limits one call's warnings: the first few per minute are logged, the rest are only
 /// counted, and the count is logged when the window turns or the call ends.
 #[derive(Debug)]
-pub struct WarnLimiter {
+pub(crate) struct WarnLimiter {
     window_start: Instant,
     logged: u32,
     suppressed: u64,
@@ -70,7 +70,7 @@ impl Default for WarnLimiter {
 
 impl WarnLimiter {
     /// Whether to log this warning now. Reports what the last window suppressed when it turns.
-    pub fn allow(&mut self, now: Instant) -> bool {
+    pub(crate) fn allow(&mut self, now: Instant) -> bool {
         if now.duration_since(self.window_start) >= WINDOW {
             self.report();
             self.window_start = now;
@@ -86,12 +86,13 @@ impl WarnLimiter {
     }
 
     /// Warnings suppressed and not yet reported.
-    pub fn suppressed(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn suppressed(&self) -> u64 {
         self.suppressed
     }
 
     /// Logs how many warnings were suppressed, if any.
-    pub fn report(&mut self) {
+    pub(crate) fn report(&mut self) {
         if self.suppressed > 0 {
             tracing::warn!(
                 suppressed = self.suppressed,

@@ -3,7 +3,7 @@
 //! messages for the wire.
 
 pub mod auth;
-pub mod guard;
-pub mod socket;
+pub(crate) mod guard;
+pub(crate) mod socket;
 pub mod twilio;
 pub mod vocode;

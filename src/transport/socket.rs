@@ -17,7 +17,7 @@ use crate::pipeline::Outbound;
 
 /// The bounds of one call's socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SocketSettings {
+pub(crate) struct SocketSettings {
     /// Largest text frame the protocol accepts.
     pub max_frame_bytes: usize,
     /// A socket that has not started its call by then is closed (1008).
@@ -33,14 +33,14 @@ pub struct SocketSettings {
 
 /// Messages the reader asks the writer to put on the wire besides the call's own.
 #[derive(Debug)]
-pub enum Control {
+pub(crate) enum Control {
     Text(String),
     Ping,
 }
 
 /// Why the server ends a socket; decides the close frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ending {
+pub(crate) enum Ending {
     /// The caller closed the socket or it broke: nothing more to send.
     Hangup,
     /// The caller asked to stop.
@@ -64,7 +64,7 @@ pub enum Ending {
 impl Ending {
     /// The close frame to send, if any: 1000 normal, 1001 going away, 1008 policy, 1009 too big,
     /// 1011 server error, 1013 try again later.
-    pub fn close_frame(&self) -> Option<CloseFrame> {
+    pub(crate) fn close_frame(&self) -> Option<CloseFrame> {
         let (code, reason) = match self {
             Ending::Hangup => return None,
             Ending::Stopped => (1000, "call ended".to_string()),
@@ -97,13 +97,13 @@ fn close_reason(reason: &str) -> String {
 
 /// Why a write failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendFailure {
+pub(crate) enum SendFailure {
     Closed,
     TimedOut,
 }
 
 /// Writes one message within `timeout`.
-pub async fn send_within<S>(
+pub(crate) async fn send_within<S>(
     sink: &mut S,
     msg: Message,
     timeout: Duration,
@@ -119,7 +119,7 @@ where
 }
 
 /// Sends the close frame for `ending` (if any) and closes the sink, each within `timeout`.
-pub async fn close<S>(sink: &mut S, ending: &Ending, timeout: Duration)
+pub(crate) async fn close<S>(sink: &mut S, ending: &Ending, timeout: Duration)
 where
     S: Sink<Message> + Unpin,
 {
@@ -130,7 +130,7 @@ where
 }
 
 /// The writer's half of a call's socket.
-pub struct Writer<E> {
+pub(crate) struct Writer<E> {
     /// Turns a call message into its wire text; `None` skips it.
     pub encode: E,
     /// Sent when the call ends on its own, before the close frame (Vocode's `websocket_stop`).
@@ -146,7 +146,7 @@ where
     /// Writes the call's messages and the reader's control messages until the reader finishes
     /// (`finish` fires with the reason), the call ends, or a write fails or stalls. Cancels
     /// `dead` when it stops, so the reader stops too.
-    pub async fn run<S>(
+    pub(crate) async fn run<S>(
         mut self,
         mut sink: S,
         mut calls: mpsc::Receiver<Outbound>,
@@ -208,14 +208,14 @@ where
 /// message (counted in `gazelle_pending_sockets`), then a call slot, which the call's actor
 /// holds. Idle sockets therefore never hold call slots, and the start deadline bounds how long
 /// they hold pending ones.
-pub struct Admission {
+pub(crate) struct Admission {
     pending: Option<OwnedSemaphorePermit>,
     calls: Arc<Semaphore>,
     metrics: Arc<Metrics>,
 }
 
 impl Admission {
-    pub fn new(
+    pub(crate) fn new(
         pending: OwnedSemaphorePermit,
         calls: Arc<Semaphore>,
         metrics: Arc<Metrics>,
@@ -229,7 +229,7 @@ impl Admission {
     }
 
     /// Trades the pending slot for a call slot; `None` when every call slot is taken.
-    pub fn start_call(&mut self) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn start_call(&mut self) -> Option<OwnedSemaphorePermit> {
         let call = self.calls.clone().try_acquire_owned().ok()?;
         if self.pending.take().is_some() {
             self.metrics.pending_sockets.dec();
@@ -247,20 +247,20 @@ impl Drop for Admission {
 }
 
 /// The reader's keep-alive: when to ping and when the line counts as dead.
-pub struct Keepalive {
+pub(crate) struct Keepalive {
     tick: tokio::time::Interval,
     last_heard: Instant,
     idle: Duration,
 }
 
 /// What the keep-alive asks of the reader.
-pub enum Beat {
+pub(crate) enum Beat {
     Ping,
     Idle(Duration),
 }
 
 impl Keepalive {
-    pub fn new(settings: &SocketSettings) -> Self {
+    pub(crate) fn new(settings: &SocketSettings) -> Self {
         let start = tokio::time::Instant::now() + settings.ping_interval;
         let mut tick = tokio::time::interval_at(start, settings.ping_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -272,12 +272,12 @@ impl Keepalive {
     }
 
     /// A protocol message arrived from the caller (pongs do not count).
-    pub fn heard(&mut self) {
+    pub(crate) fn heard(&mut self) {
         self.last_heard = Instant::now();
     }
 
     /// Waits for the next beat.
-    pub async fn beat(&mut self) -> Beat {
+    pub(crate) async fn beat(&mut self) -> Beat {
         self.tick.tick().await;
         let quiet = self.last_heard.elapsed();
         if quiet >= self.idle {

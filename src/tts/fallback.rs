@@ -59,11 +59,11 @@ impl Synthesizer for Fallback {
 
 /// Which primary errors the fallback takes over from; the others end the reply as they would
 /// without it.
-pub type Takeover = fn(&TtsError) -> bool;
+pub(crate) type Takeover = fn(&TtsError) -> bool;
 
 /// A call's pair of voices. Also used inside a provider (ElevenLabs' websocket backed by its
 /// HTTP API) with a [`Takeover`] filter.
-pub struct FallbackVoice {
+pub(crate) struct FallbackVoice {
     primary: Box<dyn Voice>,
     fallback: Box<dyn Voice>,
     primary_name: String,
@@ -74,7 +74,7 @@ pub struct FallbackVoice {
 
 impl FallbackVoice {
     /// Failures are counted in `tts_failures_total{provider="<primary_name>"}`.
-    pub fn new(
+    pub(crate) fn new(
         primary: Box<dyn Voice>,
         fallback: Box<dyn Voice>,
         primary_name: &str,

@@ -43,17 +43,17 @@ impl ApiKey {
     }
 
     /// The environment variable it came from (safe to print).
-    pub fn env(&self) -> &str {
+    pub(crate) fn env(&self) -> &str {
         &self.env
     }
 
     /// The secret itself, for a request header and nothing else.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.value
     }
 
     /// `text` with every occurrence of the key masked, for server messages that echo requests.
-    pub fn redact(&self, text: &str) -> String {
+    pub(crate) fn redact(&self, text: &str) -> String {
         if self.value.is_empty() {
             text.to_string()
         } else {
@@ -91,7 +91,7 @@ impl Default for ProviderTimeouts {
 }
 
 impl ProviderTimeouts {
-    pub fn get(&self) -> Timeouts {
+    pub(crate) fn get(&self) -> Timeouts {
         Timeouts {
             connect: Duration::from_millis(self.connect_ms),
             first_byte: Duration::from_millis(self.first_byte_ms),
@@ -99,7 +99,7 @@ impl ProviderTimeouts {
         }
     }
 
-    pub fn validate(&self, provider: &str) -> Result<(), String> {
+    pub(crate) fn validate(&self, provider: &str) -> Result<(), String> {
         if self.connect_ms == 0 || self.first_byte_ms == 0 || self.stall_ms == 0 {
             return Err(format!("tts.{provider}.timeouts must all be above 0 ms"));
         }
@@ -109,7 +109,7 @@ impl ProviderTimeouts {
 
 /// How long a provider may take; from the `[tts.<provider>]` config.
 #[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
+pub(crate) struct Timeouts {
     /// TCP + TLS (+ websocket) handshake.
     pub connect: Duration,
     /// From sending a unit to its first audio byte.
@@ -119,7 +119,10 @@ pub struct Timeouts {
 }
 
 /// The reqwest client of one provider: connect timeout set, no proxy lookup, rustls with ring.
-pub fn client(provider: &'static str, timeouts: &Timeouts) -> Result<reqwest::Client, TtsError> {
+pub(crate) fn client(
+    provider: &'static str,
+    timeouts: &Timeouts,
+) -> Result<reqwest::Client, TtsError> {
     super::install_crypto_provider();
     reqwest::Client::builder()
         .connect_timeout(timeouts.connect)
@@ -133,7 +136,12 @@ pub fn client(provider: &'static str, timeouts: &Timeouts) -> Result<reqwest::Cl
 }
 
 /// Maps a failed HTTP status to its error. `body` is what the server said, already redacted.
-pub fn status_error(provider: &'static str, status: u16, body: &str, key_env: &str) -> TtsError {
+pub(crate) fn status_error(
+    provider: &'static str,
+    status: u16,
+    body: &str,
+    key_env: &str,
+) -> TtsError {
     let detail = short(body);
     match status {
         401 | 403 => TtsError::Auth {
@@ -157,7 +165,11 @@ pub fn status_error(provider: &'static str, status: u16, body: &str, key_env: &s
 
 /// Maps a reqwest failure (no HTTP status) to its error. reqwest's messages name the URL, which
 /// never carries a key (keys travel in headers).
-pub fn request_error(provider: &'static str, e: &reqwest::Error, during_body: bool) -> TtsError {
+pub(crate) fn request_error(
+    provider: &'static str,
+    e: &reqwest::Error,
+    during_body: bool,
+) -> TtsError {
     let detail = error_chain(e);
     if e.is_timeout() {
         TtsError::Timeout {
@@ -183,7 +195,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// At most 200 characters of a server's message, on one line.
-pub fn short(body: &str) -> String {
+pub(crate) fn short(body: &str) -> String {
     let one_line: String = body.split_whitespace().collect::<Vec<_>>().join(" ");
     let mut s: String = one_line.chars().take(200).collect();
     if one_line.chars().count() > 200 {
@@ -197,7 +209,7 @@ pub fn short(body: &str) -> String {
 
 /// The audio a response body carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyFormat {
+pub(crate) enum BodyFormat {
     /// Headerless signed 16-bit little-endian mono PCM.
     Pcm16 { rate: u32 },
     /// Headerless G.711 µ-law, 8 kHz.
@@ -208,8 +220,7 @@ pub enum BodyFormat {
 
 /// Turns body bytes into samples, whatever the network chunking.
 #[derive(Debug)]
-pub struct BodyDecoder {
-    format: BodyFormat,
+pub(crate) struct BodyDecoder {
     decoder: StreamDecoder,
     /// WAV only: bytes gathered until the whole header has arrived.
     head: Option<Vec<u8>>,
@@ -219,7 +230,7 @@ pub struct BodyDecoder {
 const MAX_WAV_HEADER: usize = 4096;
 
 impl BodyDecoder {
-    pub fn new(format: BodyFormat) -> Self {
+    pub(crate) fn new(format: BodyFormat) -> Self {
         let default = match format {
             BodyFormat::Pcm16 { rate } => WavFormat {
                 sample_format: SampleFormat::Pcm16,
@@ -238,19 +249,18 @@ impl BodyDecoder {
             },
         };
         BodyDecoder {
-            format,
             decoder: StreamDecoder::new(default),
             head: (format == BodyFormat::Wav).then(Vec::new),
         }
     }
 
     /// The rate of the samples `push` returns.
-    pub fn sample_rate(&self) -> u32 {
+    pub(crate) fn sample_rate(&self) -> u32 {
         self.decoder.format().sample_rate
     }
 
     /// Decodes the next piece of the body; a partial sample or header waits for the next one.
-    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<f32>, String> {
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> Result<Vec<f32>, String> {
         if let Some(head) = self.head.as_mut() {
             head.extend_from_slice(bytes);
             match wav::parse_header(head) {
@@ -264,15 +274,10 @@ impl BodyDecoder {
         }
         self.decoder.push(bytes).map_err(|e| e.to_string())
     }
-
-    /// The format this decoder was made for.
-    pub fn format(&self) -> BodyFormat {
-        self.format
-    }
 }
 
 /// Records one unit's time to first byte: the histogram and a debug line.
-pub fn record_ttfb(metrics: &Metrics, provider: &str, unit: usize, ttfb: Duration) {
+pub(crate) fn record_ttfb(metrics: &Metrics, provider: &str, unit: usize, ttfb: Duration) {
     metrics
         .tts_ttfb_seconds
         .with_label_values(&[provider])
@@ -286,15 +291,15 @@ pub fn record_ttfb(metrics: &Metrics, provider: &str, unit: usize, ttfb: Duratio
 }
 
 /// A future that builds one unit's request (it may first fetch something once, like a speaker).
-pub type RequestFuture =
+pub(crate) type RequestFuture =
     Pin<Box<dyn Future<Output = Result<reqwest::RequestBuilder, TtsError>> + Send>>;
 
 /// Builds the request for a unit.
-pub type BuildRequest = Arc<dyn Fn(&TextUnit) -> RequestFuture + Send + Sync>;
+pub(crate) type BuildRequest = Arc<dyn Fn(&TextUnit) -> RequestFuture + Send + Sync>;
 
 /// What one HTTP provider needs to speak a reply.
 #[derive(Clone)]
-pub struct HttpSpeaker {
+pub(crate) struct HttpSpeaker {
     pub provider: &'static str,
     pub timeouts: Timeouts,
     pub metrics: Arc<Metrics>,
@@ -306,7 +311,7 @@ pub struct HttpSpeaker {
 
 impl HttpSpeaker {
     /// Speaks each unit with its own request, in order, until the units end or `cancel` fires.
-    pub fn speak(
+    pub(crate) fn speak(
         &self,
         mut units: mpsc::Receiver<TextUnit>,
         cancel: CancellationToken,
@@ -447,7 +452,7 @@ impl super::Voice for HttpSpeaker {
 }
 
 /// `base` without a trailing slash, so paths can be appended.
-pub fn trim_base(base: &str) -> String {
+pub(crate) fn trim_base(base: &str) -> String {
     base.trim_end_matches('/').to_string()
 }
 

@@ -95,11 +95,11 @@ pub struct SynthChunk {
 
 /// Audio chunks of a reply, in order. The stream ends when the units' sender drops and everything
 /// is spoken, or at the first `Err`.
-pub type AudioStream = mpsc::Receiver<Result<SynthChunk, TtsError>>;
+pub(crate) type AudioStream = mpsc::Receiver<Result<SynthChunk, TtsError>>;
 
 /// Chunks that may wait between a synthesizer and the output pacer. The pacer holds audio back to
 /// the real-time lead, so a full queue makes synthesis of that reply wait (never other calls').
-pub const AUDIO_QUEUE: usize = 64;
+pub(crate) const AUDIO_QUEUE: usize = 64;
 
 /// What the caller's transport will play, so a provider can ask for it directly (for example
 /// ElevenLabs' `ulaw_8000` for a phone call) and spare a conversion.
@@ -133,7 +133,7 @@ pub trait Voice: Send + 'static {
 /// Installs ring as the process's rustls provider, once. reqwest (built without its aws-lc-rs
 /// default) and the websocket client both look the provider up at connect time; a second install
 /// attempt, by us or anyone, is harmless.
-pub fn install_crypto_provider() {
+pub(crate) fn install_crypto_provider() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();

@@ -45,7 +45,7 @@ impl Default for XttsConfig {
 }
 
 impl XttsConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         match (&self.speaker_wav, &self.studio_speaker) {
             (Some(_), None) | (None, Some(_)) => Ok(()),
             _ => Err(

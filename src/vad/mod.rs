@@ -4,9 +4,9 @@
 
 pub mod offline;
 pub mod silero;
-pub mod turn;
-pub mod worker;
+pub(crate) mod turn;
+pub(crate) mod worker;
 
 pub use silero::{SileroModel, SileroState, VadError};
 pub use turn::{TurnDetector, TurnEvent, TurnSettings};
-pub use worker::VadHandle;
+pub(crate) use worker::VadHandle;

@@ -25,7 +25,7 @@ pub enum VadError {
 const STATE_LEN: usize = 128;
 
 /// Samples per frame at a rate: 512 at 16 kHz, 256 at 8 kHz.
-pub fn frame_len(rate: u32) -> usize {
+pub(crate) fn frame_len(rate: u32) -> usize {
     if rate == 8_000 {
         256
     } else {
@@ -48,7 +48,7 @@ pub struct SileroState {
 }
 
 impl SileroState {
-    pub fn new(rate: u32) -> Result<Self, VadError> {
+    pub(crate) fn new(rate: u32) -> Result<Self, VadError> {
         if rate != 8_000 && rate != 16_000 {
             return Err(VadError::Rate(rate));
         }
@@ -59,13 +59,8 @@ impl SileroState {
         })
     }
 
-    pub fn rate(&self) -> u32 {
+    pub(crate) fn rate(&self) -> u32 {
         self.rate
-    }
-
-    pub fn reset(&mut self) {
-        self.context.iter_mut().for_each(|x| *x = 0.0);
-        self.state.iter_mut().for_each(|x| *x = 0.0);
     }
 }
 
@@ -119,7 +114,7 @@ impl SileroModel {
 
     /// Runs one frame for each stream in `streams` (all at the same rate) and returns one speech
     /// probability per stream. `frames[i]` must hold exactly `frame_len(rate)` samples.
-    pub fn infer(
+    pub(crate) fn infer(
         &mut self,
         streams: &mut [&mut SileroState],
         frames: &[&[f32]],

@@ -39,7 +39,7 @@ impl Default for TurnSettings {
 }
 
 impl TurnSettings {
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         let in_unit = |x: f32| (0.0..=1.0).contains(&x);
         if !in_unit(self.start_threshold) || !in_unit(self.end_threshold) {
             return Err("VAD thresholds must lie in [0, 1]".into());
@@ -96,7 +96,7 @@ pub struct TurnDetector {
 }
 
 impl TurnDetector {
-    pub fn new(settings: TurnSettings, rate: u32) -> Self {
+    pub(crate) fn new(settings: TurnSettings, rate: u32) -> Self {
         TurnDetector {
             settings,
             rate,
@@ -108,16 +108,12 @@ impl TurnDetector {
         ms as u64 * self.rate as u64 / 1000
     }
 
-    pub fn in_speech(&self) -> bool {
+    pub(crate) fn in_speech(&self) -> bool {
         matches!(self.state, State::Speaking { .. })
     }
 
-    pub fn reset(&mut self) {
-        self.state = State::Idle;
-    }
-
     /// Feeds one frame that covers samples `start..end` with speech probability `p`.
-    pub fn push(&mut self, start: u64, end: u64, p: f32, out: &mut Vec<TurnEvent>) {
+    pub(crate) fn push(&mut self, start: u64, end: u64, p: f32, out: &mut Vec<TurnEvent>) {
         let s = self.settings;
         let pad = self.samples(s.speech_pad_ms);
         let speech = p >= s.start_threshold;

@@ -24,12 +24,12 @@ struct Job {
 
 /// A cloneable handle to the VAD worker thread. The thread stops when the last handle drops.
 #[derive(Clone)]
-pub struct VadHandle {
+pub(crate) struct VadHandle {
     tx: mpsc::Sender<Job>,
 }
 
 impl VadHandle {
-    pub fn spawn(model: SileroModel, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn spawn(model: SileroModel, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("vad-worker".into())
@@ -40,7 +40,7 @@ impl VadHandle {
 
     /// Runs `frames` (a whole number of frames) through the model for one stream, in order.
     /// Returns the updated state and one probability per frame.
-    pub async fn infer(
+    pub(crate) async fn infer(
         &self,
         state: SileroState,
         frames: Vec<f32>,

@@ -109,12 +109,12 @@ impl Default for Wav2Vec2Config {
 
 impl Wav2Vec2Config {
     /// The shapes of facebook/wav2vec2-base(-960h), the audio tower of every Gazelle release.
-    pub fn base() -> Self {
+    pub(crate) fn base() -> Self {
         Self::default()
     }
 
     /// Rejects the variants this port does not implement, with a message naming the field.
-    pub fn check(&self) -> Result<(), ConfigError> {
+    pub(crate) fn check(&self) -> Result<(), ConfigError> {
         let layers = self.conv_dim.len();
         if self.conv_kernel.len() != layers || self.conv_stride.len() != layers {
             return Err(ConfigError::Unsupported {
@@ -146,7 +146,7 @@ impl Wav2Vec2Config {
     }
 
     /// Number of encoder frames for `samples` input samples (320 samples per frame at 16 kHz).
-    pub fn num_frames(&self, samples: usize) -> usize {
+    pub(crate) fn num_frames(&self, samples: usize) -> usize {
         let mut t = samples;
         for (&k, &s) in self.conv_kernel.iter().zip(&self.conv_stride) {
             if t < k {
@@ -188,7 +188,7 @@ pub struct TextConfig {
 
 impl TextConfig {
     /// Mistral-7B-Instruct-v0.2 (gazelle-v0.2's decoder), vocab including `<|audio|>`.
-    pub fn mistral_7b_v02() -> Self {
+    pub(crate) fn mistral_7b_v02() -> Self {
         let mut v = serde_json::Map::new();
         v.insert("model_type".into(), "mistral".into());
         v.insert("vocab_size".into(), 32001.into());
@@ -200,7 +200,7 @@ impl TextConfig {
     }
 
     /// Llama-2-7B-chat (gazelle-v0.1's decoder), vocab including `<|audio|>`.
-    pub fn llama2_7b() -> Self {
+    pub(crate) fn llama2_7b() -> Self {
         let mut v = serde_json::Map::new();
         v.insert("model_type".into(), "llama".into());
         v.insert("vocab_size".into(), 32001.into());
@@ -210,7 +210,7 @@ impl TextConfig {
     }
 
     /// Reads a (possibly diff-only) `text_config` object, filling in the class defaults.
-    pub fn from_json(v: &Value) -> Result<Self, ConfigError> {
+    pub(crate) fn from_json(v: &Value) -> Result<Self, ConfigError> {
         let arch = match v.get("model_type").and_then(Value::as_str) {
             // GazelleConfig treats a text_config without model_type as Llama.
             None | Some("llama") => TextArch::Llama,
@@ -396,7 +396,7 @@ impl GazelleConfig {
     }
 
     /// wav2vec2-base + Mistral-7B-v0.2, the shape of tincans-ai/gazelle-v0.2.
-    pub fn gazelle_v02() -> Self {
+    pub(crate) fn gazelle_v02() -> Self {
         Self {
             audio: Wav2Vec2Config::base(),
             text: TextConfig::mistral_7b_v02(),
@@ -407,7 +407,7 @@ impl GazelleConfig {
     }
 
     /// wav2vec2-base + Llama-2-7B, the shape of tincans-ai/gazelle-v0.1.
-    pub fn gazelle_v01() -> Self {
+    pub(crate) fn gazelle_v01() -> Self {
         Self {
             text: TextConfig::llama2_7b(),
             ..Self::gazelle_v02()

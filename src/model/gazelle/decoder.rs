@@ -17,7 +17,7 @@ use super::linear::Linear;
 #[cfg(feature = "cuda")]
 use super::kernels;
 
-use super::config::{TextArch, TextConfig};
+use super::config::TextConfig;
 use super::wav2vec2::softmax_f32;
 
 /// Per-call key/value cache for every layer, preallocated and grown by doubling.
@@ -34,7 +34,12 @@ pub struct KvCache {
 
 impl KvCache {
     /// An empty cache with room for `capacity` positions before it has to grow.
-    pub fn new(cfg: &TextConfig, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub(crate) fn new(
+        cfg: &TextConfig,
+        capacity: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let capacity = capacity.clamp(1, cfg.max_position_embeddings.max(1));
         let shape = (1, cfg.num_key_value_heads, capacity, cfg.head_dim);
         let layers = (0..cfg.num_hidden_layers)
@@ -60,26 +65,23 @@ impl KvCache {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn capacity(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
         self.capacity
     }
 
     /// The most positions it can ever hold (`max_position_embeddings`, or a lower limit).
-    pub fn max_len(&self) -> usize {
+    pub(crate) fn max_len(&self) -> usize {
         self.max_len
     }
 
     /// Caps the positions it may hold below `max_position_embeddings`, bounding its memory.
-    pub fn limit(&mut self, max_len: usize) {
+    pub(crate) fn limit(&mut self, max_len: usize) {
         self.max_len = self.max_len.min(max_len.max(1));
     }
 
     /// Forgets every position from `len` on (barge-in, or a re-prefill from a common prefix).
-    pub fn truncate(&mut self, len: usize) {
+    pub(crate) fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
 
@@ -422,7 +424,7 @@ pub struct CausalLm {
 impl CausalLm {
     /// `vb` points at `language_model` (holding `model.*` and `lm_head.*`); weights keep the
     /// builder's dtype, activations and the KV cache use `compute` (see `linear.rs`).
-    pub fn load(cfg: &TextConfig, vb: VarBuilder, compute: DType) -> Result<Self> {
+    pub(crate) fn load(cfg: &TextConfig, vb: VarBuilder, compute: DType) -> Result<Self> {
         let m = vb.pp("model");
         let embed_tokens =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
@@ -445,16 +447,8 @@ impl CausalLm {
         })
     }
 
-    pub fn config(&self) -> &TextConfig {
-        &self.config
-    }
-
-    pub fn arch(&self) -> TextArch {
-        self.config.arch
-    }
-
     /// A fresh per-call cache in this model's dtype and device.
-    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+    pub(crate) fn new_cache(&self, capacity: usize) -> Result<KvCache> {
         KvCache::new(&self.config, capacity, self.dtype, &self.device)
     }
 
@@ -482,7 +476,8 @@ impl CausalLm {
     }
 
     /// [1, L, D] hidden states -> [1, L, V] logits.
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+    #[cfg(test)]
+    pub(crate) fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)
     }
 
@@ -497,11 +492,11 @@ impl CausalLm {
     }
 
     /// The compute dtype (activations, KV cache).
-    pub fn dtype(&self) -> DType {
+    pub(crate) fn dtype(&self) -> DType {
         self.dtype
     }
 
-    pub fn device(&self) -> &Device {
+    pub(crate) fn device(&self) -> &Device {
         &self.device
     }
 }

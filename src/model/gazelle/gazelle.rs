@@ -58,7 +58,8 @@ impl Precision {
     }
 
     /// Everything in one dtype, as PyTorch runs a model after `.to(dtype)`.
-    pub fn uniform(dtype: DType) -> Self {
+    #[cfg(test)]
+    pub(crate) fn uniform(dtype: DType) -> Self {
         Self {
             weights: dtype,
             compute: dtype,
@@ -79,7 +80,7 @@ pub struct Gazelle {
 
 impl Gazelle {
     /// Builds the model from a root `VarBuilder` holding the checkpoint keys.
-    pub fn new(cfg: &GazelleConfig, vb: VarBuilder, precision: Precision) -> Result<Self> {
+    pub(crate) fn new(cfg: &GazelleConfig, vb: VarBuilder, precision: Precision) -> Result<Self> {
         let avb = vb.clone().set_dtype(precision.audio);
         let lvb = vb.set_dtype(precision.weights);
         Ok(Self {
@@ -93,7 +94,7 @@ impl Gazelle {
 
     /// Loads safetensors shards, correcting the config from the tensor shapes: the vocab size
     /// from the embedding (32000 + `<|audio|>`) and the projector width from `linear_1`.
-    pub fn load(
+    pub(crate) fn load(
         cfg: &GazelleConfig,
         weights: &[PathBuf],
         precision: Precision,
@@ -129,11 +130,6 @@ impl Gazelle {
         self.language_model.dtype()
     }
 
-    /// The audio tower's and projector's dtype.
-    pub fn audio_dtype(&self) -> DType {
-        self.audio_dtype
-    }
-
     pub fn device(&self) -> &Device {
         self.language_model.device()
     }
@@ -143,14 +139,8 @@ impl Gazelle {
         self.language_model.new_cache(capacity)
     }
 
-    /// Number of audio tokens a clip of `samples` 16 kHz samples becomes.
-    pub fn num_audio_tokens(&self, samples: usize) -> usize {
-        self.multi_modal_projector
-            .num_tokens(self.config.audio.num_frames(samples))
-    }
-
     /// 16 kHz mono samples -> every stage up to [1, N, D] audio embeddings.
-    pub fn encode_audio_stages(&self, samples: &[f32]) -> Result<AudioStages> {
+    pub(crate) fn encode_audio_stages(&self, samples: &[f32]) -> Result<AudioStages> {
         let min = self.config.audio.conv_kernel.first().copied().unwrap_or(1);
         if self.config.audio.num_frames(samples.len()) == 0 {
             candle_core::bail!(

@@ -59,7 +59,7 @@ pub enum StopReason {
 }
 
 /// HF `RepetitionPenaltyLogitsProcessor`, applied once per distinct id in `context`.
-pub fn apply_repetition_penalty(logits: &mut [f32], context: &[u32], penalty: f32) {
+pub(crate) fn apply_repetition_penalty(logits: &mut [f32], context: &[u32], penalty: f32) {
     if penalty == 1.0 {
         return;
     }
@@ -86,13 +86,13 @@ fn argmax(logits: &[f32]) -> u32 {
 
 /// Draws token ids from logits with a seeded RNG.
 #[derive(Debug, Clone)]
-pub struct Sampler {
+pub(crate) struct Sampler {
     params: GenerationParams,
     rng: StdRng,
 }
 
 impl Sampler {
-    pub fn new(params: &GenerationParams) -> Self {
+    pub(crate) fn new(params: &GenerationParams) -> Self {
         Self {
             params: params.clone(),
             rng: StdRng::seed_from_u64(params.seed),
@@ -100,7 +100,7 @@ impl Sampler {
     }
 
     /// Picks the next id from [V] logits; `context` is every id so far (for the penalty).
-    pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> u32 {
+    pub(crate) fn sample(&mut self, logits: &[f32], context: &[u32]) -> u32 {
         let p = &self.params;
         let mut logits = logits.to_vec();
         apply_repetition_penalty(&mut logits, context, p.repetition_penalty);
@@ -150,7 +150,7 @@ impl Sampler {
 
 /// What the decode loop produced.
 #[derive(Debug, Clone)]
-pub struct Generated {
+pub(crate) struct Generated {
     /// Sampled ids, without the EOS that ended the reply (if any).
     pub tokens: Vec<u32>,
     /// How many of `tokens` were fed back into the cache (the last one is not, unless EOS).
@@ -164,7 +164,7 @@ pub struct Generated {
 
 impl Generated {
     /// Tokens per second after the first.
-    pub fn decode_tokens_per_s(&self) -> f64 {
+    pub(crate) fn decode_tokens_per_s(&self) -> f64 {
         if self.tokens.len() > 1 && self.decode_s > 0.0 {
             (self.tokens.len() - 1) as f64 / self.decode_s
         } else {
@@ -176,7 +176,7 @@ impl Generated {
 /// Samples up to `max_new_tokens` ids starting from `logits` ([V] f32, the prediction after
 /// the cached positions). Each id goes to `on_token` at once; `Break` stops after that id.
 /// `context` (the ids already in the cache) grows with each fed id.
-pub fn generate(
+pub(crate) fn generate(
     model: &Gazelle,
     cache: &mut KvCache,
     logits: &Tensor,

@@ -68,11 +68,11 @@ pub struct HubOptions {
 }
 
 impl HubOptions {
-    pub fn revision(&self) -> &str {
+    pub(crate) fn revision(&self) -> &str {
         self.revision.as_deref().unwrap_or("main")
     }
 
-    pub fn cache_dir(&self) -> PathBuf {
+    pub(crate) fn cache_dir(&self) -> PathBuf {
         if let Some(d) = &self.cache_dir {
             return d.clone();
         }
@@ -86,7 +86,7 @@ impl HubOptions {
         Path::new(&home).join(".cache/huggingface/hub")
     }
 
-    pub fn offline(&self) -> bool {
+    pub(crate) fn offline(&self) -> bool {
         self.offline
             || std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
                 matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
@@ -125,7 +125,7 @@ enum Source {
 
 /// Looks a file up in the standard cache: `refs/<revision>` names the snapshot, unless the
 /// revision is itself a commit hash with a snapshot folder.
-pub fn cached_snapshot(cache: &Path, repo: &str, revision: &str) -> Option<PathBuf> {
+pub(crate) fn cached_snapshot(cache: &Path, repo: &str, revision: &str) -> Option<PathBuf> {
     let root = cache.join(format!("models--{}", repo.replace('/', "--")));
     let direct = root.join("snapshots").join(revision);
     if revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit()) && direct.is_dir() {

@@ -18,22 +18,23 @@ use half::bf16;
 
 /// The PTX of each kernel file, embedded at build time.
 mod ptx {
-    pub const RMSNORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rmsnorm.ptx"));
-    pub const SWIGLU: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
-    pub const GEMV: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx"));
-    pub const ROPE_KV: &str = include_str!(concat!(env!("OUT_DIR"), "/rope_kv.ptx"));
-    pub const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"));
+    pub(crate) const RMSNORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rmsnorm.ptx"));
+    pub(crate) const SWIGLU: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
+    pub(crate) const GEMV: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx"));
+    pub(crate) const ROPE_KV: &str = include_str!(concat!(env!("OUT_DIR"), "/rope_kv.ptx"));
+    pub(crate) const ATTENTION: &str =
+        include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"));
 }
 
 /// The head dimension the decode-attention kernel is compiled for (`HD` in the .cu file).
-pub const ATTENTION_HEAD_DIM: usize = 128;
+pub(crate) const ATTENTION_HEAD_DIM: usize = 128;
 /// Query heads per key/value head the attention kernel handles (`MAX_REP`).
-pub const ATTENTION_MAX_REP: usize = 8;
+pub(crate) const ATTENTION_MAX_REP: usize = 8;
 
 /// Which fused kernels the decoder uses. From `GAZELLE_KERNELS`: unset or `none` = none (stock
 /// candle ops), `all`, or a comma list of `rmsnorm,swiglu,gemv,rope,attention`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Enabled {
+pub(crate) struct Enabled {
     pub rmsnorm: bool,
     pub swiglu: bool,
     pub gemv: bool,
@@ -42,11 +43,11 @@ pub struct Enabled {
 }
 
 impl Enabled {
-    pub fn from_env() -> Self {
+    pub(crate) fn from_env() -> Self {
         Self::parse(&std::env::var("GAZELLE_KERNELS").unwrap_or_default())
     }
 
-    pub fn parse(s: &str) -> Self {
+    pub(crate) fn parse(s: &str) -> Self {
         let mut e = Self::default();
         for name in s.split(',').map(str::trim) {
             match name {
@@ -73,13 +74,13 @@ impl Enabled {
 }
 
 /// `Enabled::from_env`, read once per process.
-pub fn enabled() -> Enabled {
+pub(crate) fn enabled() -> Enabled {
     static ENABLED: std::sync::OnceLock<Enabled> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(Enabled::from_env)
 }
 
 /// True when `t` lives on a CUDA device in bf16, the only case these kernels handle.
-pub fn usable(t: &Tensor) -> bool {
+pub(crate) fn usable(t: &Tensor) -> bool {
     t.device().is_cuda() && t.dtype() == DType::BF16
 }
 
@@ -177,7 +178,7 @@ impl CustomOp3 for RmsNormResidual {
 }
 
 /// `(rmsnorm(x + residual) * w, x + residual)` for [.., D] bf16 CUDA tensors.
-pub fn rms_norm_residual(
+pub(crate) fn rms_norm_residual(
     x: &Tensor,
     residual: &Tensor,
     w: &Tensor,
@@ -249,7 +250,7 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?
         .apply_op2_no_bwd(&up.contiguous()?, &SwiGlu)
 }
@@ -316,7 +317,7 @@ impl CustomOp2 for Gemv {
     }
 }
 
-pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub(crate) fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Gemv)
 }
 
@@ -339,7 +340,7 @@ fn cuda_of<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
 /// caller borrows mutably, and every launch goes on the device's single stream, so earlier reads
 /// of the caches are ordered before these writes and later reads after them.
 #[allow(clippy::too_many_arguments)]
-pub fn rope_kv_append(
+pub(crate) fn rope_kv_append(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -509,7 +510,7 @@ impl CustomOp3 for DecodeAttention {
 }
 
 /// Softmax(q kᵀ · scale) v over cache positions `start..len`, for one query position.
-pub fn decode_attention(
+pub(crate) fn decode_attention(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,

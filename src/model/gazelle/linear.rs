@@ -14,28 +14,24 @@ use rayon::prelude::*;
 
 /// `y = x Wᵀ` for W [out, in].
 #[derive(Debug, Clone)]
-pub struct Linear {
+pub(crate) struct Linear {
     weight: Tensor,
     compute: DType,
 }
 
 impl Linear {
     /// `compute` is the activation dtype; the weight keeps its own dtype.
-    pub fn new(weight: Tensor, compute: DType) -> Self {
+    pub(crate) fn new(weight: Tensor, compute: DType) -> Self {
         Self { weight, compute }
     }
 
-    pub fn load(
+    pub(crate) fn load(
         in_dim: usize,
         out_dim: usize,
         compute: DType,
         vb: candle_nn::VarBuilder,
     ) -> Result<Self> {
         Ok(Self::new(vb.get((out_dim, in_dim), "weight")?, compute))
-    }
-
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
     }
 }
 

@@ -4,27 +4,26 @@
 //! `Gazelle` holds the weights (shared by calls behind an `Arc`); `GazelleSession` holds one
 //! call's KV cache and conversation; `generation` samples tokens; `hub` finds the files.
 
-pub mod config;
-pub mod decoder;
+pub(crate) mod config;
+pub(crate) mod decoder;
 #[allow(clippy::module_inception)]
-pub mod gazelle;
-pub mod generation;
+pub(crate) mod gazelle;
+pub(crate) mod generation;
 pub mod hub;
 #[cfg(feature = "cuda")]
-pub mod kernels;
-pub mod linear;
-pub mod projector;
-pub mod prompt;
+pub(crate) mod kernels;
+pub(crate) mod linear;
+pub(crate) mod projector;
+pub(crate) mod prompt;
 pub mod random;
-pub mod session;
-pub mod wav2vec2;
+pub(crate) mod session;
+pub(crate) mod wav2vec2;
 
 pub use config::{GazelleConfig, TextArch, TextConfig, Wav2Vec2Config};
-pub use decoder::{CausalLm, KvCache};
 pub use gazelle::{AudioStages, Gazelle, Precision};
 pub use generation::{GenerationParams, StopReason};
-pub use prompt::{ChatMessage, ChatPrompt};
-pub use session::{GazelleEngine, GazelleSession, HistoryTurn, Reply, Spoken, TurnStats};
+pub(crate) use session::Spoken;
+pub use session::{GazelleEngine, GazelleSession};
 
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_tests;

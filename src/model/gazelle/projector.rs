@@ -15,13 +15,13 @@ use super::config::GazelleConfig;
 
 /// Gazelle's RMSNorm: normalize in f32, cast back, then scale (eps 1e-6).
 #[derive(Debug, Clone)]
-pub struct RmsNorm {
+pub(crate) struct RmsNorm {
     weight: Tensor,
     eps: f64,
 }
 
 impl RmsNorm {
-    pub fn load(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn load(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             weight: vb.get(size, "weight")?,
             eps,
@@ -44,7 +44,7 @@ impl Module for RmsNorm {
 
 /// `GazelleProjector` (the "mlp" projector type).
 #[derive(Debug, Clone)]
-pub struct GazelleProjector {
+pub(crate) struct GazelleProjector {
     ln_pre: RmsNorm,
     linear_1: Linear,
     linear_2: Linear,
@@ -54,7 +54,7 @@ pub struct GazelleProjector {
 
 impl GazelleProjector {
     /// `vb` points at `multi_modal_projector`; the hidden width is `config.projector_hidden`.
-    pub fn load(cfg: &GazelleConfig, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn load(cfg: &GazelleConfig, vb: VarBuilder) -> Result<Self> {
         let d_in = cfg.audio.hidden_size * cfg.stack_factor;
         let hidden = cfg.projector_hidden;
         let d_out = cfg.text.hidden_size;
@@ -70,13 +70,8 @@ impl GazelleProjector {
         })
     }
 
-    /// Number of audio tokens for `frames` encoder frames (note the extra group at T % 8 == 0).
-    pub fn num_tokens(&self, frames: usize) -> usize {
-        frames / self.stack_factor + 1
-    }
-
     /// [B, T, C] -> [B, T/8 + 1, D]
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let pad = self.stack_factor - t % self.stack_factor;
         let x = x.pad_with_zeros(1, 0, pad)?;

@@ -9,7 +9,7 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 
 /// The placeholder that marks where a clip's audio embeddings go.
-pub const AUDIO_PLACEHOLDER: &str = "<|audio|>";
+pub(crate) const AUDIO_PLACEHOLDER: &str = "<|audio|>";
 
 /// Used when a checkpoint ships no chat template: the Llama-2/Mistral `[INST]` format.
 const FALLBACK_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}\
@@ -36,13 +36,13 @@ pub enum PromptError {
 
 /// One chat message, as chat templates see it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ChatMessage {
+pub(crate) struct ChatMessage {
     pub role: String,
     pub content: String,
 }
 
 impl ChatMessage {
-    pub fn new(role: &str, content: impl Into<String>) -> Self {
+    pub(crate) fn new(role: &str, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),
             content: content.into(),
@@ -52,7 +52,7 @@ impl ChatMessage {
 
 /// The user message for a clip: `prompt` with `<|audio|>` where the audio goes, or the audio
 /// first when `prompt` does not say.
-pub fn user_content_with_audio(prompt: &str) -> String {
+pub(crate) fn user_content_with_audio(prompt: &str) -> String {
     if prompt.contains(AUDIO_PLACEHOLDER) {
         prompt.to_string()
     } else if prompt.trim().is_empty() {
@@ -64,7 +64,7 @@ pub fn user_content_with_audio(prompt: &str) -> String {
 
 /// Tokenizer plus chat template.
 #[derive(Debug, Clone)]
-pub struct ChatPrompt {
+pub(crate) struct ChatPrompt {
     tokenizer: Tokenizer,
     template: String,
     bos_token: String,
@@ -90,7 +90,7 @@ fn read(path: &Path) -> Result<String, PromptError> {
 impl ChatPrompt {
     /// `tokenizer_config` supplies bos/eos and `chat_template`; a `chat_template.jinja` file
     /// (newer transformers) wins over both; with neither, the `[INST]` format is used.
-    pub fn from_files(
+    pub(crate) fn from_files(
         tokenizer_json: &Path,
         tokenizer_config: Option<&Path>,
         chat_template_file: Option<&Path>,
@@ -127,16 +127,12 @@ impl ChatPrompt {
         })
     }
 
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
-    }
-
-    pub fn eos_token_id(&self) -> Option<u32> {
+    pub(crate) fn eos_token_id(&self) -> Option<u32> {
         self.eos_token_id
     }
 
     /// Checks that `<|audio|>` is a single token with the model's `audio_token_index`.
-    pub fn check_audio_token(&self, audio_token_index: u32) -> Result<(), PromptError> {
+    pub(crate) fn check_audio_token(&self, audio_token_index: u32) -> Result<(), PromptError> {
         match self.tokenizer.token_to_id(AUDIO_PLACEHOLDER) {
             Some(id) if id == audio_token_index => Ok(()),
             _ => Err(PromptError::MissingToken(format!(
@@ -168,7 +164,11 @@ impl ChatPrompt {
 
     /// Renders a conversation. Templates that reject a system role (Mistral v0.1/v0.2) get the
     /// system text folded into the first user message instead.
-    pub fn render(&self, messages: &[ChatMessage], gen: bool) -> Result<String, PromptError> {
+    pub(crate) fn render(
+        &self,
+        messages: &[ChatMessage],
+        gen: bool,
+    ) -> Result<String, PromptError> {
         match self.render_raw(messages, gen) {
             Ok(s) => Ok(s),
             Err(e) if messages.first().is_some_and(|m| m.role == "system") => {
@@ -185,7 +185,7 @@ impl ChatPrompt {
     }
 
     /// Text -> ids, without adding special tokens (the template writes `<s>` itself).
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, PromptError> {
+    pub(crate) fn encode(&self, text: &str) -> Result<Vec<u32>, PromptError> {
         let enc = self
             .tokenizer
             .encode(text, false)
@@ -194,7 +194,7 @@ impl ChatPrompt {
     }
 
     /// Ids -> text, skipping special tokens.
-    pub fn decode(&self, ids: &[u32]) -> Result<String, PromptError> {
+    pub(crate) fn decode(&self, ids: &[u32]) -> Result<String, PromptError> {
         self.tokenizer
             .decode(ids, true)
             .map_err(|e| PromptError::Tokenizer(e.to_string()))
@@ -205,18 +205,18 @@ impl ChatPrompt {
 /// keeps Metaspace/byte-fallback spacing right; a piece that ends in an incomplete UTF-8
 /// sequence (U+FFFD) is held back until the next token completes it.
 #[derive(Debug, Default, Clone)]
-pub struct TextStream {
+pub(crate) struct TextStream {
     ids: Vec<u32>,
     emitted: usize,
 }
 
 impl TextStream {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Adds one id and returns the new text, possibly empty.
-    pub fn push(&mut self, prompt: &ChatPrompt, id: u32) -> Result<String, PromptError> {
+    pub(crate) fn push(&mut self, prompt: &ChatPrompt, id: u32) -> Result<String, PromptError> {
         self.ids.push(id);
         let text = prompt.decode(&self.ids)?;
         if text.ends_with('\u{fffd}') || text.len() < self.emitted {
@@ -225,10 +225,6 @@ impl TextStream {
         let piece = text.get(self.emitted..).unwrap_or_default().to_string();
         self.emitted = text.len();
         Ok(piece)
-    }
-
-    pub fn ids(&self) -> &[u32] {
-        &self.ids
     }
 }
 

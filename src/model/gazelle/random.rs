@@ -12,7 +12,7 @@ use super::config::GazelleConfig;
 use super::gazelle::{Gazelle, Precision};
 
 /// Every checkpoint key with its shape, in `save_pretrained` naming (parametrized pos conv).
-pub fn checkpoint_shapes(cfg: &GazelleConfig) -> Vec<(String, Vec<usize>)> {
+pub(crate) fn checkpoint_shapes(cfg: &GazelleConfig) -> Vec<(String, Vec<usize>)> {
     let mut v: Vec<(String, Vec<usize>)> = Vec::new();
     let mut add = |k: String, s: &[usize]| v.push((k, s.to_vec()));
     let a = &cfg.audio;

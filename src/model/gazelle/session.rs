@@ -50,14 +50,14 @@ fn reply_room(max_len: usize) -> usize {
 #[derive(Debug)]
 pub struct GazelleEngine {
     pub model: Gazelle,
-    pub prompt: ChatPrompt,
+    pub(crate) prompt: ChatPrompt,
     stop_ids: Vec<u32>,
     /// Positions a call's KV cache may hold; older exchanges are dropped beyond it.
     max_context: usize,
 }
 
 impl GazelleEngine {
-    pub fn new(model: Gazelle, prompt: ChatPrompt) -> Result<Self, PromptError> {
+    pub(crate) fn new(model: Gazelle, prompt: ChatPrompt) -> Result<Self, PromptError> {
         prompt.check_audio_token(model.config().audio_token_index)?;
         let mut stop_ids = model.config().text.eos_token_ids.clone();
         stop_ids.extend(prompt.eos_token_id());
@@ -74,16 +74,17 @@ impl GazelleEngine {
 
     /// Limits every call's context to `positions` (at most `max_position_embeddings`), which
     /// bounds a call's KV-cache memory and so sets how many calls fit on a device.
-    pub fn with_max_context(mut self, positions: usize) -> Self {
+    pub(crate) fn with_max_context(mut self, positions: usize) -> Self {
         self.max_context = positions.clamp(1, self.max_context);
         self
     }
 
-    pub fn max_context(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn max_context(&self) -> usize {
         self.max_context
     }
 
-    pub fn stop_ids(&self) -> &[u32] {
+    pub(crate) fn stop_ids(&self) -> &[u32] {
         &self.stop_ids
     }
 
@@ -98,8 +99,9 @@ impl GazelleEngine {
 
 /// How much of the last reply reached the user before a barge-in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Spoken<'a> {
+pub(crate) enum Spoken<'a> {
     /// The first n generated tokens.
+    #[cfg(test)]
     Tokens(usize),
     /// The text that was spoken, a prefix of the reply text (whitespace at the ends ignored).
     Text(&'a str),
@@ -140,8 +142,9 @@ struct LastReply {
 }
 
 /// A turn in a history given up front (see [`GazelleSession::with_history`]).
+#[cfg(test)]
 #[derive(Debug, Clone)]
-pub enum HistoryTurn<'a> {
+pub(crate) enum HistoryTurn<'a> {
     User { audio_16k: &'a [f32], text: &'a str },
     Assistant(&'a str),
 }
@@ -164,7 +167,7 @@ pub struct GazelleSession {
 }
 
 impl GazelleSession {
-    pub fn new(
+    pub(crate) fn new(
         engine: Arc<GazelleEngine>,
         system_prompt: Option<&str>,
     ) -> candle_core::Result<Self> {
@@ -186,9 +189,10 @@ impl GazelleSession {
         })
     }
 
-    /// A session whose history is prefilled in one pass (a restored call, or a reference for
-    /// tests of the incremental path).
-    pub fn with_history(
+    /// A session whose history is prefilled in one pass: the reference for tests of the
+    /// incremental path.
+    #[cfg(test)]
+    pub(crate) fn with_history(
         engine: Arc<GazelleEngine>,
         system_prompt: Option<&str>,
         turns: &[HistoryTurn<'_>],
@@ -216,16 +220,19 @@ impl GazelleSession {
         Ok((s, stats))
     }
 
-    pub fn messages(&self) -> &[ChatMessage] {
+    #[cfg(test)]
+    pub(crate) fn messages(&self) -> &[ChatMessage] {
         &self.messages
     }
 
-    pub fn cache(&self) -> &KvCache {
+    #[cfg(test)]
+    pub(crate) fn cache(&self) -> &KvCache {
         &self.cache
     }
 
     /// [V] f32 logits for the next token, if a turn is pending.
-    pub fn next_logits(&self) -> Option<&Tensor> {
+    #[cfg(test)]
+    pub(crate) fn next_logits(&self) -> Option<&Tensor> {
         self.logits.as_ref()
     }
 
@@ -433,12 +440,13 @@ impl GazelleSession {
 
     /// After a barge-in: keeps only what was spoken of the last reply, in the conversation and
     /// in the cache. Returns the number of reply tokens kept.
-    pub fn truncate_reply_to(&mut self, spoken: Spoken<'_>) -> Result<usize, SessionError> {
+    pub(crate) fn truncate_reply_to(&mut self, spoken: Spoken<'_>) -> Result<usize, SessionError> {
         let Some(reply) = self.last_reply.clone() else {
             return Ok(0);
         };
         let prompt = &self.engine.prompt;
         let n = match spoken {
+            #[cfg(test)]
             Spoken::Tokens(n) => n.min(reply.tokens.len()),
             Spoken::Text(text) => {
                 let text = text.trim();

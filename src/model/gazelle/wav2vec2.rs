@@ -14,7 +14,7 @@ use super::config::Wav2Vec2Config;
 
 /// Zero mean, unit variance over the whole clip, as `Wav2Vec2FeatureExtractor(do_normalize)`
 /// does: `(x - mean) / sqrt(var + 1e-7)` with the population variance.
-pub fn normalize(samples: &[f32]) -> Vec<f32> {
+pub(crate) fn normalize(samples: &[f32]) -> Vec<f32> {
     if samples.is_empty() {
         return Vec::new();
     }
@@ -240,7 +240,7 @@ impl EncoderLayer {
 
 /// Intermediate results, kept for parity tests against PyTorch.
 #[derive(Debug, Clone)]
-pub struct Wav2Vec2Output {
+pub(crate) struct Wav2Vec2Output {
     /// [B, C, T] output of the convolutional feature encoder.
     pub conv_features: Tensor,
     /// [B, T, H] `last_hidden_state`.
@@ -249,18 +249,17 @@ pub struct Wav2Vec2Output {
 
 /// `Wav2Vec2Model` without the masking head.
 #[derive(Debug, Clone)]
-pub struct Wav2Vec2Model {
+pub(crate) struct Wav2Vec2Model {
     feature_extractor: FeatureEncoder,
     feature_projection: FeatureProjection,
     pos_conv_embed: PositionalConvEmbedding,
     encoder_layer_norm: LayerNorm,
     layers: Vec<EncoderLayer>,
-    config: Wav2Vec2Config,
 }
 
 impl Wav2Vec2Model {
     /// `vb` points at the model root (`audio_tower` inside a Gazelle checkpoint).
-    pub fn load(cfg: &Wav2Vec2Config, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn load(cfg: &Wav2Vec2Config, vb: VarBuilder) -> Result<Self> {
         let enc = vb.pp("encoder");
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::load(cfg, enc.pp("layers").pp(i)))
@@ -275,16 +274,11 @@ impl Wav2Vec2Model {
                 enc.pp("layer_norm"),
             )?,
             layers,
-            config: cfg.clone(),
         })
     }
 
-    pub fn config(&self) -> &Wav2Vec2Config {
-        &self.config
-    }
-
     /// [B, S] normalized samples -> [B, T, H] hidden states (and the conv features).
-    pub fn forward_with_features(&self, x: &Tensor) -> Result<Wav2Vec2Output> {
+    pub(crate) fn forward_with_features(&self, x: &Tensor) -> Result<Wav2Vec2Output> {
         let conv_features = self.feature_extractor.forward(x)?;
         let h = self
             .feature_projection
@@ -298,10 +292,5 @@ impl Wav2Vec2Model {
             conv_features,
             last_hidden_state: h,
         })
-    }
-
-    /// [B, S] normalized samples -> [B, T, H] `last_hidden_state`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_with_features(x)?.last_hidden_state)
     }
 }

@@ -74,7 +74,7 @@ impl Drop for Live {
 
 impl Actor {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         cfg: ActorConfig,
         session: Box<dyn SlmSession>,
         voice: Box<dyn Voice>,
@@ -99,7 +99,7 @@ impl Actor {
     }
 
     /// Runs the call until it is cancelled, its transport goes, or the listening stage ends.
-    pub async fn run(
+    pub(crate) async fn run(
         mut self,
         mut vad: mpsc::Receiver<VadEvent>,
         mut commands: mpsc::Receiver<CallCommand>,
@@ -151,7 +151,7 @@ impl Actor {
     async fn on_vad(&mut self, ev: VadEvent) {
         match ev {
             VadEvent::SpeechStart => {}
-            VadEvent::Interruption { .. } => self.barge_in(BargeIn::Interruption).await,
+            VadEvent::Interruption => self.barge_in(BargeIn::Interruption).await,
             VadEvent::SpeechEnd {
                 audio,
                 true_end,

@@ -111,11 +111,7 @@ impl Call {
     }
 
     async fn interrupt(&self) {
-        let detected = tokio::time::Instant::now().into_std();
-        self.vad
-            .send(VadEvent::Interruption { detected })
-            .await
-            .unwrap();
+        self.vad.send(VadEvent::Interruption).await.unwrap();
     }
 
     /// Lets `d` pass, collecting what the call sends meanwhile.

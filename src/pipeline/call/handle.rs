@@ -14,7 +14,7 @@ use crate::pipeline::limits::{InputBudget, RealtimeGate};
 use crate::pipeline::listen::AudioIn;
 
 #[derive(Debug)]
-pub enum CallCommand {
+pub(crate) enum CallCommand {
     History(oneshot::Sender<Conversation>),
     /// The client has played unit `unit` of reply `reply` to its end.
     Played {
@@ -24,7 +24,7 @@ pub enum CallCommand {
 }
 
 /// The transport's side of a call. Dropping it ends the call and every task in it.
-pub struct CallHandle {
+pub(crate) struct CallHandle {
     /// The call's id in the registry.
     pub id: String,
     pub(super) audio: mpsc::Sender<AudioIn>,
@@ -41,7 +41,7 @@ impl CallHandle {
     /// refused; otherwise this waits while audio runs ahead of real time by more than the burst
     /// allowance, and while the budget of samples in flight is spent, which pushes back on the
     /// socket instead of buffering.
-    pub async fn audio(&mut self, samples: Vec<f32>) -> Result<(), CallError> {
+    pub(crate) async fn audio(&mut self, samples: Vec<f32>) -> Result<(), CallError> {
         self.budget.check(samples.len())?;
         let secs = samples.len() as f64 / self.input_rate as f64;
         let wait = self.pace.admit(
@@ -61,19 +61,21 @@ impl CallHandle {
             .map_err(|_| CallError::Ended)
     }
 
-    pub async fn history(&self) -> Result<Conversation, CallError> {
+    pub(crate) async fn history(&self) -> Result<Conversation, CallError> {
         history(&self.commands).await
     }
 
     /// Reports that the client played a unit to its end (for `playback_acks` calls).
-    pub async fn played(&self, reply: u64, unit: usize) -> Result<(), CallError> {
+    pub(crate) async fn played(&self, reply: u64, unit: usize) -> Result<(), CallError> {
         let cmd = CallCommand::Played { reply, unit };
         self.commands.send(cmd).await.map_err(|_| CallError::Ended)
     }
 }
 
 /// Asks a call for its conversation so far.
-pub async fn history(commands: &mpsc::Sender<CallCommand>) -> Result<Conversation, CallError> {
+pub(crate) async fn history(
+    commands: &mpsc::Sender<CallCommand>,
+) -> Result<Conversation, CallError> {
     let (tx, rx) = oneshot::channel();
     let sent = commands.send(CallCommand::History(tx)).await;
     sent.map_err(|_| CallError::Ended)?;

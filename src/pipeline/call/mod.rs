@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use handle::{history, CallCommand, CallHandle};
+pub(crate) use handle::{history, CallCommand, CallHandle};
 
 use super::conversation::Conversation;
 use super::limits::{InputBudget, LimitError, Limits, RealtimeGate};
@@ -32,7 +32,7 @@ use crate::vad::VadHandle;
 use actor::{Actor, ActorConfig, Keep};
 
 /// The live calls, each by its command channel.
-pub type CallRegistry = registry::CallRegistry<mpsc::Sender<CallCommand>>;
+pub(crate) type CallRegistry = registry::CallRegistry<mpsc::Sender<CallCommand>>;
 type Registration = registry::Registration<mpsc::Sender<CallCommand>>;
 
 /// Chunks of caller audio that may wait for the resampler; the transport waits beyond that, which
@@ -47,7 +47,7 @@ const VAD_EVENT_QUEUE: usize = 32;
 const COMMAND_QUEUE: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
-pub enum CallError {
+pub(crate) enum CallError {
     #[error("cannot convert {0} Hz input for the VAD: {1}")]
     InputRate(u32, String),
     #[error("the speech-language model cannot open a session: {0}")]
@@ -62,7 +62,7 @@ pub enum CallError {
 
 impl CallError {
     /// The error kind clients see and metrics count.
-    pub fn kind(&self) -> ErrorKind {
+    pub(crate) fn kind(&self) -> ErrorKind {
         match self {
             CallError::InputRate(..) => ErrorKind::BadConfig,
             CallError::Model(_) | CallError::Ended => ErrorKind::CallStart,
@@ -75,20 +75,20 @@ impl CallError {
 /// Everything calls share: the model, the voice, the VAD worker and the metrics.
 #[derive(Clone)]
 pub struct Services {
-    pub slm: Arc<dyn SpeechLanguageModel>,
-    pub tts: Arc<dyn Synthesizer>,
-    pub vad: VadHandle,
+    pub(crate) slm: Arc<dyn SpeechLanguageModel>,
+    pub(crate) tts: Arc<dyn Synthesizer>,
+    pub(crate) vad: VadHandle,
     pub metrics: Arc<Metrics>,
-    pub settings: Arc<PipelineSettings>,
+    pub(crate) settings: Arc<PipelineSettings>,
     /// What one caller may send and make the server hold.
-    pub limits: Arc<Limits>,
+    pub(crate) limits: Arc<Limits>,
     /// Live calls by id.
-    pub registry: CallRegistry,
+    pub(crate) registry: CallRegistry,
 }
 
 /// What one caller asked for.
 #[derive(Debug, Clone)]
-pub struct CallOptions {
+pub(crate) struct CallOptions {
     /// How the call is known to the registry (e.g. the Twilio call SID); generated if `None`.
     pub id: Option<String>,
     pub input_rate: u32,
@@ -105,7 +105,7 @@ pub struct CallOptions {
 /// Starts a call. Its tasks stop when the handle drops, `parent` is cancelled, or `out` closes.
 /// The actor holds `slot` (the call's place under `server.max_calls`) until it ends, so a server
 /// that waits for every slot waits for every actor.
-pub fn start(
+pub(crate) fn start(
     services: Services,
     options: CallOptions,
     out: mpsc::Sender<Outbound>,

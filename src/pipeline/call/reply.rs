@@ -43,7 +43,7 @@ pub(super) enum Heard {
 }
 
 impl Reply {
-    pub fn new(
+    pub(crate) fn new(
         id: u64,
         cancel: CancellationToken,
         turn_end: Option<TurnEnd>,
@@ -77,7 +77,7 @@ impl Reply {
 
     /// Records when a stage of the timeline was reached (the first time only); the first
     /// message, which answers no turn, has no timeline.
-    pub fn stage(&mut self, at: Instant, pick: fn(&mut Timeline) -> &mut Option<f64>) {
+    pub(crate) fn stage(&mut self, at: Instant, pick: fn(&mut Timeline) -> &mut Option<f64>) {
         let Some((true_end, _, _)) = self.turn_end else {
             return;
         };
@@ -88,7 +88,7 @@ impl Reply {
     }
 
     /// The timeline, once, when it is complete enough to send (a reply to a user turn).
-    pub fn take_timeline(&mut self) -> Option<Timeline> {
+    pub(crate) fn take_timeline(&mut self) -> Option<Timeline> {
         if self.timeline_sent || self.turn_end.is_none() {
             return None;
         }
@@ -97,13 +97,13 @@ impl Reply {
     }
 
     /// The client played unit `unit` to its end.
-    pub fn acknowledge(&mut self, unit: usize) {
+    pub(crate) fn acknowledge(&mut self, unit: usize) {
         self.acked = self.acked.max(unit + 1);
     }
 
     /// What the client has heard by `now`: the acknowledged units when the transport reports
     /// playback, else the share of the audio the playout clock says was played.
-    pub fn heard(&self, now: Instant, playback_acks: bool) -> Heard {
+    pub(crate) fn heard(&self, now: Instant, playback_acks: bool) -> Heard {
         let ledger = self.ledger.borrow().clone();
         let silent = ledger.ends_at.is_none_or(|t| t <= now);
         if self.text_done && self.plays_until.is_some() && silent {

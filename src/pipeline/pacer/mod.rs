@@ -18,7 +18,7 @@ use queue::FrameQueue;
 
 /// Where each unit's audio plays on the client's clock.
 #[derive(Debug, Clone, Default)]
-pub struct Playout {
+pub(crate) struct Playout {
     pub sample_rate: u32,
     pub units: Vec<UnitPlayout>,
     /// When the client will have played everything sent so far.
@@ -26,7 +26,7 @@ pub struct Playout {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct UnitPlayout {
+pub(crate) struct UnitPlayout {
     /// Contiguous runs of this unit's samples: (when the run starts playing, samples in it).
     pub runs: Vec<(Instant, u64)>,
     /// Total samples of the unit, once synthesis finished it.
@@ -36,7 +36,7 @@ pub struct UnitPlayout {
 impl Playout {
     /// The fraction of each unit played by `now`. A unit whose synthesis had not finished counts
     /// against the samples known so far.
-    pub fn played_fraction(&self, now: Instant) -> Vec<f64> {
+    pub(crate) fn played_fraction(&self, now: Instant) -> Vec<f64> {
         let rate = self.sample_rate.max(1) as f64;
         self.units
             .iter()
@@ -66,7 +66,7 @@ impl Playout {
 
 /// What the pacer tells the call as it goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PacerEvent {
+pub(crate) enum PacerEvent {
     FirstSynthAudio(Instant),
     FirstAudioSent(Instant),
     /// Everything was handed over; the client finishes playing at the given instant.
@@ -86,7 +86,7 @@ pub enum PacerEvent {
 use crate::metrics::UNDERRUN_TOLERANCE;
 
 #[derive(Debug, Clone, Copy)]
-pub struct PacerSettings {
+pub(crate) struct PacerSettings {
     /// The reply's number, for `Outbound::UnitSent`.
     pub reply: u64,
     pub output_rate: u32,
@@ -101,7 +101,7 @@ pub struct PacerSettings {
 /// transport; `events` reports milestones; `ledger` is updated as frames go out. Synthesized audio
 /// is taken as soon as it is ready, up to `max_ahead` of it (so synthesis rarely waits and every
 /// unit's length is known early); only sending is held to the lead.
-pub async fn run(
+pub(crate) async fn run(
     settings: PacerSettings,
     mut audio: AudioStream,
     send: mpsc::Sender<Outbound>,
@@ -297,7 +297,7 @@ fn ensure_unit(l: &mut Playout, unit: usize) {
 
 /// The words of `units` heard by `now`: whole units played in full, then the share of the words
 /// of a partly played unit that matches the share of its audio played.
-pub fn spoken_text(units: &[String], playout: &Playout, now: Instant) -> (String, bool) {
+pub(crate) fn spoken_text(units: &[String], playout: &Playout, now: Instant) -> (String, bool) {
     let fractions = playout.played_fraction(now);
     let mut words: Vec<&str> = Vec::new();
     let mut complete = true;

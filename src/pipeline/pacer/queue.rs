@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 /// Audio waiting to be sent, and whose it is.
 #[derive(Debug, Default)]
-pub struct FrameQueue {
+pub(crate) struct FrameQueue {
     samples: VecDeque<f32>,
     /// The unit of each sample in `samples`, as runs: (unit, samples).
     runs: VecDeque<(usize, usize)>,
@@ -16,7 +16,7 @@ pub struct FrameQueue {
 
 /// One frame off the queue.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Frame {
+pub(crate) struct Frame {
     pub samples: Vec<f32>,
     /// (unit, offset in the frame, samples) for each unit in it, oldest first.
     pub runs: Vec<(usize, usize, usize)>,
@@ -25,13 +25,13 @@ pub struct Frame {
 }
 
 impl FrameQueue {
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.samples.len()
     }
 
     /// Adds audio of `unit`; `done` marks the unit's last audio. When the unit is done, returns
     /// how many of its samples are still queued (for the playout ledger's total).
-    pub fn push(&mut self, unit: usize, samples: Vec<f32>, done: bool) -> Option<u64> {
+    pub(crate) fn push(&mut self, unit: usize, samples: Vec<f32>, done: bool) -> Option<u64> {
         if !samples.is_empty() {
             match self.runs.back_mut() {
                 Some((u, k)) if *u == unit => *k += samples.len(),
@@ -51,13 +51,13 @@ impl FrameQueue {
 
     /// Whether a frame may go now: a whole one, or a short tail once nothing more can join it
     /// (its unit is done, or the audio stream has ended).
-    pub fn sendable(&self, frame_len: usize, input_open: bool) -> bool {
+    pub(crate) fn sendable(&self, frame_len: usize, input_open: bool) -> bool {
         self.samples.len() >= frame_len
             || (!self.samples.is_empty() && (self.tail_complete || !input_open))
     }
 
     /// Takes up to `n` samples as a frame, attributing them to units oldest first.
-    pub fn pop(&mut self, n: usize) -> Frame {
+    pub(crate) fn pop(&mut self, n: usize) -> Frame {
         let n = n.min(self.samples.len());
         let samples: Vec<f32> = self.samples.drain(..n).collect();
         let mut runs = Vec::new();

@@ -155,7 +155,7 @@ impl SentenceAccumulator {
     }
 
     /// Drops everything (barge-in).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         *self = SentenceAccumulator {

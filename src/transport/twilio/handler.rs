@@ -36,7 +36,7 @@ pub const STREAM_TOKEN: &str = "gazelle_stream_token";
 
 /// How streams prove they follow a webhook call.
 #[derive(Clone)]
-pub struct StreamAuth {
+pub(crate) struct StreamAuth {
     pub auth: Arc<Auth>,
     /// `twilio.require_stream_token`.
     pub required: bool,
@@ -58,7 +58,7 @@ impl Complaints<'_> {
     }
 }
 
-pub async fn serve(
+pub(crate) async fn serve(
     mut socket: WebSocket,
     services: Services,
     mut admission: Admission,

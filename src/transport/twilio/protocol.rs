@@ -11,7 +11,7 @@ use serde_json::json;
 /// Events Twilio sends on the media stream. Unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "event", rename_all = "lowercase")]
-pub enum Event {
+pub(crate) enum Event {
     Connected {
         #[serde(default)]
         protocol: Option<String>,
@@ -38,7 +38,7 @@ pub enum Event {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Start {
+pub(crate) struct Start {
     pub stream_sid: String,
     #[serde(default)]
     pub call_sid: Option<String>,
@@ -53,67 +53,67 @@ pub struct Start {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct MediaFormat {
+pub(crate) struct MediaFormat {
     pub encoding: String,
     pub sample_rate: u32,
     pub channels: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Media {
+pub(crate) struct Media {
     #[serde(default)]
     pub track: Option<String>,
     pub payload: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Dtmf {
+pub(crate) struct Dtmf {
     pub digit: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct MarkBody {
+pub(crate) struct MarkBody {
     pub name: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
-pub enum TwilioError {
+pub(crate) enum TwilioError {
     #[error("malformed event JSON: {0}")]
-    BadJson(String),
+    Json(String),
     #[error("unknown or malformed event {event:?}: {detail}")]
-    BadEvent { event: String, detail: String },
+    Event { event: String, detail: String },
     #[error("media payload is not valid base64: {0}")]
-    BadPayload(String),
+    Payload(String),
     #[error("unsupported media format {0}; Twilio streams audio/x-mulaw at 8000 Hz, mono")]
-    BadFormat(String),
+    Format(String),
 }
 
-pub fn parse(text: &str) -> Result<Event, TwilioError> {
+pub(crate) fn parse(text: &str) -> Result<Event, TwilioError> {
     let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| TwilioError::BadJson(e.to_string()))?;
+        serde_json::from_str(text).map_err(|e| TwilioError::Json(e.to_string()))?;
     let event = value
         .get("event")
         .and_then(|e| e.as_str())
         .unwrap_or("")
         .to_string();
-    serde_json::from_value(value).map_err(|e| TwilioError::BadEvent {
+    serde_json::from_value(value).map_err(|e| TwilioError::Event {
         event,
         detail: e.to_string(),
     })
 }
 
-pub fn decode_payload(payload: &str) -> Result<Vec<u8>, TwilioError> {
+pub(crate) fn decode_payload(payload: &str) -> Result<Vec<u8>, TwilioError> {
     base64::engine::general_purpose::STANDARD
         .decode(payload)
-        .map_err(|e| TwilioError::BadPayload(e.to_string()))
+        .map_err(|e| TwilioError::Payload(e.to_string()))
 }
 
 impl MediaFormat {
-    pub fn check(&self) -> Result<(), TwilioError> {
+    pub(crate) fn check(&self) -> Result<(), TwilioError> {
         if self.encoding == "audio/x-mulaw" && self.sample_rate == 8_000 && self.channels == 1 {
             Ok(())
         } else {
-            Err(TwilioError::BadFormat(format!(
+            Err(TwilioError::Format(format!(
                 "{} at {} Hz, {} channel(s)",
                 self.encoding, self.sample_rate, self.channels
             )))
@@ -122,16 +122,16 @@ impl MediaFormat {
 }
 
 /// Outbound audio: µ-law bytes with no file header.
-pub fn media(stream_sid: &str, mulaw: &[u8]) -> String {
+pub(crate) fn media(stream_sid: &str, mulaw: &[u8]) -> String {
     let payload = base64::engine::general_purpose::STANDARD.encode(mulaw);
     json!({"event": "media", "streamSid": stream_sid, "media": {"payload": payload}}).to_string()
 }
 
-pub fn mark(stream_sid: &str, name: &str) -> String {
+pub(crate) fn mark(stream_sid: &str, name: &str) -> String {
     json!({"event": "mark", "streamSid": stream_sid, "mark": {"name": name}}).to_string()
 }
 
-pub fn clear(stream_sid: &str) -> String {
+pub(crate) fn clear(stream_sid: &str) -> String {
     json!({"event": "clear", "streamSid": stream_sid}).to_string()
 }
 
@@ -162,7 +162,7 @@ fn xml_escape(s: &str) -> String {
 }
 
 /// The TwiML that connects a call to our media-stream websocket, passing `parameters` through.
-pub fn twiml_connect(stream_url: &str, parameters: &BTreeMap<String, String>) -> String {
+pub(crate) fn twiml_connect(stream_url: &str, parameters: &BTreeMap<String, String>) -> String {
     let mut params = String::new();
     for (k, v) in parameters {
         params.push_str(&format!(
@@ -180,7 +180,7 @@ pub fn twiml_connect(stream_url: &str, parameters: &BTreeMap<String, String>) ->
 }
 
 /// The TwiML that tells the caller why no conversation can start now, then hangs up.
-pub fn twiml_say_and_hang_up(message: &str) -> String {
+pub(crate) fn twiml_say_and_hang_up(message: &str) -> String {
     format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Say>{}</Say><Hangup/></Response>",
         xml_escape(message)
@@ -201,7 +201,12 @@ pub fn signature(auth_token: &str, url: &str, params: &BTreeMap<String, String>)
 }
 
 /// Checks a request's `X-Twilio-Signature` in constant time.
-pub fn verify(auth_token: &str, url: &str, params: &BTreeMap<String, String>, given: &str) -> bool {
+pub(crate) fn verify(
+    auth_token: &str,
+    url: &str,
+    params: &BTreeMap<String, String>,
+    given: &str,
+) -> bool {
     let Ok(given) = base64::engine::general_purpose::STANDARD.decode(given) else {
         return false;
     };
@@ -254,17 +259,14 @@ mod tests {
 
     #[test]
     fn malformed_events_are_errors() {
-        assert!(matches!(
-            parse("nope").unwrap_err(),
-            TwilioError::BadJson(_)
-        ));
+        assert!(matches!(parse("nope").unwrap_err(), TwilioError::Json(_)));
         assert!(matches!(
             parse(r#"{"event":"dance"}"#).unwrap_err(),
-            TwilioError::BadEvent { .. }
+            TwilioError::Event { .. }
         ));
         assert!(matches!(
             parse(r#"{"event":"media"}"#).unwrap_err(),
-            TwilioError::BadEvent { .. }
+            TwilioError::Event { .. }
         ));
         assert!(decode_payload("***").is_err());
         let f = MediaFormat {

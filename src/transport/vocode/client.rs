@@ -261,11 +261,6 @@ impl VocodeClient {
         let _ = self.sink.close().await;
         Ok(())
     }
-
-    /// Whether the server has closed the connection.
-    pub fn is_finished(&self) -> bool {
-        self.reader.is_finished()
-    }
 }
 
 fn parse_event(text: &str) -> EventKind {

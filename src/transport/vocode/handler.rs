@@ -42,7 +42,7 @@ fn error_json(kind: ErrorKind, message: &str) -> String {
 }
 
 /// Serves one connection to the end.
-pub async fn serve(
+pub(crate) async fn serve(
     mut socket: WebSocket,
     services: Services,
     mut admission: Admission,
@@ -352,7 +352,6 @@ fn encode(m: Outbound, rate: u32, encoding: Encoding) -> Option<String> {
         Outbound::Timeline(t) => ServerMessage::Timeline(&t).to_json(),
         // Vocode has no playback acknowledgements; the pacer's playout clock stands in.
         Outbound::UnitSent { .. } => return None,
-        Outbound::History(c) => ServerMessage::History { conversation: &c }.to_json(),
         Outbound::Error { kind, message } => error_json(kind, &message),
     })
 }

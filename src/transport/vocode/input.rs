@@ -10,7 +10,7 @@ use crate::audio::Encoding;
 use crate::metrics::ErrorKind;
 
 #[derive(Debug, thiserror::Error)]
-pub enum InputError {
+pub(crate) enum InputError {
     #[error(transparent)]
     Base64(#[from] ProtocolError),
     #[error(transparent)]
@@ -26,7 +26,7 @@ pub enum InputError {
 
 impl InputError {
     /// The `gazelle_error` kind.
-    pub fn kind(&self) -> ErrorKind {
+    pub(crate) fn kind(&self) -> ErrorKind {
         match self {
             InputError::Base64(e) => e.kind(),
             InputError::Wav(WavError::FormatChanged { .. }) => ErrorKind::FormatChanged,
@@ -38,7 +38,7 @@ impl InputError {
 
 /// One call's audio decoder.
 #[derive(Debug)]
-pub struct AudioInput {
+pub(crate) struct AudioInput {
     rate: u32,
     decoder: StreamDecoder,
     /// Built once, when a WAV header sets another rate than the config declared.
@@ -48,7 +48,7 @@ pub struct AudioInput {
 
 impl AudioInput {
     /// Audio declared as `encoding` at `rate` (a supported rate), at most `max_ms` per message.
-    pub fn new(rate: u32, encoding: Encoding, max_ms: u64) -> Self {
+    pub(crate) fn new(rate: u32, encoding: Encoding, max_ms: u64) -> Self {
         let sample_format = match encoding {
             Encoding::Linear16 => SampleFormat::Pcm16,
             Encoding::Mulaw => SampleFormat::Mulaw,
@@ -66,7 +66,7 @@ impl AudioInput {
     }
 
     /// Decodes one `websocket_audio` payload to mono samples at the configured rate.
-    pub fn push(&mut self, data: &str) -> Result<Vec<f32>, InputError> {
+    pub(crate) fn push(&mut self, data: &str) -> Result<Vec<f32>, InputError> {
         let bytes = protocol::decode_base64(data)?;
         let samples = self.decoder.push(&bytes)?;
         let format = self.decoder.format();

@@ -3,6 +3,6 @@
 //! extensions. See PROTOCOL.md beside this file.
 
 pub mod client;
-pub mod handler;
-pub mod input;
-pub mod protocol;
+pub(crate) mod handler;
+pub(crate) mod input;
+pub(crate) mod protocol;

@@ -10,7 +10,7 @@ use crate::pipeline::conversation::Conversation;
 use crate::pipeline::Timeline;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct InputAudioConfig {
+pub(crate) struct InputAudioConfig {
     pub sampling_rate: u32,
     pub audio_encoding: Encoding,
     #[serde(default)]
@@ -20,13 +20,13 @@ pub struct InputAudioConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct OutputAudioConfig {
+pub(crate) struct OutputAudioConfig {
     pub sampling_rate: u32,
     pub audio_encoding: Encoding,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct AudioConfigStart {
+pub(crate) struct AudioConfigStart {
     pub input_audio_config: InputAudioConfig,
     pub output_audio_config: OutputAudioConfig,
     #[serde(default)]
@@ -42,7 +42,7 @@ pub struct AudioConfigStart {
 /// Client → server messages. Unknown fields are ignored, as the SDK sends more than we need.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "type")]
-pub enum ClientMessage {
+pub(crate) enum ClientMessage {
     #[serde(rename = "websocket_audio_config_start")]
     AudioConfigStart(AudioConfigStart),
     #[serde(rename = "websocket_audio")]
@@ -55,7 +55,7 @@ pub enum ClientMessage {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
-pub enum ProtocolError {
+pub(crate) enum ProtocolError {
     #[error("malformed JSON: {0}")]
     BadJson(String),
     #[error("unknown message type {0:?}")]
@@ -68,7 +68,7 @@ pub enum ProtocolError {
 
 impl ProtocolError {
     /// The `kind` reported to the client and counted in metrics.
-    pub fn kind(&self) -> ErrorKind {
+    pub(crate) fn kind(&self) -> ErrorKind {
         match self {
             ProtocolError::BadJson(_) => ErrorKind::BadJson,
             ProtocolError::UnknownType(_) => ErrorKind::UnknownType,
@@ -85,7 +85,7 @@ const KNOWN: &[&str] = &[
     "gazelle_get_history",
 ];
 
-pub fn parse(text: &str) -> Result<ClientMessage, ProtocolError> {
+pub(crate) fn parse(text: &str) -> Result<ClientMessage, ProtocolError> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| ProtocolError::BadJson(e.to_string()))?;
     let kind = value
@@ -105,7 +105,7 @@ pub fn parse(text: &str) -> Result<ClientMessage, ProtocolError> {
     })
 }
 
-pub fn decode_base64(data: &str) -> Result<Vec<u8>, ProtocolError> {
+pub(crate) fn decode_base64(data: &str) -> Result<Vec<u8>, ProtocolError> {
     base64::engine::general_purpose::STANDARD
         .decode(data)
         .map_err(|e| ProtocolError::BadBase64(e.to_string()))
@@ -114,7 +114,7 @@ pub fn decode_base64(data: &str) -> Result<Vec<u8>, ProtocolError> {
 /// Server → client messages.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type")]
-pub enum ServerMessage<'a> {
+pub(crate) enum ServerMessage<'a> {
     #[serde(rename = "websocket_ready")]
     Ready,
     #[serde(rename = "websocket_audio")]
@@ -144,13 +144,13 @@ pub enum ServerMessage<'a> {
 }
 
 impl ServerMessage<'_> {
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         serde_json::to_string(self).expect("server messages always serialize")
     }
 }
 
 /// One self-contained WAV message of bot audio, as the SDK's `decodeAudioData` needs.
-pub fn audio_message(samples: &[f32], rate: u32, encoding: Encoding) -> String {
+pub(crate) fn audio_message(samples: &[f32], rate: u32, encoding: Encoding) -> String {
     let bytes = wav::write(samples, rate, encoding);
     let data = base64::engine::general_purpose::STANDARD.encode(bytes);
     ServerMessage::Audio { data }.to_json()

@@ -44,7 +44,7 @@ struct Pending {
     got_audio: bool,
 }
 
-pub struct ContextTask {
+pub(crate) struct ContextTask {
     pub socket: Socket,
     /// Some: a context of a multi-context socket. None: the socket is this reply's own.
     pub context_id: Option<String>,
@@ -54,7 +54,7 @@ pub struct ContextTask {
 }
 
 impl ContextTask {
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         mut units: mpsc::Receiver<TextUnit>,
         cancel: CancellationToken,

@@ -68,7 +68,7 @@ impl Default for ElevenLabsConfig {
 }
 
 /// The `output_format` for a caller, and how its bytes decode.
-pub fn output_format(hint: OutputHint) -> (String, BodyFormat) {
+pub(crate) fn output_format(hint: OutputHint) -> (String, BodyFormat) {
     if hint.encoding == Encoding::Mulaw && hint.sample_rate == 8_000 {
         return ("ulaw_8000".into(), BodyFormat::Mulaw8k);
     }

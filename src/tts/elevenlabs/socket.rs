@@ -20,9 +20,9 @@ use crate::tts::TtsError;
 const COMMAND_QUEUE: usize = 64;
 /// Events waiting for a reply's context task; a full queue makes the socket task wait to read,
 /// which backs the server off through TCP.
-pub const EVENT_QUEUE: usize = 64;
+pub(crate) const EVENT_QUEUE: usize = 64;
 
-pub enum Command {
+pub(crate) enum Command {
     /// A JSON message for the server.
     Send(String),
     /// Routes a context's events (None: a single-context socket) to `sink`.
@@ -31,7 +31,7 @@ pub enum Command {
 }
 
 #[derive(Debug)]
-pub enum Event {
+pub(crate) enum Event {
     /// Decoded base64 audio, and how many characters of text it speaks when the server said.
     Audio {
         bytes: Vec<u8>,
@@ -45,25 +45,25 @@ pub enum Event {
 
 /// The handle replies hold. Dropping every handle closes the socket with a close frame.
 #[derive(Clone)]
-pub struct Socket {
+pub(crate) struct Socket {
     commands: mpsc::Sender<Command>,
 }
 
 impl Socket {
     /// Starts connecting in the background; commands queue until the handshake is done.
     /// `hello` is sent first (a single-context socket's opening message).
-    pub fn open(url: String, key: ApiKey, connect: Duration, hello: Option<String>) -> Self {
+    pub(crate) fn open(url: String, key: ApiKey, connect: Duration, hello: Option<String>) -> Self {
         let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
         tokio::spawn(run(url, key, connect, hello, rx));
         Socket { commands }
     }
 
     /// False once the socket task has ended (the server closed it, or it never connected).
-    pub fn is_alive(&self) -> bool {
+    pub(crate) fn is_alive(&self) -> bool {
         !self.commands.is_closed()
     }
 
-    pub async fn send(&self, command: Command) -> bool {
+    pub(crate) async fn send(&self, command: Command) -> bool {
         self.commands.send(command).await.is_ok()
     }
 }
@@ -90,7 +90,7 @@ struct Alignment {
 }
 
 /// Characters that carry speech: whitespace is not counted, since servers normalise it.
-pub fn spoken_chars(text: &str) -> usize {
+pub(crate) fn spoken_chars(text: &str) -> usize {
     text.chars().filter(|c| !c.is_whitespace()).count()
 }
 
