@@ -1,9 +1,12 @@
 //! Soak test (run through `scripts/soak`): N simulated callers hold real-time conversations with a
 //! fresh `gazelle serve` (scripted model, local voice) for T minutes, with a barge-in every third
 //! turn, while the server process is sampled (RSS, threads, open file descriptors, CPU, and the
-//! gauges of `/metrics`). At the end every caller hangs up and the gauges must return to 0.
+//! gauges of `/metrics`). Each caller hangs up after a call of one to three minutes and dials
+//! again, so calls start and end all through the run; at the end every caller hangs up and the
+//! gauges must return to 0.
 //!
-//! Pass: RSS flat within ±5 % of its level at the end of the warm-up, no late or missing reply
+//! Pass: RSS flat within ±5 % of its level at the end of the warm-up (the median of its last
+//! minute), no late or missing reply
 //! (first reply audio more than `--late-ms` after the caller's speech ended), no stale audio (a
 //! frame of a cut reply after its `gazelle_clear`), every barge-in cleared, and the gauges back to
 //! 0. Prints a table; `--json FILE` writes it too.
@@ -90,6 +93,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let question = load::utterance("Hello, could you tell me when the store opens?").await?;
     let interrupt = load::utterance("Wait, what about Sundays?").await?;
     let (question, interrupt) = (Arc::new(question), Arc::new(interrupt));
+    let calls_placed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let silence = Arc::new(load::silence_message());
     let mut server = load::start_server(
         &args.bin,
@@ -105,14 +109,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for k in 0..args.calls {
         let url = format!("ws://127.0.0.1:{}/conversation", args.port);
         let (q, i, s) = (question.clone(), interrupt.clone(), silence.clone());
+        let placed = calls_placed.clone();
         let late = Duration::from_millis(args.late_ms);
         // Spread the callers so their turns do not line up.
         let offset = Duration::from_millis(k as u64 * 8_000 / args.calls as u64);
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep(offset).await;
             let mut stats = CallerStats::default();
-            if let Err(e) = caller(&url, &q, &i, &s, end, late, k, &mut stats).await {
-                stats.error = Some(e.to_string());
+            // Calls of 60–180 s, back to back, until the end.
+            let mut seed = k as u64 * 7_919 + 17;
+            while Instant::now() + Duration::from_secs(12) < end {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                let length = Duration::from_secs(60 + (seed >> 33) % 121);
+                let hang_up = (Instant::now() + length).min(end);
+                placed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = caller(&url, &q, &i, &s, hang_up, late, k, &mut stats).await {
+                    stats.error = Some(e.to_string());
+                    break;
+                }
             }
             stats
         }));
@@ -162,15 +176,41 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let warmup = args
         .warmup_minutes
         .unwrap_or((args.minutes * 0.1).max(2.0).min(args.minutes / 2.0));
-    let reference = samples
+    let mut last_minute: Vec<f64> = samples
         .iter()
-        .rfind(|s| s.minute <= warmup)
-        .map_or(f64::NAN, |s| s.rss_mb);
+        .filter(|s| s.minute <= warmup && s.minute > warmup - 1.0)
+        .map(|s| s.rss_mb)
+        .collect();
+    last_minute.sort_by(f64::total_cmp);
+    let reference = last_minute
+        .get(last_minute.len() / 2)
+        .copied()
+        .unwrap_or(f64::NAN);
     let later: Vec<f64> = samples
         .iter()
         .filter(|s| s.minute > warmup)
         .map(|s| s.rss_mb)
         .collect();
+    // Least-squares slope of RSS after the warm-up, in MB per minute: a leak shows here.
+    let points: Vec<(f64, f64)> = samples
+        .iter()
+        .filter(|s| s.minute > warmup)
+        .map(|s| (s.minute, s.rss_mb))
+        .collect();
+    let slope = {
+        let n = points.len() as f64;
+        let (mx, my) = (
+            points.iter().map(|p| p.0).sum::<f64>() / n,
+            points.iter().map(|p| p.1).sum::<f64>() / n,
+        );
+        let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+        let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+        if sxx > 0.0 {
+            sxy / sxx
+        } else {
+            0.0
+        }
+    };
     let rss_min = later.iter().copied().fold(f64::INFINITY, f64::min);
     let rss_max = later.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let drift_pct = |v: f64| (v / reference - 1.0) * 100.0;
@@ -193,9 +233,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         && stats.clears == stats.barge_ins
         && gauges_zero
         && errors.is_empty();
+    let placed = calls_placed.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "{} calls × {:.1} min: {} turns, {} replies, {} barge-ins ({} cleared), {} late, {} \
-         missing, {} stale frames; speech end → first audio p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        "{} callers × {:.1} min, {placed} calls placed: {} turns, {} replies, {} barge-ins ({} \
+         cleared), {} late, {} missing, {} stale frames; speech end → first audio p50 {:.0} ms, \
+         p99 {:.0} ms, max {:.0} ms",
         args.calls,
         args.minutes,
         stats.turns,
@@ -211,8 +253,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     println!(
         "RSS after {warmup:.1} min warm-up {reference:.0} MB, then {rss_min:.0}–{rss_max:.0} MB \
-         ({:+.1} % / {:+.1} %); gauges at the end: {} calls, {} pending, {} connections; \
-         caller errors: {}",
+         ({:+.1} % / {:+.1} %, slope {slope:+.2} MB/min); gauges at the end: {} calls, {} \
+         pending, {} connections (the sampler's own); caller errors: {}",
         drift_pct(rss_min),
         drift_pct(rss_max),
         after.active_calls,
@@ -226,7 +268,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("{}", if pass { "PASS" } else { "FAIL" });
     if let Some(path) = &args.json {
         let out = serde_json::json!({
-            "calls": args.calls,
+            "callers": args.calls,
+            "calls_placed": placed,
             "minutes": args.minutes,
             "warmup_minutes": warmup,
             "late_ms": args.late_ms,
@@ -238,7 +281,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "missing": stats.missing,
             "stale_frames": stats.stale_frames,
             "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)},
-            "rss_mb": {"reference": reference, "min": rss_min, "max": rss_max},
+            "rss_mb": {"reference": reference, "min": rss_min, "max": rss_max, "slope_per_min": slope},
             "rss_flat": rss_flat,
             "gauges_at_end": after,
             "caller_errors": errors,

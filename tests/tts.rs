@@ -454,7 +454,7 @@ async fn fallback_takes_over_mid_reply_and_the_next_reply_tries_the_primary() {
     );
     assert!(metrics
         .render()
-        .contains("gazelle_errors_total{kind=\"tts_openai\"} 1"));
+        .contains("gazelle_tts_failures_total{provider=\"openai\"} 1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -495,7 +495,7 @@ async fn a_call_survives_a_failing_primary_through_the_espeak_fallback() {
     assert!(errors.is_empty(), "{errors:?}");
     let metrics = server.state.services.metrics.render();
     assert!(
-        metrics.contains("gazelle_errors_total{kind=\"tts_elevenlabs\"}"),
+        metrics.contains("gazelle_tts_failures_total{provider=\"elevenlabs\"}"),
         "{metrics}"
     );
     assert!(peer

@@ -1,7 +1,14 @@
 //! Conversation context: the system prompt, the optional first message, and the turns so far. The
-//! bot's turns hold only what was actually played to the user.
+//! bot's turns hold only what was actually played to the user. A call keeps its last
+//! [`MAX_TURNS`] turns, so even a call that goes on for days holds bounded memory; the model
+//! keeps its own, shorter context.
+
+use std::collections::VecDeque;
 
 use serde::Serialize;
+
+/// Turns a call's history keeps; older ones are dropped (and counted).
+pub(crate) const MAX_TURNS: usize = 1_000;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "role", rename_all = "lowercase")]
@@ -16,7 +23,10 @@ pub(crate) enum Turn {
 pub(crate) struct Conversation {
     pub system_prompt: Option<String>,
     pub first_message: Option<String>,
-    pub turns: Vec<Turn>,
+    /// The newest turns, oldest first.
+    pub turns: VecDeque<Turn>,
+    /// Turns dropped from the front to keep at most [`MAX_TURNS`].
+    pub dropped_turns: u64,
 }
 
 impl Conversation {
@@ -24,7 +34,31 @@ impl Conversation {
         Conversation {
             system_prompt,
             first_message,
-            turns: Vec::new(),
+            ..Default::default()
         }
+    }
+
+    pub(crate) fn push(&mut self, turn: Turn) {
+        if self.turns.len() == MAX_TURNS {
+            self.turns.pop_front();
+            self.dropped_turns += 1;
+        }
+        self.turns.push_back(turn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_call_keeps_its_newest_turns() {
+        let mut c = Conversation::default();
+        for i in 0..(MAX_TURNS as u64 + 5) {
+            c.push(Turn::User { duration_ms: i });
+        }
+        assert_eq!(c.turns.len(), MAX_TURNS);
+        assert_eq!(c.dropped_turns, 5);
+        assert_eq!(c.turns[0], Turn::User { duration_ms: 5 });
     }
 }

@@ -164,7 +164,7 @@ impl Actor {
                 tracing::debug!(duration_ms, forced, "user turn");
                 let cancel = self.cancel.child_token();
                 let tokens = self.session.respond(UserTurn { audio }, cancel.clone());
-                self.conversation.turns.push(Turn::User { duration_ms });
+                self.conversation.push(Turn::User { duration_ms });
                 let turn_end = (true_end, detected, duration_ms as f64);
                 self.start_reply(tokens, cancel, Some(turn_end));
             }
@@ -330,7 +330,7 @@ impl Actor {
         let Some(r) = self.reply.take() else { return };
         let text = r.units.join(" ");
         if !text.is_empty() {
-            self.conversation.turns.push(Turn::Bot {
+            self.conversation.push(Turn::Bot {
                 text,
                 interrupted: false,
             });
@@ -363,7 +363,7 @@ impl Actor {
             .await;
         self.session.reply_truncated(&spoken);
         if !spoken.is_empty() {
-            self.conversation.turns.push(Turn::Bot {
+            self.conversation.push(Turn::Bot {
                 text: spoken,
                 interrupted: true,
             });
