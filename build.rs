@@ -1,6 +1,6 @@
 //! Compiles `kernels/*.cu` to PTX with nvcc, only when the `cuda` feature is on; without it this is
 //! a no-op, so CPU builds and CI never need CUDA. The PTX lands in `$OUT_DIR/<name>.ptx` and is
-//! embedded by `src/model/gazelle/cuda/ptx.rs` for loading through candle's cudarc at run time.
+//! embedded by the kernel files of `src/model/cuda/` for loading through candle's cudarc at run time.
 //!
 //! nvcc comes from `$NVCC`, else `$CUDA_ROOT/bin/nvcc` (or CUDA_HOME / CUDA_PATH), else PATH.
 //! The target is `sm_$CUDA_COMPUTE_CAP` (default 90, Hopper). The PTX must come from an nvcc no

@@ -328,19 +328,7 @@ async fn twilio_parameters(server: &common::TestServer, call_sid: &str) -> serde
     )
     .await;
     assert_eq!(status, 200, "{twiml}");
-    let mut params = serde_json::Map::new();
-    for part in twiml.split("<Parameter name=\"").skip(1) {
-        let (name, rest) = part.split_once('"').unwrap();
-        let value = rest
-            .split_once("value=\"")
-            .unwrap()
-            .1
-            .split_once('"')
-            .unwrap()
-            .0;
-        params.insert(name.to_string(), value.into());
-    }
-    params.into()
+    common::twiml_parameters(&twiml).into()
 }
 
 fn twilio_start(call_sid: &str, params: serde_json::Value) -> String {

@@ -59,7 +59,7 @@ impl Caller {
         )
         .await;
         assert_eq!(status, 200, "{twiml}");
-        let custom = twiml_parameters(&twiml);
+        let custom = common::twiml_parameters(&twiml);
         assert!(custom.contains_key(protocol_token()), "{twiml}");
         let url = format!("ws://{}/twilio/stream", server.addr);
         let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
@@ -190,30 +190,6 @@ impl Caller {
     fn hang_up(&self) {
         self.send_raw(r#"{"event":"stop","sequenceNumber":"999","streamSid":"MZ1","stop":{}}"#);
     }
-}
-
-/// The `<Parameter>`s of a TwiML answer, unescaped.
-fn twiml_parameters(twiml: &str) -> serde_json::Map<String, serde_json::Value> {
-    let unescape = |s: &str| {
-        s.replace("&quot;", "\"")
-            .replace("&apos;", "'")
-            .replace("&lt;", "<")
-            .replace("&gt;", ">")
-            .replace("&amp;", "&")
-    };
-    let mut out = serde_json::Map::new();
-    for part in twiml.split("<Parameter name=\"").skip(1) {
-        let (name, rest) = part.split_once('"').unwrap();
-        let value = rest
-            .split_once("value=\"")
-            .unwrap()
-            .1
-            .split_once('"')
-            .unwrap()
-            .0;
-        out.insert(unescape(name), serde_json::Value::String(unescape(value)));
-    }
-    out
 }
 
 fn protocol_token() -> &'static str {

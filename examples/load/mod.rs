@@ -16,6 +16,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub const RATE: u32 = 16_000;
 pub const CHUNK_MS: u64 = 20;
 
+/// Runs the tool on two worker threads (the callers share the machine with the server).
+pub fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
 /// `text` spoken by espeak-ng as 20 ms websocket messages, and the index of the message in which
 /// speech ends.
 pub async fn utterance(text: &str) -> anyhow::Result<(Vec<String>, usize)> {

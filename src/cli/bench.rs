@@ -9,9 +9,9 @@ use candle_core::{DType, Tensor};
 use clap::Args;
 
 use super::bench_suite::{self, random_audio, text_id, token_ids, SuiteOptions};
-use gazelle::model::device::{open_device, DeviceKind, WeightDtype};
+
 use gazelle::model::gazelle::random::random_gazelle;
-use gazelle::model::gazelle::{GazelleConfig, Precision};
+use gazelle::model::gazelle::GazelleConfig;
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -22,12 +22,8 @@ pub struct BenchArgs {
     /// Build only this many decoder layers (memory); times are also scaled to the full depth.
     #[arg(long)]
     pub layers: Option<usize>,
-    #[arg(long, value_enum, default_value = "bf16")]
-    pub dtype: WeightDtype,
-    #[arg(long, value_enum, default_value = "f32")]
-    pub audio_dtype: WeightDtype,
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceKind,
+    #[command(flatten)]
+    pub precision: super::PrecisionArgs,
     /// Seconds of (random) audio in the turn.
     #[arg(long, default_value_t = 5.0)]
     pub audio_seconds: f64,
@@ -98,14 +94,13 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     let full_layers = cfg.text.num_hidden_layers;
     let layers = args.layers.unwrap_or(full_layers).clamp(1, full_layers);
     cfg.text.num_hidden_layers = layers;
-    let device = open_device(args.device)?;
-    let (dtype, audio_dtype): (DType, DType) = (args.dtype.into(), args.audio_dtype.into());
+    let (device, precision) = args.precision.open()?;
+    let (dtype, audio_dtype): (DType, DType) = (precision.weights, precision.audio);
     let name = &args.random_weights;
     eprintln!(
         "building random {name} ({layers}/{full_layers} layers, {dtype:?}, {audio_dtype:?} audio)"
     );
     let t = Instant::now();
-    let precision = Precision::new(dtype, audio_dtype, &device);
     let model = random_gazelle(&cfg, precision, &device, 1)?;
     let build_s = t.elapsed().as_secs_f64();
     if args.suite {

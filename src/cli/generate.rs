@@ -11,9 +11,10 @@ use anyhow::Context;
 use clap::Args;
 
 use gazelle::audio::{resample::resample_all, wav, MODEL_RATE};
-use gazelle::model::device::{open_device, DeviceKind, WeightDtype};
+#[cfg(test)]
+use gazelle::model::device::{DeviceKind, WeightDtype};
 use gazelle::model::gazelle::hub::{self, HubOptions, DEFAULT_REPO};
-use gazelle::model::gazelle::{GenerationParams, Precision};
+use gazelle::model::gazelle::GenerationParams;
 
 /// Where the model comes from (shared by generate, download and serve).
 #[derive(Debug, Clone, Args)]
@@ -71,14 +72,8 @@ pub struct GenerateArgs {
     pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Language model dtype.
-    #[arg(long, value_enum, default_value = "bf16")]
-    pub dtype: WeightDtype,
-    /// Audio tower and projector dtype (f32 keeps them within 1e-4 of PyTorch; they are small).
-    #[arg(long, value_enum, default_value = "f32")]
-    pub audio_dtype: WeightDtype,
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceKind,
+    #[command(flatten)]
+    pub precision: super::PrecisionArgs,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -90,11 +85,10 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
 
 /// `gazelle generate`, writing the streamed text (or the JSON object) to `out`.
 fn generate_to(args: GenerateArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    let device = open_device(args.device)?;
+    let (device, precision) = args.precision.open()?;
     let audio = read_wav_16k(&args.audio)?;
     let files = hub::resolve(&args.model.model, &args.model.hub_options(!args.json))?;
     let t = Instant::now();
-    let precision = Precision::new(args.dtype.into(), args.audio_dtype.into(), &device);
     let engine = hub::load_engine(&files, precision, &device)?;
     let engine = Arc::new(engine);
     tracing::info!(
@@ -188,9 +182,11 @@ mod tests {
             top_k: 0,
             repetition_penalty: 1.1,
             seed: 3,
-            dtype: WeightDtype::F32,
-            audio_dtype: WeightDtype::F32,
-            device: DeviceKind::Cpu,
+            precision: super::super::PrecisionArgs {
+                dtype: WeightDtype::F32,
+                audio_dtype: WeightDtype::F32,
+                device: DeviceKind::Cpu,
+            },
             json: true,
         };
         let mut out = Vec::new();

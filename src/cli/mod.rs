@@ -8,6 +8,31 @@ pub mod generate;
 pub mod serve;
 pub mod vad;
 
+use gazelle::model::device::{open_device, DeviceKind, WeightDtype};
+use gazelle::model::gazelle::Precision;
+
+/// Where and in what precision the model runs (`generate` and `bench-model`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrecisionArgs {
+    /// Language model dtype.
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub dtype: WeightDtype,
+    /// Audio tower and projector dtype (f32 keeps them within 1e-4 of PyTorch; they are small).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub audio_dtype: WeightDtype,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceKind,
+}
+
+impl PrecisionArgs {
+    /// Opens the device and says how the model's parts are stored and computed there.
+    pub fn open(&self) -> anyhow::Result<(candle_core::Device, Precision)> {
+        let device = open_device(self.device)?;
+        let precision = Precision::new(self.dtype.into(), self.audio_dtype.into(), &device);
+        Ok((device, precision))
+    }
+}
+
 pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -2,6 +2,8 @@
 //! that stands in where no GPU or weights are at hand. A model is shared by every call; each call
 //! opens a session that owns its per-call state (for Gazelle, the KV cache).
 
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub mod device;
 pub mod gazelle;
 pub(crate) mod loading;

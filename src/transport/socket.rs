@@ -246,6 +246,79 @@ impl Drop for Admission {
     }
 }
 
+/// A websocket frame, as both protocols see it.
+pub(crate) enum Frame {
+    Text(axum::extract::ws::Utf8Bytes),
+    /// Neither protocol has binary frames.
+    Binary,
+    /// Over the socket's own size limit: the connection cannot go on (1009).
+    TooBig,
+    /// The caller closed the socket, or it broke.
+    Closed,
+    /// Pings and pongs.
+    Other,
+}
+
+/// What a received websocket message is.
+pub(crate) fn frame(msg: Option<Result<Message, axum::Error>>) -> Frame {
+    match msg {
+        Some(Ok(Message::Text(t))) => Frame::Text(t),
+        Some(Ok(Message::Binary(_))) => Frame::Binary,
+        Some(Err(e)) if too_big(&e) => Frame::TooBig,
+        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Frame::Closed,
+        Some(Ok(_)) => Frame::Other,
+    }
+}
+
+/// Whether the socket layer refused a message over its size limit.
+fn too_big(e: &axum::Error) -> bool {
+    use std::error::Error as _;
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(t) = s.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+            return matches!(t, tokio_tungstenite::tungstenite::Error::Capacity(_));
+        }
+        source = s.source();
+    }
+    e.to_string().contains("Space limit exceeded")
+}
+
+/// The next frame from a started call's caller, or why the call ends: the server stops, the
+/// writer died, or nothing arrived for the idle timeout. Pings go out on the way.
+pub(crate) async fn next_frame<S>(
+    stream: &mut S,
+    keepalive: &mut Keepalive,
+    ctl: &mpsc::Sender<Control>,
+    server: &CancellationToken,
+    dead: &CancellationToken,
+) -> Result<Frame, Ending>
+where
+    S: futures::Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    use futures::StreamExt;
+    loop {
+        let msg = tokio::select! {
+            _ = server.cancelled() => return Err(Ending::Shutdown),
+            _ = dead.cancelled() => return Err(Ending::Hangup),
+            beat = keepalive.beat() => match beat {
+                Beat::Ping => {
+                    let _ = ctl.try_send(Control::Ping);
+                    continue;
+                }
+                Beat::Idle(quiet) => return Err(Ending::Idle(quiet)),
+            },
+            m = stream.next() => m,
+        };
+        let f = frame(msg);
+        // Only the protocol's own messages count: a peer that answers pings but sends nothing
+        // is not on a call.
+        if matches!(f, Frame::Text(_) | Frame::Binary) {
+            keepalive.heard();
+        }
+        return Ok(f);
+    }
+}
+
 /// The reader's keep-alive: when to ping and when the line counts as dead.
 pub(crate) struct Keepalive {
     tick: tokio::time::Interval,

@@ -178,3 +178,27 @@ pub async fn http(
         .unwrap_or_default();
     (status, body)
 }
+
+/// The `<Parameter>`s of a TwiML answer, unescaped.
+pub fn twiml_parameters(twiml: &str) -> serde_json::Map<String, serde_json::Value> {
+    let unescape = |s: &str| {
+        s.replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&amp;", "&")
+    };
+    let mut out = serde_json::Map::new();
+    for part in twiml.split("<Parameter name=\"").skip(1) {
+        let (name, rest) = part.split_once('"').unwrap();
+        let value = rest
+            .split_once("value=\"")
+            .unwrap()
+            .1
+            .split_once('"')
+            .unwrap()
+            .0;
+        out.insert(unescape(name), serde_json::Value::String(unescape(value)));
+    }
+    out
+}

@@ -5,9 +5,9 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::gazelle::Precision;
-use super::kernels;
+use super::model::Precision;
 use super::parity_tests::{check_on, rel_err_l2};
+use crate::model::cuda as kernels;
 
 fn cuda() -> Device {
     Device::new_cuda(0).expect("these tests need a CUDA GPU (built with --features cuda)")

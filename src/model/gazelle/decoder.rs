@@ -12,123 +12,11 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
-use super::linear::Linear;
-
-#[cfg(feature = "cuda")]
-use super::kernels;
-
 use super::config::TextConfig;
+pub use super::kv_cache::KvCache;
+use super::linear::Linear;
+use super::ops::{self, project, Heads};
 use super::wav2vec2::softmax_f32;
-
-/// Per-call key/value cache for every layer, preallocated and grown by doubling.
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    /// Per layer (k, v), each [1, KV, capacity, hd]; only the first `len` positions are valid.
-    layers: Vec<(Tensor, Tensor)>,
-    len: usize,
-    capacity: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    max_len: usize,
-}
-
-impl KvCache {
-    /// An empty cache with room for `capacity` positions before it has to grow.
-    pub(crate) fn new(
-        cfg: &TextConfig,
-        capacity: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let capacity = capacity.clamp(1, cfg.max_position_embeddings.max(1));
-        let shape = (1, cfg.num_key_value_heads, capacity, cfg.head_dim);
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|_| {
-                Ok((
-                    Tensor::zeros(shape, dtype, device)?,
-                    Tensor::zeros(shape, dtype, device)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            layers,
-            len: 0,
-            capacity,
-            kv_heads: cfg.num_key_value_heads,
-            head_dim: cfg.head_dim,
-            max_len: cfg.max_position_embeddings,
-        })
-    }
-
-    /// Number of valid positions (the next token's position id).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    #[cfg(test)]
-    pub(crate) fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// The most positions it can ever hold (`max_position_embeddings`, or a lower limit).
-    pub(crate) fn max_len(&self) -> usize {
-        self.max_len
-    }
-
-    /// Caps the positions it may hold below `max_position_embeddings`, bounding its memory.
-    pub(crate) fn limit(&mut self, max_len: usize) {
-        self.max_len = self.max_len.min(max_len.max(1));
-    }
-
-    /// Forgets every position from `len` on (barge-in, or a re-prefill from a common prefix).
-    pub(crate) fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
-    fn reserve(&mut self, extra: usize) -> Result<()> {
-        let needed = self.len + extra;
-        if needed > self.max_len {
-            candle_core::bail!(
-                "sequence of {needed} positions exceeds the context limit of {}",
-                self.max_len
-            );
-        }
-        if needed <= self.capacity {
-            return Ok(());
-        }
-        let capacity = needed.max(self.capacity * 2).min(self.max_len);
-        for (k, v) in self.layers.iter_mut() {
-            let shape = (1, self.kv_heads, capacity, self.head_dim);
-            let (nk, nv) = (
-                Tensor::zeros(shape, k.dtype(), k.device())?,
-                Tensor::zeros(shape, v.dtype(), v.device())?,
-            );
-            if self.len > 0 {
-                nk.slice_set(&k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                nv.slice_set(&v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-            }
-            (*k, *v) = (nk, nv);
-        }
-        self.capacity = capacity;
-        Ok(())
-    }
-
-    /// One layer's whole preallocated (k, v), for kernels that write or read it directly.
-    #[cfg(feature = "cuda")]
-    fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
-        let (k, v) = &self.layers[layer];
-        (k, v)
-    }
-
-    /// Writes [1, KV, L, hd] keys/values at `self.len` and returns views of all valid positions.
-    fn write(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (ck, cv) = &self.layers[layer];
-        let total = self.len + k.dim(2)?;
-        ck.slice_set(k, 2, self.len)?;
-        cv.slice_set(v, 2, self.len)?;
-        Ok((ck.narrow(2, 0, total)?, cv.narrow(2, 0, total)?))
-    }
-}
 
 /// Rotary position embedding tables for a run of positions.
 struct Rope {
@@ -195,30 +83,14 @@ fn attention_mask(
     ))
 }
 
-/// `lin(x)`, through our bf16 GEMV kernel for a single CUDA row when `GAZELLE_KERNELS` asks.
-fn project(lin: &Linear, x: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if kernels::enabled().gemv
-        && kernels::usable(x)
-        && lin.weight().dtype() == DType::BF16
-        && x.elem_count() == x.dim(candle_core::D::Minus1)?
-    {
-        return kernels::gemv(x, lin.weight());
-    }
-    lin.forward(x)
-}
-
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
+    h: Heads,
     /// Mistral's sliding window, for the decode-attention kernel's first visible position.
-    #[cfg(feature = "cuda")]
     window: Option<usize>,
 }
 
@@ -234,10 +106,11 @@ impl Attention {
             k_proj: Linear::load(h, nkv * hd, dt, vb.pp("k_proj"))?,
             v_proj: Linear::load(h, nkv * hd, dt, vb.pp("v_proj"))?,
             o_proj: Linear::load(nh * hd, h, dt, vb.pp("o_proj"))?,
-            heads: nh,
-            kv_heads: nkv,
-            head_dim: hd,
-            #[cfg(feature = "cuda")]
+            h: Heads {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+            },
             window: cfg.sliding_window,
         })
     }
@@ -252,59 +125,34 @@ impl Attention {
         layer: usize,
     ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
-        let hd = self.head_dim;
+        let Heads {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+        } = self.h;
         let (q, k, v) = (
             project(&self.q_proj, x)?,
             project(&self.k_proj, x)?,
             project(&self.v_proj, x)?,
         );
-        #[cfg(feature = "cuda")]
-        if kernels::enabled().rope && kernels::usable(x) {
-            return self.forward_fused(q, k, v, rope, mask, cache, layer);
+        let tables = (&rope.cos, &rope.sin);
+        if let Some(q) = ops::fused_rope_append(&q, &k, &v, tables, cache, layer, self.h)? {
+            // Rotary and the cache append ran in one kernel; attend over the cache as it is now.
+            let total = cache.len() + l;
+            let start = self.window.map_or(0, |w| total.saturating_sub(w));
+            if let Some(y) = ops::decode_attention(&q, cache, layer, (start, total), self.h)? {
+                return project(&self.o_proj, &y.reshape((b, l, nh * hd))?);
+            }
+            let (kc, vc) = cache.layer(layer);
+            let (k, v) = (kc.narrow(2, 0, total)?, vc.narrow(2, 0, total)?);
+            return self.attend(&q, &k, &v, mask);
         }
-        let q = q.reshape((b, l, self.heads, hd))?.transpose(1, 2)?;
-        let k = k.reshape((b, l, self.kv_heads, hd))?.transpose(1, 2)?;
-        let v = v.reshape((b, l, self.kv_heads, hd))?.transpose(1, 2)?;
+        let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?;
+        let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?;
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         let (k, v) = cache.write(layer, &k, &v.contiguous()?)?;
-        self.attend(&q, &k, &v, mask)
-    }
-
-    /// Rotary + cache append in one kernel, then our decode-attention kernel for a single
-    /// position (head_dim 128) or the matmul attention over the cache views otherwise.
-    #[cfg(feature = "cuda")]
-    #[allow(clippy::too_many_arguments)]
-    fn forward_fused(
-        &self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        rope: &Rope,
-        mask: Option<&Tensor>,
-        cache: &mut KvCache,
-        layer: usize,
-    ) -> Result<Tensor> {
-        let (b, l, _) = q.dims3()?;
-        let (offset, total) = (cache.len, cache.len + l);
-        let (kc, vc) = cache.layer(layer);
-        let shape = (self.heads, self.kv_heads, self.head_dim);
-        let q = kernels::rope_kv_append(&q, &k, &v, &rope.cos, &rope.sin, kc, vc, shape, offset)?;
-        let rep = self.heads / self.kv_heads;
-        if l == 1
-            && kernels::enabled().attention
-            && self.head_dim == kernels::ATTENTION_HEAD_DIM
-            && rep <= kernels::ATTENTION_MAX_REP
-        {
-            let start = self.window.map_or(0, |w| total.saturating_sub(w));
-            let scale = (self.head_dim as f64).powf(-0.5);
-            let y = kernels::decode_attention(&q, kc, vc, start, total, scale)?;
-            return project(
-                &self.o_proj,
-                &y.reshape((b, l, self.heads * self.head_dim))?,
-            );
-        }
-        let (k, v) = (kc.narrow(2, 0, total)?, vc.narrow(2, 0, total)?);
         self.attend(&q, &k, &v, mask)
     }
 
@@ -312,23 +160,28 @@ impl Attention {
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, _, l, hd) = q.dims4()?;
         let s = k.dim(2)?;
-        let rep = self.heads / self.kv_heads;
+        let Heads {
+            heads: nh,
+            kv_heads: nkv,
+            ..
+        } = self.h;
+        let rep = nh / nkv;
         // Query heads kv*rep..kv*rep+rep share key/value head kv: fold them into rows.
-        let q = q.reshape((b, self.kv_heads, rep * l, hd))?;
+        let q = q.reshape((b, nkv, rep * l, hd))?;
         let att = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
         let att = match mask {
             Some(m) => att
-                .reshape((b, self.kv_heads, rep, l, s))?
+                .reshape((b, nkv, rep, l, s))?
                 .broadcast_add(m)?
-                .reshape((b, self.kv_heads, rep * l, s))?,
+                .reshape((b, nkv, rep * l, s))?,
             None => att,
         };
         let att = softmax_f32(&att)?;
         let y = att.matmul(v)?; // [1, KV, rep*L, hd]
         let y = y
-            .reshape((b, self.heads, l, hd))?
+            .reshape((b, nh, l, hd))?
             .transpose(1, 2)?
-            .reshape((b, l, self.heads * hd))?;
+            .reshape((b, l, nh * hd))?;
         project(&self.o_proj, &y)
     }
 }
@@ -353,12 +206,7 @@ impl Mlp {
     /// [1, L, D] -> [1, L, D]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (gate, up) = (project(&self.gate_proj, x)?, project(&self.up_proj, x)?);
-        #[cfg(feature = "cuda")]
-        if kernels::enabled().swiglu && kernels::usable(&gate) {
-            return project(&self.down_proj, &kernels::swiglu(&gate, &up)?);
-        }
-        let gate = candle_nn::ops::silu(&gate)?;
-        project(&self.down_proj, &(gate * up)?)
+        project(&self.down_proj, &ops::swiglu(&gate, &up)?)
     }
 }
 
@@ -391,14 +239,7 @@ impl DecoderLayer {
     ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
         let a = self.self_attn.forward(&h, rope, mask, cache, layer)?;
-        #[cfg(feature = "cuda")]
-        if kernels::enabled().rmsnorm && kernels::usable(x) {
-            let norm = &self.post_attention_layernorm;
-            let (h, x) = kernels::rms_norm_residual(x, &a, norm.weight(), norm.eps())?;
-            return x + self.mlp.forward(&h)?;
-        }
-        let x = (x + a)?;
-        let h = self.post_attention_layernorm.forward(&x)?;
+        let (h, x) = ops::add_norm(x, &a, &self.post_attention_layernorm)?;
         x + self.mlp.forward(&h)?
     }
 }
@@ -431,6 +272,7 @@ impl CausalLm {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(cfg, m.pp("layers").pp(i), compute))
             .collect::<Result<Vec<_>>>()?;
+        tracing::debug!(kernels = ?ops::enabled(), "decoder ops (GAZELLE_KERNELS)");
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(embed_tokens.embeddings().clone(), compute)
         } else {
@@ -471,7 +313,7 @@ impl CausalLm {
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(&h, &rope, mask.as_ref(), cache, i)?;
         }
-        cache.len += l;
+        cache.advance(l);
         self.norm.forward(&h)
     }
 
@@ -522,30 +364,5 @@ mod tests {
         let w: Vec<Vec<f32>> = w.to_vec2().unwrap();
         let inf = f32::NEG_INFINITY;
         assert_eq!(w[0], vec![inf, inf, 0., 0., 0.]);
-    }
-
-    #[test]
-    fn cache_grows_and_truncates() {
-        let cfg = TextConfig {
-            num_hidden_layers: 1,
-            num_key_value_heads: 1,
-            head_dim: 2,
-            max_position_embeddings: 64,
-            ..TextConfig::llama2_7b()
-        };
-        let mut c = KvCache::new(&cfg, 2, DType::F32, &Device::Cpu).unwrap();
-        let kv = |x: f32, n: usize| Tensor::full(x, (1, 1, n, 2), &Device::Cpu).unwrap();
-        c.reserve(2).unwrap();
-        c.write(0, &kv(1., 2), &kv(1., 2)).unwrap();
-        c.len += 2;
-        c.reserve(3).unwrap();
-        assert!(c.capacity() >= 5);
-        let (k, _) = c.write(0, &kv(2., 3), &kv(2., 3)).unwrap();
-        c.len += 3;
-        let k: Vec<f32> = k.flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(k, vec![1., 1., 1., 1., 2., 2., 2., 2., 2., 2.]);
-        c.truncate(1);
-        assert_eq!(c.len(), 1);
-        assert!(c.reserve(100).is_err(), "past max_position_embeddings");
     }
 }

@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::decoder::KvCache;
-use super::gazelle::Gazelle;
+use super::model::Gazelle;
 
 /// Sampling settings for one reply.
 #[derive(Debug, Clone, PartialEq)]

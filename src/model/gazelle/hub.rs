@@ -14,7 +14,7 @@ use hf_hub::{Cache, Repo, RepoType};
 use candle_core::Device;
 
 use super::config::{ConfigError, GazelleConfig};
-use super::gazelle::{Gazelle, Precision};
+use super::model::{Gazelle, Precision};
 use super::prompt::{ChatPrompt, PromptError};
 use super::session::GazelleEngine;
 

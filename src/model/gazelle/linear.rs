@@ -33,6 +33,12 @@ impl Linear {
     ) -> Result<Self> {
         Ok(Self::new(vb.get((out_dim, in_dim), "weight")?, compute))
     }
+
+    /// The [out, in] weight, for the fused GEMV kernel.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
 }
 
 impl Module for Linear {

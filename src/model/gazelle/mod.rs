@@ -6,13 +6,12 @@
 
 pub(crate) mod config;
 pub(crate) mod decoder;
-#[allow(clippy::module_inception)]
-pub(crate) mod gazelle;
 pub(crate) mod generation;
 pub mod hub;
-#[cfg(feature = "cuda")]
-pub(crate) mod kernels;
+pub(crate) mod kv_cache;
 pub(crate) mod linear;
+pub(crate) mod model;
+pub(crate) mod ops;
 pub(crate) mod projector;
 pub(crate) mod prompt;
 pub mod random;
@@ -20,8 +19,8 @@ pub(crate) mod session;
 pub(crate) mod wav2vec2;
 
 pub use config::{GazelleConfig, TextArch, TextConfig, Wav2Vec2Config};
-pub use gazelle::{AudioStages, Gazelle, Precision};
 pub use generation::{GenerationParams, StopReason};
+pub use model::{AudioStages, Gazelle, Precision};
 pub(crate) use session::Spoken;
 pub use session::{GazelleEngine, GazelleSession};
 

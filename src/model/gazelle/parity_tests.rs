@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use super::config::GazelleConfig;
-use super::gazelle::{Gazelle, Precision};
+use super::model::{Gazelle, Precision};
 
 pub(crate) fn fixture_dir(variant: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

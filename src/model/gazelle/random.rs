@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::GazelleConfig;
-use super::gazelle::{Gazelle, Precision};
+use super::model::{Gazelle, Precision};
 
 /// Every checkpoint key with its shape, in `save_pretrained` naming (parametrized pos conv).
 pub(crate) fn checkpoint_shapes(cfg: &GazelleConfig) -> Vec<(String, Vec<usize>)> {

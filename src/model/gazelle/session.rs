@@ -16,8 +16,8 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use super::decoder::KvCache;
-use super::gazelle::Gazelle;
 use super::generation::{generate, GenerationParams, StopReason};
+use super::model::Gazelle;
 use super::prompt::{
     user_content_with_audio, ChatMessage, ChatPrompt, PromptError, TextStream, AUDIO_PLACEHOLDER,
 };

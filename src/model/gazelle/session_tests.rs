@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
-use super::gazelle::Precision;
 use super::generation::{GenerationParams, StopReason};
+use super::model::Precision;
 use super::parity_tests::{fixture_dir, load_fixture_with, rel_err};
 use super::prompt::ChatPrompt;
 use super::session::{GazelleEngine, GazelleSession, HistoryTurn, SessionError, Spoken};

@@ -5,10 +5,11 @@
 //! mark after each unit, `clear` on barge-in). Malformed events are counted and logged (escaped,
 //! rate-limited); the call goes on.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -21,9 +22,8 @@ use crate::pipeline::Outbound;
 use crate::transport::auth::Auth;
 use crate::transport::guard::{Untrusted, WarnLimiter};
 use crate::transport::socket::{
-    self, Admission, Beat, Control, Ending, Keepalive, SocketSettings, Writer,
+    self, Admission, Control, Ending, Frame, Keepalive, SocketSettings, Writer,
 };
-use crate::transport::vocode::handler::too_big;
 
 /// Messages from the call waiting for the socket; the pacer bounds audio to its lead, so this
 /// fills only if the socket stalls, and then the call waits (and the send timeout ends it).
@@ -49,6 +49,25 @@ struct Complaints<'a> {
 }
 
 impl Complaints<'_> {
+    /// A frame's text; `None` to skip it (complaining if it is binary); or why the stream ends.
+    fn text_of(&mut self, frame: Frame) -> ControlFlow<Ending, Option<Utf8Bytes>> {
+        match frame {
+            Frame::Text(t) => ControlFlow::Continue(Some(t)),
+            Frame::Binary => {
+                let why = "binary frames are not part of the protocol";
+                self.bad(ErrorKind::TwilioBinary, why);
+                ControlFlow::Continue(None)
+            }
+            Frame::TooBig => {
+                let why = "a frame over twilio.max_frame_bytes";
+                self.bad(ErrorKind::FrameTooLarge, why);
+                ControlFlow::Break(Ending::TooBig)
+            }
+            Frame::Closed => ControlFlow::Break(Ending::Hangup),
+            Frame::Other => ControlFlow::Continue(None),
+        }
+    }
+
     fn bad(&mut self, kind: ErrorKind, detail: &str) {
         self.services.metrics.error(kind);
         if self.limiter.allow(Instant::now()) {
@@ -86,25 +105,13 @@ pub(crate) async fn serve(
             }
             m = socket.recv() => m,
         };
-        let text = match msg {
-            Some(Ok(Message::Text(t))) => t,
-            Some(Ok(Message::Binary(_))) => {
-                complaints.bad(
-                    ErrorKind::TwilioBinary,
-                    "binary frames are not part of the protocol",
-                );
-                continue;
-            }
-            Some(Err(e)) if too_big(&e) => {
-                complaints.bad(
-                    ErrorKind::FrameTooLarge,
-                    "a frame over twilio.max_frame_bytes",
-                );
-                socket::close(&mut socket, &Ending::TooBig, settings.send_timeout).await;
+        let text = match complaints.text_of(socket::frame(msg)) {
+            ControlFlow::Continue(Some(t)) => t,
+            ControlFlow::Continue(None) => continue,
+            ControlFlow::Break(ending) => {
+                socket::close(&mut socket, &ending, settings.send_timeout).await;
                 return;
             }
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-            Some(Ok(_)) => continue,
         };
         match protocol::parse(&text) {
             Ok(Event::Start { start, .. }) => break start,
@@ -230,44 +237,21 @@ where
 {
     let mut keepalive = Keepalive::new(settings);
     loop {
-        let msg = tokio::select! {
-            _ = server.cancelled() => return Ending::Shutdown,
-            _ = dead.cancelled() => return Ending::Hangup,
-            beat = keepalive.beat() => match beat {
-                Beat::Ping => {
-                    let _ = ctl.try_send(Control::Ping);
-                    continue;
+        let frame = match socket::next_frame(&mut stream, &mut keepalive, &ctl, server, dead).await
+        {
+            Ok(f) => f,
+            Err(ending) => {
+                if let Ending::Idle(_) = ending {
+                    let why = "nothing received within the idle timeout";
+                    complaints.bad(ErrorKind::IdleTimeout, why);
                 }
-                Beat::Idle(quiet) => {
-                    complaints.bad(ErrorKind::IdleTimeout, "nothing received within the idle timeout");
-                    return Ending::Idle(quiet);
-                }
-            },
-            m = stream.next() => m,
+                return ending;
+            }
         };
-        // Only the protocol's own messages count: a peer that answers pings but sends nothing
-        // is not on a call.
-        if matches!(&msg, Some(Ok(Message::Text(_) | Message::Binary(_)))) {
-            keepalive.heard();
-        }
-        let text = match msg {
-            Some(Ok(Message::Text(t))) => t,
-            Some(Ok(Message::Binary(_))) => {
-                complaints.bad(
-                    ErrorKind::TwilioBinary,
-                    "binary frames are not part of the protocol",
-                );
-                continue;
-            }
-            Some(Err(e)) if too_big(&e) => {
-                complaints.bad(
-                    ErrorKind::FrameTooLarge,
-                    "a frame over twilio.max_frame_bytes",
-                );
-                return Ending::TooBig;
-            }
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ending::Hangup,
-            Some(Ok(_)) => continue,
+        let text = match complaints.text_of(frame) {
+            ControlFlow::Continue(Some(t)) => t,
+            ControlFlow::Continue(None) => continue,
+            ControlFlow::Break(ending) => return ending,
         };
         let event = match protocol::parse(&text) {
             Ok(e) => e,

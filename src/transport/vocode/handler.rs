@@ -19,7 +19,7 @@ use crate::pipeline::call::{self, CallHandle, CallOptions, Services};
 use crate::pipeline::Outbound;
 use crate::transport::guard::{Untrusted, WarnLimiter};
 use crate::transport::socket::{
-    self, Admission, Beat, Control, Ending, Keepalive, SocketSettings, Writer,
+    self, Admission, Control, Ending, Frame, Keepalive, SocketSettings, Writer,
 };
 
 /// Messages from the call waiting for the socket. The pacer keeps audio within its lead, so this
@@ -71,7 +71,7 @@ pub(crate) async fn serve(
             }
             m = socket.recv() => m,
         };
-        let rejection = match classify(msg, &settings) {
+        let rejection = match classify(socket::frame(msg), &settings) {
             Incoming::Closed => return,
             Incoming::Message(ClientMessage::Stop) => {
                 socket::close(&mut socket, &Ending::Stopped, settings.send_timeout).await;
@@ -184,36 +184,23 @@ enum Incoming {
     Closed,
 }
 
-fn classify(msg: Option<Result<Message, axum::Error>>, settings: &SocketSettings) -> Incoming {
-    match msg {
-        Some(Ok(Message::Text(t))) if t.len() > settings.max_frame_bytes => {
+fn classify(frame: Frame, settings: &SocketSettings) -> Incoming {
+    match frame {
+        Frame::Text(t) if t.len() > settings.max_frame_bytes => {
             Incoming::Reject(ErrorKind::FrameTooLarge, too_large(t.len(), settings))
         }
-        Some(Ok(Message::Text(t))) => match protocol::parse(&t) {
+        Frame::Text(t) => match protocol::parse(&t) {
             Ok(m) => Incoming::Message(m),
             Err(e) => Incoming::Reject(e.kind(), e.to_string()),
         },
-        Some(Ok(Message::Binary(_))) => Incoming::Reject(
+        Frame::Binary => Incoming::Reject(
             ErrorKind::BinaryFrame,
             "binary frames are not part of the protocol; send JSON text".into(),
         ),
-        Some(Err(e)) if too_big(&e) => Incoming::TooBig,
-        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Incoming::Closed,
-        Some(Ok(_)) => Incoming::Skip,
+        Frame::TooBig => Incoming::TooBig,
+        Frame::Closed => Incoming::Closed,
+        Frame::Other => Incoming::Skip,
     }
-}
-
-/// Whether the socket layer refused a message over its size limit.
-pub(crate) fn too_big(e: &axum::Error) -> bool {
-    use std::error::Error as _;
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(t) = s.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
-            return matches!(t, tokio_tungstenite::tungstenite::Error::Capacity(_));
-        }
-        source = s.source();
-    }
-    e.to_string().contains("Space limit exceeded")
 }
 
 fn too_large(len: usize, settings: &SocketSettings) -> String {
@@ -268,27 +255,17 @@ where
     };
     let mut keepalive = Keepalive::new(settings);
     loop {
-        let msg = tokio::select! {
-            _ = server.cancelled() => return Ending::Shutdown,
-            _ = dead.cancelled() => return Ending::Hangup,
-            beat = keepalive.beat() => match beat {
-                Beat::Ping => {
-                    let _ = ctl.try_send(Control::Ping);
-                    continue;
-                }
-                Beat::Idle(quiet) => {
+        let frame = match socket::next_frame(&mut stream, &mut keepalive, &ctl, server, dead).await
+        {
+            Ok(f) => f,
+            Err(ending) => {
+                if let Ending::Idle(_) = ending {
                     metrics.error(ErrorKind::IdleTimeout);
-                    return Ending::Idle(quiet);
                 }
-            },
-            m = stream.next() => m,
+                return ending;
+            }
         };
-        // Only the protocol's own messages count: a peer that answers pings but sends nothing
-        // is not on a call.
-        if matches!(&msg, Some(Ok(Message::Text(_) | Message::Binary(_)))) {
-            keepalive.heard();
-        }
-        match classify(msg, settings) {
+        match classify(frame, settings) {
             Incoming::Closed => return Ending::Hangup,
             Incoming::TooBig => {
                 metrics.error(ErrorKind::FrameTooLarge);
