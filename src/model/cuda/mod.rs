@@ -43,7 +43,12 @@ mod rmsnorm;
 mod rope_kv;
 mod swiglu;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchArgs, LaunchConfig};
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaStream, CudaView, LaunchArgs, LaunchConfig,
+};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result, Storage, Tensor};
 use half::bf16;
@@ -69,8 +74,28 @@ impl Kernel {
     }
 
     /// The function on `dev`, its module loaded on first use.
-    fn load(&self, dev: &CudaDevice) -> Result<CudaFunction> {
-        dev.get_or_load_custom_func(self.func, self.module, self.ptx)
+    fn load(&self, dev: &CudaDevice) -> Result<Loaded> {
+        let func = dev
+            .get_or_load_custom_func(self.func, self.module, self.ptx)?
+            .into_cuda_function();
+        Ok(Loaded {
+            func,
+            stream: dev.cuda_stream(),
+        })
+    }
+}
+
+/// A kernel function ready to launch on the device's stream (candle's, so it is ordered with
+/// candle's own work).
+struct Loaded {
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Loaded {
+    /// A launch of it, to push the arguments into.
+    fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
     }
 }
 

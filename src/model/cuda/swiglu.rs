@@ -2,7 +2,7 @@
 
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaStorage;
-use candle_core::{CustomOp2, Layout, Result, Tensor};
+use candle_core::{CustomOp2, Layout, Result, Shape, Tensor};
 use half::bf16;
 
 use super::{check_bf16, launch, slice, Kernel};
