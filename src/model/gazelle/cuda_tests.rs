@@ -143,7 +143,7 @@ fn rope_kv_append_and_decode_attention_match_candle() {
             randn(&[1, l, kv * hd], &dev),
             randn(&[1, l, kv * hd], &dev),
         );
-        let ang = Tensor::rand(0f32, 6.28, (l, hd / 2), &dev).unwrap();
+        let ang = Tensor::rand(0f32, std::f32::consts::TAU, (l, hd / 2), &dev).unwrap();
         let (cos, sin) = (
             ang.cos().unwrap().to_dtype(DType::BF16).unwrap(),
             ang.sin().unwrap().to_dtype(DType::BF16).unwrap(),
