@@ -214,6 +214,26 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
+/// Gives freed heap memory back to the system once a minute. glibc's allocator keeps what calls
+/// free for reuse, so under steady call turnover the process's RSS drifts up by a few percent
+/// while live memory stays flat; trimming makes RSS (what a container limit sees) track what the
+/// calls actually hold. It only walks the free lists, once a minute.
+async fn trim_heap(stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases free memory; it is safe to call from any thread.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves, then stops accepting, cancels every call and waits for
 /// calls, sockets and requests to end.
 pub async fn serve(
@@ -226,6 +246,7 @@ pub async fn serve(
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     let stop = CancellationToken::new();
+    tokio::spawn(trim_heap(stop.clone()));
     let accept = tokio::spawn(listener::serve(
         listener,
         app(state.clone()),
