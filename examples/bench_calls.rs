@@ -166,14 +166,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let _ = Command::new("kill").arg(pid.to_string()).status();
         let _ = server.wait();
         stats.latencies.sort_by(f64::total_cmp);
-        let pct = |p: f64| {
-            let l = &stats.latencies;
-            if l.is_empty() {
-                f64::NAN
-            } else {
-                l[((l.len() - 1) as f64 * p).round() as usize]
-            }
-        };
+        let pct = |p: f64| load::quantile(&stats.latencies, p);
         let mut row = Row {
             calls: n,
             replies: stats.latencies.len(),

@@ -212,14 +212,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let rss_flat =
         !later.is_empty() && drift_pct(rss_max).abs() <= 5.0 && drift_pct(rss_min).abs() <= 5.0;
     stats.latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        let l = &stats.latencies;
-        if l.is_empty() {
-            f64::NAN
-        } else {
-            l[((l.len() - 1) as f64 * p).round() as usize]
-        }
-    };
+    let pct = |p: f64| load::quantile(&stats.latencies, p);
     let gauges_zero = after.active_calls == 0.0 && after.pending_sockets == 0.0;
     let pass = rss_flat
         && stats.late == 0

@@ -155,6 +155,14 @@ async fn still_answers(server: &common::TestServer) {
     client.stop().await.unwrap();
 }
 
+/// The end of a hostile test: the server still answers a new call, memory stayed bounded, and
+/// it shuts down cleanly.
+async fn finish(server: common::TestServer) {
+    still_answers(&server).await;
+    assert_memory_bounded();
+    server.shutdown().await;
+}
+
 async fn metric(server: &common::TestServer, key: &str) -> f64 {
     let (_, body) = common::http(server, "GET", "/metrics", &[], "").await;
     body.lines()
@@ -203,9 +211,7 @@ async fn f1_absurd_wav_rates_get_an_error_and_the_call_goes_on() {
     ws.send(Message::Text(audio_message(&[0u8; 640]).into()))
         .await
         .unwrap();
-    still_answers(&server).await;
-    assert_memory_bounded();
-    server.shutdown().await;
+    finish(server).await;
 }
 
 /// Finding 5: a header whose rate changed on every blob rebuilt a resampler each time; two such
@@ -256,9 +262,7 @@ async fn f5_a_changing_wav_format_is_refused_and_others_are_served() {
         kinds.get("format_changed").copied().unwrap_or(0) > 100,
         "{kinds:?} after {sent:?}"
     );
-    still_answers(&server).await;
-    assert_memory_bounded();
-    server.shutdown().await;
+    finish(server).await;
 }
 
 /// Finding 2: the Twilio stream had no frame limit (tungstenite's 64 MiB) and its input queue
@@ -300,9 +304,7 @@ async fn f2_huge_twilio_frames_end_the_stream_with_1009() {
     .await;
     let (_, close) = read_to_close(&mut ws, Duration::from_millis(300)).await;
     assert_eq!(close, None, "the stream must survive an over-long chunk");
-    still_answers(&server).await;
-    assert_memory_bounded();
-    server.shutdown().await;
+    finish(server).await;
 }
 
 /// Places a Twilio call the way Twilio does (webhook, then the stream with the TwiML's

@@ -95,6 +95,15 @@ pub fn metric(exposition: &str, key: &str) -> f64 {
         .sum()
 }
 
+/// The `p` quantile (0..=1) of sorted values; NaN when there are none.
+pub fn quantile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        f64::NAN
+    } else {
+        sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+    }
+}
+
 /// A numeric field of `/proc/PID/status` (its first number).
 fn status_field(pid: u32, key: &str) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
