@@ -463,6 +463,7 @@ async fn f4_replies_in_any_script_are_spoken_whole() {
     // A CJK full stop ends a sentence with no space after it.
     assert!(units.contains(&"元気ですか？".to_string()), "{units:?}");
     client.stop().await.unwrap();
+    assert_memory_bounded();
     server.shutdown().await;
 }
 
@@ -527,6 +528,7 @@ async fn f6_idle_sockets_hold_no_call_slot_and_are_closed() {
         async || server_ref.state.services.metrics.active_calls.get() == 0,
     )
     .await;
+    assert_memory_bounded();
     server.shutdown().await;
 }
 
@@ -589,6 +591,7 @@ async fn f7_half_open_connections_are_dropped_and_health_answers() {
         .expect("the extra connection is closed at once");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
     drop(held);
+    assert_memory_bounded();
     server.shutdown().await;
 }
 
@@ -714,6 +717,7 @@ async fn f8_every_entry_point_checks_who_is_calling() {
         Some(1008),
         "a replayed token is refused"
     );
+    assert_memory_bounded();
     server.shutdown().await;
 }
 
@@ -760,6 +764,7 @@ async fn fast_audio_is_throttled_ids_are_not_shared_and_ends_have_codes() {
         }
     };
     assert_eq!(closed, Some(1000));
+    assert_memory_bounded();
     server.shutdown().await;
 }
 
@@ -802,5 +807,6 @@ async fn a_client_that_stops_reading_is_dropped_at_the_send_timeout() {
     .await;
     assert!(metric(&server, "gazelle_errors_total{kind=\"send_timeout\"}").await >= 1.0);
     drop(ws);
+    assert_memory_bounded();
     server.shutdown().await;
 }
