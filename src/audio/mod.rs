@@ -34,6 +34,10 @@ pub(crate) fn supported_rates_text() -> String {
     rates.join(", ")
 }
 
+/// Highest rate anything here handles (a WAV file we read, a resampler); callers are held to
+/// [`SUPPORTED_RATES`] before that.
+pub(crate) const MAX_RATE: u32 = 384_000;
+
 /// Most channels a WAV header may declare (they are downmixed to mono).
 pub(crate) const MAX_CHANNELS: u16 = 8;
 

@@ -5,6 +5,8 @@
 use audioadapter_buffers::direct::SequentialSliceOfVecs;
 use rubato::{Fft, FixedSync, Indexing, Resampler as _};
 
+use super::MAX_RATE;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ResampleError {
     #[error("cannot resample {from} Hz to {to} Hz: {reason}")]
@@ -16,10 +18,6 @@ pub enum ResampleError {
 /// Target length of one processing chunk. Short enough to add little latency, long enough to keep
 /// the FFT efficient.
 const CHUNK_MS: u32 = 10;
-
-/// Highest rate a resampler is built for; callers are held to [`crate::audio::SUPPORTED_RATES`]
-/// before they get here, so this only guards against misuse.
-const MAX_RATE: u32 = 384_000;
 
 fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 {

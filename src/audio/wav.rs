@@ -79,10 +79,6 @@ impl std::fmt::Display for WavFormat {
     }
 }
 
-/// Highest rate any WAV we read may declare; callers are held to the narrower
-/// [`super::SUPPORTED_RATES`] by [`StreamDecoder`].
-const MAX_FILE_RATE: u32 = 384_000;
-
 const TAG_PCM: u16 = 1;
 const TAG_FLOAT: u16 = 3;
 const TAG_MULAW: u16 = 7;
@@ -110,7 +106,7 @@ fn parse_fmt(body: &[u8]) -> Result<WavFormat, WavError> {
     if channels == 0 || channels > super::MAX_CHANNELS {
         return Err(WavError::BadChannels(channels));
     }
-    if sample_rate == 0 || sample_rate > MAX_FILE_RATE {
+    if sample_rate == 0 || sample_rate > super::MAX_RATE {
         return Err(WavError::BadRate(sample_rate));
     }
     let sample_format = match (tag, bits) {

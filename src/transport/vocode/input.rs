@@ -8,6 +8,7 @@ use crate::audio::resample::{ResampleError, StreamResampler};
 use crate::audio::wav::{SampleFormat, StreamDecoder, WavError, WavFormat};
 use crate::audio::Encoding;
 use crate::metrics::ErrorKind;
+use crate::pipeline::limits::LimitError;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum InputError {
@@ -15,11 +16,8 @@ pub(crate) enum InputError {
     Base64(#[from] ProtocolError),
     #[error(transparent)]
     Wav(#[from] WavError),
-    #[error(
-        "an audio message of {ms} ms exceeds the {limit_ms} ms a call may have in flight \
-         (limits.max_buffered_audio_ms); send shorter chunks"
-    )]
-    TooLong { ms: u64, limit_ms: u64 },
+    #[error(transparent)]
+    TooLong(#[from] LimitError),
     #[error(transparent)]
     Resample(#[from] ResampleError),
 }
@@ -31,7 +29,7 @@ impl InputError {
             InputError::Base64(e) => e.kind(),
             InputError::Wav(WavError::FormatChanged { .. }) => ErrorKind::FormatChanged,
             InputError::Wav(_) | InputError::Resample(_) => ErrorKind::BadAudio,
-            InputError::TooLong { .. } => ErrorKind::AudioTooLong,
+            InputError::TooLong(e) => e.kind(),
         }
     }
 }
@@ -72,10 +70,8 @@ impl AudioInput {
         let format = self.decoder.format();
         let ms = samples.len() as u64 * 1000 / format.sample_rate as u64;
         if ms > self.max_ms {
-            return Err(InputError::TooLong {
-                ms,
-                limit_ms: self.max_ms,
-            });
+            let limit = self.max_ms as u32;
+            return Err(LimitError::AudioTooLong { ms, limit }.into());
         }
         if format.sample_rate == self.rate {
             return Ok(samples);
