@@ -129,6 +129,40 @@ where
     let _ = tokio::time::timeout(timeout, sink.close()).await;
 }
 
+/// How long the server waits for the caller's close frame after sending its own.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// The second half of the closing handshake: after our close frame, reads and drops what the
+/// caller still sends until its close frame (or [`CLOSE_WAIT`]). Tearing the connection down with
+/// unread bytes in it (a pong, a last audio frame) resets it, and the reset can destroy our
+/// close frame before the caller reads it.
+pub(crate) async fn await_close<S>(stream: &mut S, ending: &Ending)
+where
+    S: futures::Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    use futures::StreamExt;
+    if ending.close_frame().is_none() {
+        return;
+    }
+    let drain = async {
+        while let Some(Ok(m)) = stream.next().await {
+            if matches!(m, Message::Close(_)) {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_WAIT, drain).await;
+}
+
+/// Ends a socket that never split into reader and writer: the close frame, then the caller's.
+pub(crate) async fn end<S>(socket: &mut S, ending: &Ending, timeout: Duration)
+where
+    S: Sink<Message> + futures::Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    close(socket, ending, timeout).await;
+    await_close(socket, ending).await;
+}
+
 /// The writer's half of a call's socket.
 pub(crate) struct Writer<E> {
     /// Turns a call message into its wire text; `None` skips it.

@@ -94,13 +94,13 @@ pub(crate) async fn serve(
     let start: Start = loop {
         let msg = tokio::select! {
             _ = server.cancelled() => {
-                socket::close(&mut socket, &Ending::Shutdown, settings.send_timeout).await;
+                socket::end(&mut socket, &Ending::Shutdown, settings.send_timeout).await;
                 return;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 complaints.bad(ErrorKind::StartTimeout, "no start event in time");
                 let why = Ending::Policy("no start event within the start timeout".into());
-                socket::close(&mut socket, &why, settings.send_timeout).await;
+                socket::end(&mut socket, &why, settings.send_timeout).await;
                 return;
             }
             m = socket.recv() => m,
@@ -109,7 +109,7 @@ pub(crate) async fn serve(
             ControlFlow::Continue(Some(t)) => t,
             ControlFlow::Continue(None) => continue,
             ControlFlow::Break(ending) => {
-                socket::close(&mut socket, &ending, settings.send_timeout).await;
+                socket::end(&mut socket, &ending, settings.send_timeout).await;
                 return;
             }
         };
@@ -136,7 +136,7 @@ pub(crate) async fn serve(
                 ErrorKind::Busy => Ending::Busy,
                 _ => Ending::Policy(why),
             };
-            socket::close(&mut socket, &ending, settings.send_timeout).await;
+            socket::end(&mut socket, &ending, settings.send_timeout).await;
             return;
         }
     };
@@ -168,7 +168,7 @@ pub(crate) async fn serve(
     };
     let stream_sid = start.stream_sid.clone();
     tracing::info!(call = %call.id, stream = %Untrusted(&stream_sid), "Twilio stream started");
-    let (sink, stream) = socket.split();
+    let (sink, mut stream) = socket.split();
     let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
     let (finish_tx, finish_rx) = oneshot::channel();
     let dead = CancellationToken::new();
@@ -180,7 +180,7 @@ pub(crate) async fn serve(
     };
     let writer = tokio::spawn(writer.run(sink, out_rx, ctl_rx, finish_rx, dead.clone()));
     let ending = read_loop(
-        stream,
+        &mut stream,
         &mut call,
         &settings,
         ctl_tx,
@@ -190,8 +190,9 @@ pub(crate) async fn serve(
     )
     .await;
     drop(call);
-    let _ = finish_tx.send(ending);
+    let _ = finish_tx.send(ending.clone());
     let _ = writer.await;
+    socket::await_close(&mut stream, &ending).await;
 }
 
 /// The start event's format, call SID and stream token.

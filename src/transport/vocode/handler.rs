@@ -56,7 +56,7 @@ pub(crate) async fn serve(
     let config = loop {
         let msg = tokio::select! {
             _ = server.cancelled() => {
-                socket::close(&mut socket, &Ending::Shutdown, settings.send_timeout).await;
+                socket::end(&mut socket, &Ending::Shutdown, settings.send_timeout).await;
                 return;
             }
             _ = tokio::time::sleep_until(deadline) => {
@@ -66,7 +66,7 @@ pub(crate) async fn serve(
                     settings.start_timeout.as_secs_f64()
                 );
                 let _ = send_text(&mut socket, t, error_json(ErrorKind::StartTimeout, &why)).await;
-                socket::close(&mut socket, &Ending::Policy(why), settings.send_timeout).await;
+                socket::end(&mut socket, &Ending::Policy(why), settings.send_timeout).await;
                 return;
             }
             m = socket.recv() => m,
@@ -74,12 +74,12 @@ pub(crate) async fn serve(
         let rejection = match classify(socket::frame(msg), &settings) {
             Incoming::Closed => return,
             Incoming::Message(ClientMessage::Stop) => {
-                socket::close(&mut socket, &Ending::Stopped, settings.send_timeout).await;
+                socket::end(&mut socket, &Ending::Stopped, settings.send_timeout).await;
                 return;
             }
             Incoming::TooBig => {
                 metrics.error(ErrorKind::FrameTooLarge);
-                socket::close(&mut socket, &Ending::TooBig, settings.send_timeout).await;
+                socket::end(&mut socket, &Ending::TooBig, settings.send_timeout).await;
                 return;
             }
             Incoming::Skip => continue,
@@ -106,7 +106,7 @@ pub(crate) async fn serve(
         metrics.error(ErrorKind::Busy);
         let why = "the server is at its call limit (server.max_calls); try again later";
         let _ = send_text(&mut socket, t, error_json(ErrorKind::Busy, why)).await;
-        socket::close(&mut socket, &Ending::Busy, settings.send_timeout).await;
+        socket::end(&mut socket, &Ending::Busy, settings.send_timeout).await;
         return;
     };
     drop(admission);
@@ -131,7 +131,7 @@ pub(crate) async fn serve(
                 ErrorKind::CallStart => Ending::Error(e.to_string()),
                 _ => Ending::Policy(e.to_string()),
             };
-            socket::close(&mut socket, &ending, settings.send_timeout).await;
+            socket::end(&mut socket, &ending, settings.send_timeout).await;
             return;
         }
     };
@@ -141,7 +141,7 @@ pub(crate) async fn serve(
     {
         return;
     }
-    let (sink, stream) = socket.split();
+    let (sink, mut stream) = socket.split();
     let (output_rate, output_encoding) = (
         config.output_audio_config.sampling_rate,
         config.output_audio_config.audio_encoding,
@@ -164,12 +164,20 @@ pub(crate) async fn serve(
         max_ms,
     );
     let ending = read_loop(
-        stream, &mut call, input, &settings, ctl_tx, &services, &dead, &server,
+        &mut stream,
+        &mut call,
+        input,
+        &settings,
+        ctl_tx,
+        &services,
+        &dead,
+        &server,
     )
     .await;
     drop(call);
-    let _ = finish_tx.send(ending);
+    let _ = finish_tx.send(ending.clone());
     let _ = writer.await;
+    socket::await_close(&mut stream, &ending).await;
 }
 
 /// What one websocket message means to the protocol.
