@@ -211,9 +211,37 @@ pub struct GazelleSlmConfig {
     pub top_k: usize,
     pub repetition_penalty: f32,
     pub seed: u64,
+    /// Prefill positions per engine step, over all new turns: a long turn delays the other
+    /// calls' decoding by at most one such chunk per step.
+    pub prefill_chunk: usize,
+    /// Most replies decoded together in one step.
+    pub max_batch: usize,
+    /// KV-cache memory for all calls together, in MiB. Unset (and no `kv_budget_positions`):
+    /// 85 % of the GPU's free memory after loading, or half the available RAM on the CPU.
+    pub kv_budget_mb: Option<u64>,
+    /// The same budget in cache positions (one position of one call), instead of MiB.
+    pub kv_budget_positions: Option<usize>,
+    /// Turns that may wait for KV memory; a turn beyond them gets `model_busy` at once.
+    pub max_waiting_turns: usize,
 }
 
 impl GazelleSlmConfig {
+    /// How the engine schedules and how much KV memory it may use.
+    pub(crate) fn engine_settings(&self) -> crate::model::engine::EngineSettings {
+        use crate::model::engine::KvBudget;
+        crate::model::engine::EngineSettings {
+            params: self.generation_params(),
+            prefill_chunk: self.prefill_chunk,
+            max_batch: self.max_batch,
+            kv_budget: match (self.kv_budget_mb, self.kv_budget_positions) {
+                (_, Some(p)) => KvBudget::Positions(p),
+                (Some(mb), None) => KvBudget::Bytes(mb << 20),
+                (None, None) => KvBudget::Auto,
+            },
+            max_waiting_turns: self.max_waiting_turns,
+        }
+    }
+
     /// How replies are sampled.
     pub(crate) fn generation_params(&self) -> crate::model::gazelle::GenerationParams {
         crate::model::gazelle::GenerationParams {
@@ -245,6 +273,11 @@ impl Default for GazelleSlmConfig {
             top_k: 0,
             repetition_penalty: 1.0,
             seed: 0,
+            prefill_chunk: 256,
+            max_batch: 32,
+            kv_budget_mb: None,
+            kv_budget_positions: None,
+            max_waiting_turns: 64,
         }
     }
 }
@@ -408,6 +441,22 @@ impl Config {
                  to hold a turn and its reply",
                 g.max_context, g.max_new_tokens
             )));
+        }
+        if g.prefill_chunk == 0 || g.max_batch == 0 || g.max_waiting_turns == 0 {
+            return Err(ConfigError::Invalid(
+                "slm.gazelle.prefill_chunk, max_batch and max_waiting_turns must be at least 1"
+                    .into(),
+            ));
+        }
+        if g.kv_budget_mb.is_some() && g.kv_budget_positions.is_some() {
+            return Err(ConfigError::Invalid(
+                "set slm.gazelle.kv_budget_mb or kv_budget_positions, not both".into(),
+            ));
+        }
+        if g.kv_budget_mb == Some(0) || g.kv_budget_positions == Some(0) {
+            return Err(ConfigError::Invalid(
+                "slm.gazelle's KV budget must be above 0 (leave it unset for automatic)".into(),
+            ));
         }
         Ok(())
     }

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Counter, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 /// Playback gaps shorter than this are timer noise, not an underrun.
@@ -92,11 +92,13 @@ pub(crate) enum ErrorKind {
     TwilioBadFormat,
     /// A media stream without a valid per-call token.
     TwilioStreamToken,
+    /// A turn refused because too many turns already wait for the model.
+    ModelBusy,
 }
 
 impl ErrorKind {
     #[cfg(test)]
-    pub(crate) const ALL: [ErrorKind; 38] = [
+    pub(crate) const ALL: [ErrorKind; 39] = [
         ErrorKind::BadJson,
         ErrorKind::UnknownType,
         ErrorKind::BadMessage,
@@ -135,6 +137,7 @@ impl ErrorKind {
         ErrorKind::TwilioBinary,
         ErrorKind::TwilioBadFormat,
         ErrorKind::TwilioStreamToken,
+        ErrorKind::ModelBusy,
     ];
 
     /// The label and the client's `kind`.
@@ -178,6 +181,7 @@ impl ErrorKind {
             ErrorKind::TwilioBinary => "twilio_binary",
             ErrorKind::TwilioBadFormat => "twilio_bad_format",
             ErrorKind::TwilioStreamToken => "twilio_stream_token",
+            ErrorKind::ModelBusy => "model_busy",
         }
     }
 }
@@ -282,6 +286,26 @@ pub struct Metrics {
     /// `synthesis` (its audio was not ready), `scheduling` (ready, but the pacer sent it late) or
     /// `transport` (handed over in time, but written to the socket late).
     pub output_underrun_seconds: HistogramVec,
+    /// Sequences in each batched decode step of the model engine.
+    pub engine_batch_size: Histogram,
+    /// Seconds per engine step (prefill chunk plus batched decode).
+    pub engine_step_seconds: Histogram,
+    /// Seconds a turn waited from the call's request to its first prefill chunk.
+    pub engine_queue_wait_seconds: Histogram,
+    /// Seconds from a turn's request to its first sampled token.
+    pub engine_first_token_seconds: Histogram,
+    /// KV-cache positions allocated by all calls, and the pool's budget.
+    pub engine_kv_used_positions: IntGauge,
+    pub engine_kv_used_bytes: IntGauge,
+    pub engine_kv_budget_positions: IntGauge,
+    /// Idle calls' caches freed to make room.
+    pub engine_evictions: IntCounter,
+    /// Replies waiting for their call to take tokens.
+    pub engine_parked: IntGauge,
+    /// Turns waiting for admission (encoder and KV memory).
+    pub engine_waiting_turns: IntGauge,
+    /// Replies generating.
+    pub engine_running: IntGauge,
 }
 
 impl Metrics {
@@ -362,6 +386,69 @@ impl Metrics {
             &["cause"],
         )
         .expect("valid metric");
+        let hist = |name: &str, help: &str, buckets: Vec<f64>| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric")
+        };
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let seconds = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+        ];
+        let engine_batch_size = hist(
+            "engine_batch_size",
+            "Sequences in each batched decode step",
+            vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
+        );
+        let engine_step_seconds = hist(
+            "engine_step_seconds",
+            "Seconds per engine step",
+            seconds.clone(),
+        );
+        let engine_queue_wait_seconds = hist(
+            "engine_queue_wait_seconds",
+            "Seconds from a turn's request to its first prefill chunk",
+            seconds.clone(),
+        );
+        let engine_first_token_seconds = hist(
+            "engine_first_token_seconds",
+            "Seconds from a turn's request to its first token",
+            seconds,
+        );
+        let engine_kv_used_positions = gauge(
+            "engine_kv_used_positions",
+            "KV positions allocated by all calls",
+        );
+        let engine_kv_used_bytes = gauge("engine_kv_used_bytes", "KV bytes allocated by all calls");
+        let engine_kv_budget_positions = gauge(
+            "engine_kv_budget_positions",
+            "KV positions the pool may hold",
+        );
+        let engine_evictions = IntCounter::new(
+            "engine_evictions_total",
+            "Idle calls' KV caches freed to make room",
+        )
+        .expect("valid metric");
+        let engine_parked = gauge(
+            "engine_parked",
+            "Replies waiting for their call to take tokens",
+        );
+        let engine_waiting_turns = gauge("engine_waiting_turns", "Turns waiting for admission");
+        let engine_running = gauge("engine_running", "Replies generating");
+        for c in [
+            Box::new(engine_batch_size.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(engine_step_seconds.clone()),
+            Box::new(engine_queue_wait_seconds.clone()),
+            Box::new(engine_first_token_seconds.clone()),
+            Box::new(engine_kv_used_positions.clone()),
+            Box::new(engine_kv_used_bytes.clone()),
+            Box::new(engine_kv_budget_positions.clone()),
+            Box::new(engine_evictions.clone()),
+            Box::new(engine_parked.clone()),
+            Box::new(engine_waiting_turns.clone()),
+            Box::new(engine_running.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
         for c in [
             Box::new(active_calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(pending_sockets.clone()),
@@ -390,6 +477,17 @@ impl Metrics {
             tts_ttfb_seconds,
             tts_failures,
             output_underrun_seconds,
+            engine_batch_size,
+            engine_step_seconds,
+            engine_queue_wait_seconds,
+            engine_first_token_seconds,
+            engine_kv_used_positions,
+            engine_kv_used_bytes,
+            engine_kv_budget_positions,
+            engine_evictions,
+            engine_parked,
+            engine_waiting_turns,
+            engine_running,
         }
     }
 

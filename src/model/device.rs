@@ -52,3 +52,24 @@ pub fn open_device(kind: DeviceKind) -> Result<Device, DeviceError> {
         DeviceKind::Cuda => Err(DeviceError::NoCuda),
     }
 }
+
+/// Free memory on `device` in bytes, if it can be told: for CUDA the driver's free memory, for
+/// the CPU the kernel's `MemAvailable` (memory that can be had without swapping).
+pub(crate) fn free_memory(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => {
+            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let cuda = device.as_cuda_device().ok()?;
+            let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+            Some(free as u64)
+        }
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}

@@ -5,10 +5,10 @@
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod device;
+pub(crate) mod engine;
 pub mod gazelle;
 pub(crate) mod loading;
 pub mod scripted;
-pub(crate) mod worker;
 
 use std::sync::Arc;
 
@@ -28,7 +28,12 @@ pub(crate) enum SlmError {
     Generation(ModelError),
     #[error("too many model requests queued for this call")]
     Backlog,
-    #[error("the model worker has stopped")]
+    #[error(
+        "the model is busy: {waiting} turns already wait for it (slm.gazelle.max_waiting_turns); \
+         try again in a moment"
+    )]
+    Busy { waiting: usize },
+    #[error("the model engine has stopped")]
     WorkerGone,
 }
 
@@ -72,6 +77,24 @@ pub(crate) trait SlmSession: Send + 'static {
     /// Starts a reply to `turn`, the newest user turn of the session's conversation (the session
     /// keeps the turns before it). Generation stops between two tokens once `cancel` fires.
     fn respond(&mut self, turn: UserTurn, cancel: CancellationToken) -> TokenStream;
+
+    /// Starts a reply to a turn that may still grow. The reply is generated as usual, but its
+    /// tokens are withheld until [`Self::commit`]; [`Self::discard`] takes the turn back as if it
+    /// never happened. The next `respond` or `begin_tentative` waits until one of the two.
+    // The turn-taking stage is their caller (not yet built); both models implement them and the
+    // engine's and scripted model's tests drive them.
+    #[allow(dead_code)]
+    fn begin_tentative(&mut self, turn: UserTurn, cancel: CancellationToken) -> TokenStream;
+
+    /// Makes the tentative turn final: the tokens produced so far are released at once, and the
+    /// rest stream as they come.
+    #[allow(dead_code)]
+    fn commit(&mut self);
+
+    /// Takes the tentative turn back: its reply stops (its stream ends without the withheld
+    /// tokens) and the model forgets the turn.
+    #[allow(dead_code)]
+    fn discard(&mut self);
 
     /// The last reply was cut off: only `spoken` reached the user, and the model should continue
     /// from there.

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{SlmSession, SpeechLanguageModel, TokenStream, UserTurn, TOKEN_QUEUE};
@@ -49,16 +49,29 @@ impl SpeechLanguageModel for ScriptedModel {
         &self,
         _system_prompt: Option<&str>,
     ) -> Result<Box<dyn SlmSession>, super::SlmError> {
-        Ok(Box::new(self.clone()))
+        Ok(Box::new(ScriptedSession {
+            model: self.clone(),
+            decision: None,
+        }))
     }
 }
 
-impl SlmSession for ScriptedModel {
-    fn respond(&mut self, _turn: UserTurn, cancel: CancellationToken) -> TokenStream {
+/// One call's scripted session: its open tentative reply, if any.
+struct ScriptedSession {
+    model: ScriptedModel,
+    /// Set to `Some(true)` on commit, `Some(false)` on discard.
+    decision: Option<watch::Sender<Option<bool>>>,
+}
+
+impl ScriptedSession {
+    fn start(&mut self, cancel: CancellationToken, tentative: bool) -> TokenStream {
         let (tx, rx) = mpsc::channel(TOKEN_QUEUE);
-        let tokens = self.tokens();
-        let delay = self.token_delay;
+        let tokens = self.model.tokens();
+        let delay = self.model.token_delay;
+        let (decide, mut decided) = watch::channel(if tentative { None } else { Some(true) });
+        self.decision = tentative.then_some(decide);
         tokio::spawn(async move {
+            let mut held = Vec::new();
             for t in tokens {
                 if !delay.is_zero() {
                     tokio::select! {
@@ -66,12 +79,61 @@ impl SlmSession for ScriptedModel {
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
-                if cancel.is_cancelled() || tx.send(Ok(t)).await.is_err() {
+                if cancel.is_cancelled() {
                     return;
+                }
+                held.push(t);
+                let decision = *decided.borrow();
+                match decision {
+                    Some(false) => return,
+                    Some(true) => {
+                        for t in held.drain(..) {
+                            if tx.send(Ok(t)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    None => {}
+                }
+            }
+            // The whole reply is ready; a tentative one waits for its decision.
+            let commit = tokio::select! {
+                _ = cancel.cancelled() => return,
+                d = decided.wait_for(Option::is_some) => d.map(|d| *d == Some(true)).unwrap_or(false),
+            };
+            if commit {
+                for t in held {
+                    if tx.send(Ok(t)).await.is_err() {
+                        return;
+                    }
                 }
             }
         });
         rx
+    }
+
+    fn decide(&mut self, commit: bool) {
+        if let Some(d) = self.decision.take() {
+            let _ = d.send(Some(commit));
+        }
+    }
+}
+
+impl SlmSession for ScriptedSession {
+    fn respond(&mut self, _turn: UserTurn, cancel: CancellationToken) -> TokenStream {
+        self.start(cancel, false)
+    }
+
+    fn begin_tentative(&mut self, _turn: UserTurn, cancel: CancellationToken) -> TokenStream {
+        self.start(cancel, true)
+    }
+
+    fn commit(&mut self) {
+        self.decide(true);
+    }
+
+    fn discard(&mut self) {
+        self.decide(false);
     }
 }
 
@@ -90,7 +152,9 @@ mod tests {
 
     #[tokio::test]
     async fn cancel_stops_the_stream() {
-        let mut m = ScriptedModel::new("one two three four", Duration::from_millis(20));
+        let mut m = ScriptedModel::new("one two three four", Duration::from_millis(20))
+            .open_session(None)
+            .unwrap();
         let cancel = CancellationToken::new();
         let turn = UserTurn {
             audio: Arc::from(vec![0.0f32; 10]),
@@ -101,5 +165,51 @@ mod tests {
         let started = std::time::Instant::now();
         assert!(rx.recv().await.is_none());
         assert!(started.elapsed() < Duration::from_millis(15));
+    }
+
+    fn turn() -> UserTurn {
+        UserTurn {
+            audio: Arc::from(vec![0.0f32; 10]),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tentative_reply_is_withheld_until_commit() {
+        let model = ScriptedModel::new("one two three", Duration::from_millis(5));
+        let mut s = model.open_session(None).unwrap();
+        let mut rx = s.begin_tentative(turn(), CancellationToken::new());
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(rx.try_recv().is_err(), "nothing before the commit");
+        s.commit();
+        let mut got = String::new();
+        while let Some(t) = rx.recv().await {
+            got.push_str(&t.unwrap());
+        }
+        assert_eq!(got, "one two three");
+
+        // Committed part-way: what was produced comes at once, the rest as it comes.
+        let model = ScriptedModel::new("a b c d e f", Duration::from_millis(20));
+        let mut s = model.open_session(None).unwrap();
+        let mut rx = s.begin_tentative(turn(), CancellationToken::new());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.commit();
+        let mut got = String::new();
+        while let Some(t) = rx.recv().await {
+            got.push_str(&t.unwrap());
+        }
+        assert_eq!(got, "a b c d e f");
+    }
+
+    #[tokio::test]
+    async fn a_discarded_reply_ends_without_its_tokens() {
+        let model = ScriptedModel::new("one two three", Duration::from_millis(5));
+        let mut s = model.open_session(None).unwrap();
+        let mut rx = s.begin_tentative(turn(), CancellationToken::new());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        s.discard();
+        assert!(rx.recv().await.is_none());
+        // The session goes on with an ordinary reply.
+        let mut rx = s.respond(turn(), CancellationToken::new());
+        assert_eq!(rx.recv().await.unwrap().unwrap(), "one");
     }
 }

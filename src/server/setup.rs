@@ -13,10 +13,10 @@ use crate::assets::{self, AssetError};
 use crate::config::{Config, GazelleSlmConfig, SlmKind, TtsProvider};
 use crate::metrics::Metrics;
 use crate::model::device::open_device;
+use crate::model::engine::Engine;
 use crate::model::gazelle::hub::{self, HubOptions};
 use crate::model::gazelle::Precision;
 use crate::model::loading::LoadingModel;
-use crate::model::worker::GazelleModel;
 use crate::model::{scripted::ScriptedModel, ModelError, SpeechLanguageModel};
 use crate::pipeline::call::Services;
 use crate::transport::auth::{Auth, AuthSettings, Secret};
@@ -74,9 +74,12 @@ pub fn services(config: &Config) -> Result<(Services, ModelLoad), SetupError> {
         ),
         SlmKind::Gazelle => {
             let c = config.slm.gazelle.clone();
-            let m = Arc::new(LoadingModel::spawn("gazelle", move || match gazelle(&c) {
-                Ok(m) => Ok(Arc::new(m) as Arc<dyn SpeechLanguageModel>),
-                Err(e) => Err(Arc::new(e) as ModelError),
+            let engine_metrics = metrics.clone();
+            let m = Arc::new(LoadingModel::spawn("gazelle", move || {
+                match gazelle(&c, engine_metrics) {
+                    Ok(m) => Ok(Arc::new(m) as Arc<dyn SpeechLanguageModel>),
+                    Err(e) => Err(Arc::new(e) as ModelError),
+                }
             }));
             (
                 m.clone() as Arc<dyn SpeechLanguageModel>,
@@ -109,7 +112,7 @@ pub(crate) enum GazelleSetupError {
 }
 
 /// Finds, loads and starts the Gazelle model (downloading it first unless offline).
-fn gazelle(c: &GazelleSlmConfig) -> Result<GazelleModel, GazelleSetupError> {
+fn gazelle(c: &GazelleSlmConfig, metrics: Arc<Metrics>) -> Result<Engine, GazelleSetupError> {
     let device = open_device(c.device)?;
     let opts = HubOptions {
         revision: c.revision.clone(),
@@ -125,7 +128,11 @@ fn gazelle(c: &GazelleSlmConfig) -> Result<GazelleModel, GazelleSetupError> {
         .map_err(Box::new)?
         .with_max_context(c.max_context);
     tracing::info!(model = %files.origin, secs = started.elapsed().as_secs_f64(), "Gazelle loaded");
-    Ok(GazelleModel::start(Arc::new(engine), c.generation_params()))
+    Ok(Engine::start(
+        Arc::new(engine),
+        c.engine_settings(),
+        Some(metrics),
+    ))
 }
 
 /// The router state for a config and its services; secrets are read from the environment

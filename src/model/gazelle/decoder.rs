@@ -33,12 +33,19 @@ impl Rope {
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
+        Self::at(cfg, &(offset..offset + len).collect::<Vec<_>>(), dtype, dev)
+    }
+
+    /// cos/sin [L, hd/2] for the given positions, one row each (a decode batch, where every
+    /// sequence is at its own position).
+    fn at(cfg: &TextConfig, positions: &[usize], dtype: DType, dev: &Device) -> Result<Self> {
         let half = cfg.head_dim / 2;
+        let len = positions.len();
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| 1f32 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32))
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), dev)?;
-        let pos: Vec<f32> = (offset..offset + len).map(|p| p as f32).collect();
+        let pos: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
         let pos = Tensor::from_vec(pos, (len, 1), dev)?;
         let freqs = pos.broadcast_mul(&inv_freq)?;
         Ok(Self {
@@ -145,7 +152,7 @@ impl Attention {
             }
             let (kc, vc) = cache.layer(layer);
             let (k, v) = (kc.narrow(2, 0, total)?, vc.narrow(2, 0, total)?);
-            return self.attend(&q, &k, &v, mask);
+            return project(&self.o_proj, &self.attend(&q, &k, &v, mask)?);
         }
         let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?;
         let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?;
@@ -153,10 +160,55 @@ impl Attention {
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         let (k, v) = cache.write(layer, &k, &v.contiguous()?)?;
-        self.attend(&q, &k, &v, mask)
+        project(&self.o_proj, &self.attend(&q, &k, &v, mask)?)
     }
 
-    /// q [1, H, L, hd] over the valid cache k, v [1, KV, S, hd] -> o_proj output [1, L, D].
+    /// One decode step of B sequences: x [1, B, D] holds one new position per sequence, row i
+    /// at position `caches[i].len()`. The projections run once over all rows (the weights are
+    /// read once per step); rotary embedding uses each row's own position; each row attends
+    /// over its own cache, of its own length, so nothing is padded.
+    fn forward_batch(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (_, b, _) = x.dims3()?;
+        let Heads {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+        } = self.h;
+        let (q, k, v) = (
+            project(&self.q_proj, x)?,
+            project(&self.k_proj, x)?,
+            project(&self.v_proj, x)?,
+        );
+        // The batch rows stand in the sequence dimension, so one rotary call with one table row
+        // per sequence rotates every row at its own position.
+        let q = rope.apply(&q.reshape((1, b, nh, hd))?.transpose(1, 2)?)?;
+        let k = rope.apply(&k.reshape((1, b, nkv, hd))?.transpose(1, 2)?)?;
+        let v = v.reshape((1, b, nkv, hd))?.transpose(1, 2)?;
+        let mut rows = Vec::with_capacity(b);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let ki = k.narrow(2, i, 1)?.contiguous()?;
+            let vi = v.narrow(2, i, 1)?.contiguous()?;
+            let (kc, vc) = cache.write(layer, &ki, &vi)?;
+            let total = kc.dim(2)?;
+            // Mistral's sliding window: the new position sees only the last `window` keys.
+            let start = self.window.map_or(0, |w| total.saturating_sub(w));
+            let (kc, vc) = (
+                kc.narrow(2, start, total - start)?,
+                vc.narrow(2, start, total - start)?,
+            );
+            let qi = q.narrow(2, i, 1)?.contiguous()?;
+            rows.push(self.attend(&qi, &kc, &vc, None)?);
+        }
+        project(&self.o_proj, &Tensor::cat(&rows, 1)?)
+    }
+
+    /// q [1, H, L, hd] over the valid cache k, v [1, KV, S, hd] -> [1, L, H*hd], before o_proj.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, _, l, hd) = q.dims4()?;
         let s = k.dim(2)?;
@@ -178,11 +230,9 @@ impl Attention {
         };
         let att = softmax_f32(&att)?;
         let y = att.matmul(v)?; // [1, KV, rep*L, hd]
-        let y = y
-            .reshape((b, nh, l, hd))?
+        y.reshape((b, nh, l, hd))?
             .transpose(1, 2)?
-            .reshape((b, l, nh * hd))?;
-        project(&self.o_proj, &y)
+            .reshape((b, l, nh * hd))
     }
 }
 
@@ -239,6 +289,20 @@ impl DecoderLayer {
     ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
         let a = self.self_attn.forward(&h, rope, mask, cache, layer)?;
+        let (h, x) = ops::add_norm(x, &a, &self.post_attention_layernorm)?;
+        x + self.mlp.forward(&h)?
+    }
+
+    /// One decode step of B sequences, [1, B, D] -> [1, B, D] (see `Attention::forward_batch`).
+    fn forward_batch(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let a = self.self_attn.forward_batch(&h, rope, caches, layer)?;
         let (h, x) = ops::add_norm(x, &a, &self.post_attention_layernorm)?;
         x + self.mlp.forward(&h)?
     }
@@ -315,6 +379,32 @@ impl CausalLm {
         }
         cache.advance(l);
         self.norm.forward(&h)
+    }
+
+    /// One decode step for a batch: `tokens[i]` goes in at position `caches[i].len()` of its
+    /// own cache -> [B, V] f32 next-token logits. Every cache grows by one.
+    pub(crate) fn decode_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        if tokens.len() != caches.len() || tokens.is_empty() {
+            candle_core::bail!("{} tokens for {} caches", tokens.len(), caches.len());
+        }
+        for c in caches.iter_mut() {
+            c.reserve(1)?;
+        }
+        let positions: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let rope = Rope::at(&self.config, &positions, self.dtype, &self.device)?;
+        let mut h = self.embed(tokens)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward_batch(&h, &rope, caches, i)?;
+        }
+        for c in caches.iter_mut() {
+            c.advance(1);
+        }
+        let h = self.norm.forward(&h)?;
+        project(&self.lm_head, &h)?.squeeze(0)?.to_dtype(DType::F32)
     }
 
     /// [1, L, D] hidden states -> [1, L, V] logits.

@@ -173,6 +173,85 @@ impl Generated {
     }
 }
 
+/// What to do after a sampled token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// A new reply token: hand it on, then feed it back if [`ReplyDecoder::wants_feed`] says so.
+    Token(u32),
+    /// The reply ended (see [`ReplyDecoder::stop`]).
+    Stop,
+}
+
+/// The decode loop of one reply as a state machine, so that one sequence alone
+/// ([`generate`]) and many in a batch (the engine) share every rule: sampling, the stop ids, the
+/// token limit and the context limit.
+#[derive(Debug, Clone)]
+pub(crate) struct ReplyDecoder {
+    sampler: Sampler,
+    max_new_tokens: usize,
+    stop_on_eos: bool,
+    /// Sampled ids, without the EOS that ended the reply (if any).
+    pub tokens: Vec<u32>,
+    /// How many of `tokens` were fed back into the cache.
+    pub fed: usize,
+    /// Why the reply ended; `None` while it goes on.
+    pub stop: Option<StopReason>,
+}
+
+impl ReplyDecoder {
+    pub(crate) fn new(params: &GenerationParams) -> Self {
+        Self {
+            sampler: Sampler::new(params),
+            max_new_tokens: params.max_new_tokens,
+            stop_on_eos: params.stop_on_eos,
+            tokens: Vec::new(),
+            fed: 0,
+            stop: (params.max_new_tokens == 0).then_some(StopReason::MaxTokens),
+        }
+    }
+
+    /// Samples the next id from [V] `logits` after `context` (every id in the cache).
+    pub(crate) fn sample(&mut self, logits: &[f32], context: &[u32], stop_ids: &[u32]) -> Next {
+        if self.stop.is_some() {
+            return Next::Stop;
+        }
+        let id = self.sampler.sample(logits, context);
+        if self.stop_on_eos && stop_ids.contains(&id) {
+            self.stop = Some(StopReason::Eos);
+            return Next::Stop;
+        }
+        self.tokens.push(id);
+        Next::Token(id)
+    }
+
+    /// The consumer stopped the reply after its newest token (cancellation, barge-in).
+    pub(crate) fn cancel(&mut self) {
+        self.stop.get_or_insert(StopReason::Cancelled);
+    }
+
+    /// Whether the newest token should be fed back for another step; if not, the reply has
+    /// ended here (token limit or a full context, given the cache's length and limit).
+    pub(crate) fn wants_feed(&mut self, cache_len: usize, cache_max: usize) -> bool {
+        if self.stop.is_some() {
+            return false;
+        }
+        if self.tokens.len() >= self.max_new_tokens {
+            self.stop = Some(StopReason::MaxTokens);
+            return false;
+        }
+        if cache_len >= cache_max {
+            self.stop = Some(StopReason::ContextFull);
+            return false;
+        }
+        true
+    }
+
+    /// The newest token was written to the cache.
+    pub(crate) fn fed_one(&mut self) {
+        self.fed += 1;
+    }
+}
+
 /// Samples up to `max_new_tokens` ids starting from `logits` ([V] f32, the prediction after
 /// the cached positions). Each id goes to `on_token` at once; `Break` stops after that id.
 /// `context` (the ids already in the cache) grows with each fed id.
@@ -186,43 +265,32 @@ pub(crate) fn generate(
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Generated> {
     let start = Instant::now();
-    let mut sampler = Sampler::new(params);
+    let mut d = ReplyDecoder::new(params);
     let mut logits: Vec<f32> = logits.to_vec1()?;
-    let mut out = Generated {
-        tokens: Vec::new(),
-        fed: 0,
-        stop: StopReason::MaxTokens,
-        first_token_s: 0.0,
-        decode_s: 0.0,
-    };
     let mut first_at = None;
-    while out.tokens.len() < params.max_new_tokens {
-        let id = sampler.sample(&logits, context);
+    let mut decode_s = 0.0;
+    while let Next::Token(id) = d.sample(&logits, context, stop_ids) {
         let now = Instant::now();
         let first = *first_at.get_or_insert(now);
-        out.decode_s = (now - first).as_secs_f64();
-        if params.stop_on_eos && stop_ids.contains(&id) {
-            out.stop = StopReason::Eos;
-            break;
-        }
-        out.tokens.push(id);
+        decode_s = (now - first).as_secs_f64();
         if on_token(id).is_break() {
-            out.stop = StopReason::Cancelled;
+            d.cancel();
             break;
         }
-        if out.tokens.len() == params.max_new_tokens {
-            break;
-        }
-        if cache.len() >= cache.max_len() {
-            out.stop = StopReason::ContextFull;
+        if !d.wants_feed(cache.len(), cache.max_len()) {
             break;
         }
         logits = model.step(id, cache)?.to_vec1()?;
         context.push(id);
-        out.fed += 1;
+        d.fed_one();
     }
-    out.first_token_s = first_at.map_or(0.0, |f| (f - start).as_secs_f64());
-    Ok(out)
+    Ok(Generated {
+        stop: d.stop.unwrap_or(StopReason::MaxTokens),
+        tokens: d.tokens,
+        fed: d.fed,
+        first_token_s: first_at.map_or(0.0, |f| (f - start).as_secs_f64()),
+        decode_s,
+    })
 }
 
 #[cfg(test)]

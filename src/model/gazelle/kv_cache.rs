@@ -51,6 +51,22 @@ impl KvCache {
         self.len
     }
 
+    /// Every layer's valid keys and values, flattened, for exact comparisons.
+    #[cfg(test)]
+    pub(crate) fn contents(&self) -> Vec<Vec<f32>> {
+        self.layers
+            .iter()
+            .flat_map(|(k, v)| [k, v])
+            .map(|t| {
+                t.narrow(2, 0, self.len)
+                    .and_then(|t| t.to_dtype(DType::F32))
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1())
+                    .expect("readable cache")
+            })
+            .collect()
+    }
+
     #[cfg(test)]
     pub(crate) fn capacity(&self) -> usize {
         self.capacity
@@ -88,7 +104,71 @@ impl KvCache {
         if needed <= self.capacity {
             return Ok(());
         }
-        let capacity = needed.max(self.capacity * 2).min(self.max_len);
+        self.grow_to(needed.max(self.capacity * 2).min(self.max_len))
+    }
+
+    /// Grows the buffers to hold exactly `positions` (at most the limit), so that a memory pool
+    /// can grant a reply its room up front; never shrinks.
+    pub(crate) fn ensure_capacity(&mut self, positions: usize) -> Result<()> {
+        let positions = positions.min(self.max_len);
+        if positions <= self.capacity {
+            return Ok(());
+        }
+        self.grow_to(positions)
+    }
+
+    /// Frees the buffers (an idle call's cache evicted to make room); the positions are lost,
+    /// and the call's next turn recomputes them.
+    pub(crate) fn release(&mut self) -> Result<()> {
+        for (k, v) in self.layers.iter_mut() {
+            let shape = (1, self.kv_heads, 1, self.head_dim);
+            *k = Tensor::zeros(shape, k.dtype(), k.device())?;
+            *v = Tensor::zeros(shape, v.dtype(), v.device())?;
+        }
+        self.len = 0;
+        self.capacity = 1;
+        Ok(())
+    }
+
+    /// Positions allocated (the memory it holds, in positions).
+    pub(crate) fn allocated(&self) -> usize {
+        self.capacity
+    }
+
+    /// A copy of positions `from..self.len()` of every layer, to put back with [`Self::restore`].
+    pub(crate) fn snapshot(&self, from: usize) -> Result<Vec<(Tensor, Tensor)>> {
+        let n = self.len.saturating_sub(from);
+        self.layers
+            .iter()
+            .map(|(k, v)| {
+                // A copy of its own: the cache's buffer is overwritten in place afterwards.
+                Ok((
+                    k.narrow(2, from, n)?.force_contiguous()?,
+                    v.narrow(2, from, n)?.force_contiguous()?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Puts back a [`Self::snapshot`] taken at `from`: afterwards positions `..from` are as they
+    /// are now and the rest are the snapshot's, exactly.
+    pub(crate) fn restore(&mut self, from: usize, saved: &[(Tensor, Tensor)]) -> Result<()> {
+        let n = saved.first().map_or(Ok(0), |(k, _)| k.dim(2))?;
+        self.truncate(from);
+        if self.len < from {
+            candle_core::bail!("cannot restore at {from}: only {} positions kept", self.len);
+        }
+        self.reserve(n)?;
+        for ((ck, cv), (k, v)) in self.layers.iter().zip(saved) {
+            ck.slice_set(k, 2, from)?;
+            cv.slice_set(v, 2, from)?;
+        }
+        self.len = from + n;
+        Ok(())
+    }
+
+    /// Copies the valid positions into new buffers of `capacity` positions.
+    fn grow_to(&mut self, capacity: usize) -> Result<()> {
         for (k, v) in self.layers.iter_mut() {
             let shape = (1, self.kv_heads, capacity, self.head_dim);
             let (nk, nv) = (

@@ -29,4 +29,4 @@ mod cuda_tests;
 #[cfg(test)]
 pub(crate) mod parity_tests;
 #[cfg(test)]
-mod session_tests;
+pub(crate) mod session_tests;

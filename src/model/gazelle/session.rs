@@ -16,7 +16,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use super::decoder::KvCache;
-use super::generation::{generate, GenerationParams, StopReason};
+use super::generation::{generate, GenerationParams, ReplyDecoder, StopReason};
 use super::model::Gazelle;
 use super::prompt::{
     user_content_with_audio, ChatMessage, ChatPrompt, PromptError, TextStream, AUDIO_PLACEHOLDER,
@@ -79,8 +79,8 @@ impl GazelleEngine {
         self
     }
 
-    #[cfg(test)]
-    pub(crate) fn max_context(&self) -> usize {
+    /// Positions each call's cache may hold.
+    pub(crate) fn max_positions(&self) -> usize {
         self.max_context
     }
 
@@ -164,6 +164,75 @@ pub struct GazelleSession {
     /// [V] f32 next-token logits after `ids`, when they are current.
     logits: Option<Tensor>,
     last_reply: Option<LastReply>,
+    /// The state before a tentative turn, while one is open (see [`Self::begin_turn`]).
+    checkpoint: Option<Checkpoint>,
+}
+
+/// A turn's positions on their way through the decoder, fed in chunks by
+/// [`GazelleSession::prefill`].
+#[derive(Debug)]
+pub(crate) struct Prefill {
+    /// [1, L, D] embeddings of the positions after the reused prefix.
+    embeds: Tensor,
+    done: usize,
+    started: Instant,
+    stats: TurnStats,
+}
+
+impl Prefill {
+    /// Positions still to run.
+    pub(crate) fn remaining(&self) -> usize {
+        self.embeds.dim(1).unwrap_or(0) - self.done
+    }
+
+    pub(crate) fn stats(&self) -> &TurnStats {
+        &self.stats
+    }
+}
+
+/// A reply being generated: the decode loop's state, the context for the repetition penalty,
+/// and the text stream that turns ids into pieces.
+#[derive(Debug)]
+pub(crate) struct ActiveReply {
+    pub(crate) decoder: ReplyDecoder,
+    /// Every id in the cache, and each reply token once fed (for the repetition penalty).
+    pub(crate) context: Vec<u32>,
+    /// Index in `ids` where the reply starts.
+    start: usize,
+    stream: TextStream,
+}
+
+impl ActiveReply {
+    /// The text that token `id` (the newest sampled) adds to the reply.
+    pub(crate) fn piece(
+        &mut self,
+        engine: &GazelleEngine,
+        id: u32,
+    ) -> Result<String, SessionError> {
+        Ok(self.stream.push(&engine.prompt, id)?)
+    }
+
+    /// The newest token went into the cache.
+    pub(crate) fn fed(&mut self, id: u32) {
+        self.context.push(id);
+        self.decoder.fed_one();
+    }
+}
+
+/// Everything a tentative turn may change, as it was before the turn: a discard puts it back.
+#[derive(Debug)]
+struct Checkpoint {
+    messages: Vec<ChatMessage>,
+    clips: Vec<Tensor>,
+    ids: Vec<u32>,
+    ends: Vec<usize>,
+    cache_len: usize,
+    logits: Option<Tensor>,
+    last_reply: Option<LastReply>,
+    /// When the turn cut the cache below `cache_len` (its rendering changed an earlier
+    /// position, or old exchanges were dropped): where the cut began, and the keys and values
+    /// it removed.
+    saved: Option<(usize, Vec<(Tensor, Tensor)>)>,
 }
 
 impl GazelleSession {
@@ -171,7 +240,17 @@ impl GazelleSession {
         engine: Arc<GazelleEngine>,
         system_prompt: Option<&str>,
     ) -> candle_core::Result<Self> {
-        let mut cache = engine.model.new_cache(1024.min(engine.max_context))?;
+        Self::with_capacity(engine, system_prompt, 1024)
+    }
+
+    /// A session whose cache starts with room for `capacity` positions (the engine starts with
+    /// none and grants room per turn from its memory pool).
+    pub(crate) fn with_capacity(
+        engine: Arc<GazelleEngine>,
+        system_prompt: Option<&str>,
+        capacity: usize,
+    ) -> candle_core::Result<Self> {
+        let mut cache = engine.model.new_cache(capacity.min(engine.max_context))?;
         cache.limit(engine.max_context);
         let messages = system_prompt
             .filter(|s| !s.trim().is_empty())
@@ -186,6 +265,7 @@ impl GazelleSession {
             ends: Vec::new(),
             logits: None,
             last_reply: None,
+            checkpoint: None,
         })
     }
 
@@ -226,6 +306,11 @@ impl GazelleSession {
     }
 
     #[cfg(test)]
+    pub(crate) fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    #[cfg(test)]
     pub(crate) fn cache(&self) -> &KvCache {
         &self.cache
     }
@@ -256,12 +341,39 @@ impl GazelleSession {
         audio_16k: &[f32],
         text: &str,
     ) -> Result<TurnStats, SessionError> {
+        let mut p = self.begin_turn(audio_16k, text, false)?;
+        self.prefill(&mut p, usize::MAX)?;
+        Ok(p.stats)
+    }
+
+    /// Encodes a user turn and plans its prefill: afterwards the conversation holds the turn and
+    /// the cache is cut back to the prefix it shares with it; [`Self::prefill`] runs the rest.
+    ///
+    /// A `tentative` turn may still be taken back: [`Self::discard_turn`] then restores the
+    /// session exactly as it was before this call (cache included), and
+    /// [`Self::commit_turn`] makes the turn final. An ordinary turn costs nothing extra.
+    pub(crate) fn begin_turn(
+        &mut self,
+        audio_16k: &[f32],
+        text: &str,
+        tentative: bool,
+    ) -> Result<Prefill, SessionError> {
         let t = Instant::now();
         let clip = self.engine.model.encode_audio(audio_16k)?;
         let encoder_ms = t.elapsed().as_secs_f64() * 1e3;
         let audio_tokens = clip.dim(1)?;
+        self.checkpoint = tentative.then(|| Checkpoint {
+            messages: self.messages.clone(),
+            clips: self.clips.clone(),
+            ids: self.ids.clone(),
+            ends: self.ends.clone(),
+            cache_len: self.cache.len(),
+            logits: self.logits.clone(),
+            last_reply: self.last_reply.clone(),
+            saved: None,
+        });
         self.push_user(clip, text);
-        let stats = match self.sync() {
+        let mut p = match self.plan() {
             Err(e @ SessionError::TurnTooLong { .. }) => {
                 // The turn can never fit: forget it, so the call can go on with shorter ones.
                 if let Some(m) = self.messages.pop() {
@@ -272,11 +384,102 @@ impl GazelleSession {
             }
             r => r?,
         };
-        Ok(TurnStats {
-            audio_tokens,
-            encoder_ms,
-            ..stats
-        })
+        p.stats.audio_tokens = audio_tokens;
+        p.stats.encoder_ms = encoder_ms;
+        Ok(p)
+    }
+
+    /// Runs up to `max` more positions of a planned turn through the decoder. True when the
+    /// whole turn is in the cache and the next-token logits are ready.
+    pub(crate) fn prefill(&mut self, p: &mut Prefill, max: usize) -> Result<bool, SessionError> {
+        let n = p.remaining().min(max.max(1));
+        if n > 0 {
+            let chunk = p.embeds.narrow(1, p.done, n)?;
+            let hidden = self.engine.model.forward_embeds(&chunk, &mut self.cache)?;
+            p.done += n;
+            if p.remaining() == 0 {
+                self.logits = Some(self.engine.model.language_model().last_logits(&hidden)?);
+            }
+        }
+        p.stats.prefill_ms = p.started.elapsed().as_secs_f64() * 1e3;
+        Ok(p.remaining() == 0)
+    }
+
+    /// A turn's prefill stopped part-way (cancelled or failed): the ids whose positions did not
+    /// all reach the cache are forgotten, so ids and cache agree again.
+    pub(crate) fn abort_prefill(&mut self) {
+        let len = self.cache.len();
+        let keep = self.ends.iter().take_while(|&&e| e <= len).count();
+        self.ids.truncate(keep);
+        self.ends.truncate(keep);
+        self.cache.truncate(self.ends.last().copied().unwrap_or(0));
+        self.logits = None;
+    }
+
+    /// Makes the open tentative turn final (a no-op without one).
+    pub(crate) fn commit_turn(&mut self) {
+        self.checkpoint = None;
+    }
+
+    /// Takes back the open tentative turn and its reply: the conversation, the ids and the
+    /// cache are restored exactly as they were before [`Self::begin_turn`].
+    pub(crate) fn discard_turn(&mut self) -> Result<(), SessionError> {
+        let Some(cp) = self.checkpoint.take() else {
+            return Ok(());
+        };
+        self.messages = cp.messages;
+        self.clips = cp.clips;
+        self.ids = cp.ids;
+        self.ends = cp.ends;
+        self.logits = cp.logits;
+        self.last_reply = cp.last_reply;
+        match cp.saved {
+            Some((from, kv)) => self.cache.restore(from, &kv)?,
+            None => self.cache.truncate(cp.cache_len),
+        }
+        debug_assert_eq!(self.cache.len(), cp.cache_len);
+        Ok(())
+    }
+
+    /// Whether a tentative turn is open.
+    #[cfg(test)]
+    pub(crate) fn is_tentative(&self) -> bool {
+        self.checkpoint.is_some()
+    }
+
+    /// Frees the cache of an idle call to make room for others; its next turn recomputes the
+    /// conversation from the start. Nothing said is lost.
+    pub(crate) fn evict(&mut self) -> Result<(), SessionError> {
+        self.cache.release()?;
+        self.ids.clear();
+        self.ends.clear();
+        self.logits = None;
+        Ok(())
+    }
+
+    /// Positions this session's cache holds allocated.
+    pub(crate) fn allocated(&self) -> usize {
+        self.cache.allocated()
+    }
+
+    /// Positions in the cache now.
+    pub(crate) fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Grows the cache to `positions` (at most the call's context).
+    pub(crate) fn reserve_positions(&mut self, positions: usize) -> Result<(), SessionError> {
+        Ok(self.cache.ensure_capacity(positions)?)
+    }
+
+    /// The most positions this call's cache may hold.
+    pub(crate) fn max_positions(&self) -> usize {
+        self.cache.max_len()
+    }
+
+    /// The cache, for the engine's batched decode step.
+    pub(crate) fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
     }
 
     /// The rendered conversation's ids, and the cache positions they take.
@@ -316,7 +519,16 @@ impl GazelleSession {
     /// Brings the cache in line with the rendered conversation, reusing the common prefix. When
     /// the conversation would crowd out the reply, the oldest exchanges go first, down to half the
     /// context so that the re-prefill this costs happens rarely.
+    #[cfg(test)]
     fn sync(&mut self) -> Result<TurnStats, SessionError> {
+        let mut p = self.plan()?;
+        self.prefill(&mut p, usize::MAX)?;
+        Ok(p.stats)
+    }
+
+    /// Plans bringing the cache in line with the rendered conversation (see `sync`): cuts the
+    /// cache back to the common prefix and returns the embeddings of the rest.
+    fn plan(&mut self) -> Result<Prefill, SessionError> {
         let t = Instant::now();
         let engine = self.engine.clone();
         let max = self.cache.max_len();
@@ -353,7 +565,15 @@ impl GazelleSession {
         self.ids.truncate(keep);
         self.ends.truncate(keep);
         let reused = self.ends.last().copied().unwrap_or(0);
+        if let Some(cp) = self.checkpoint.as_mut() {
+            if cp.saved.is_none() && reused < cp.cache_len && self.cache.len() == cp.cache_len {
+                // A tentative turn cuts into what came before it: keep the cut positions, so that
+                // a discard puts them back exactly.
+                cp.saved = Some((reused, self.cache.snapshot(reused)?));
+            }
+        }
         self.cache.truncate(reused);
+        self.logits = None;
         let audio_id = engine.model.config().audio_token_index;
         let suffix = &new_ids[keep..];
         let first_clip = self.ids.iter().filter(|&&i| i == audio_id).count();
@@ -362,8 +582,6 @@ impl GazelleSession {
             .iter()
             .collect();
         let embeds = engine.model.splice(suffix, &clips)?;
-        let hidden = engine.model.forward_embeds(&embeds, &mut self.cache)?;
-        self.logits = Some(engine.model.language_model().last_logits(&hidden)?);
         let mut clip_iter = clips.iter();
         let mut end = reused;
         for &id in suffix {
@@ -375,13 +593,17 @@ impl GazelleSession {
             self.ids.push(id);
             self.ends.push(end);
         }
-        debug_assert_eq!(end, self.cache.len());
-        Ok(TurnStats {
-            reused_positions: reused,
-            prefill_positions: self.cache.len() - reused,
-            prefill_ms: t.elapsed().as_secs_f64() * 1e3,
-            prompt_ids: self.ids.len(),
-            ..Default::default()
+        debug_assert_eq!(end - reused, embeds.dim(1)?);
+        Ok(Prefill {
+            stats: TurnStats {
+                reused_positions: reused,
+                prefill_positions: end - reused,
+                prompt_ids: self.ids.len(),
+                ..Default::default()
+            },
+            embeds,
+            done: 0,
+            started: t,
         })
     }
 
@@ -393,17 +615,15 @@ impl GazelleSession {
         params: &GenerationParams,
         mut on_token: impl FnMut(u32, &str) -> ControlFlow<()>,
     ) -> Result<Reply, SessionError> {
-        let logits = self.logits.take().ok_or(SessionError::NoUserTurn)?;
+        let (mut reply, logits) = self.begin_reply(params)?;
         let engine = self.engine.clone();
-        let start = self.ids.len();
-        let mut context = self.ids.clone();
-        let mut stream = TextStream::new();
         let mut prompt_err = None;
+        let stream = &mut reply.stream;
         let out = generate(
             &engine.model,
             &mut self.cache,
             &logits,
-            &mut context,
+            &mut reply.context,
             params,
             engine.stop_ids(),
             |id| match stream.push(&engine.prompt, id) {
@@ -417,24 +637,58 @@ impl GazelleSession {
         if let Some(e) = prompt_err {
             return Err(e.into());
         }
-        for &id in &out.tokens[..out.fed] {
+        let decode_tokens_per_s = out.decode_tokens_per_s();
+        reply.decoder.tokens = out.tokens;
+        reply.decoder.fed = out.fed;
+        reply.decoder.stop = Some(out.stop);
+        let mut r = self.finish_reply(reply)?;
+        r.first_token_s = out.first_token_s;
+        r.decode_tokens_per_s = decode_tokens_per_s;
+        Ok(r)
+    }
+
+    /// Starts the reply to the newest turn (whose prefill is done): its decode state, and the
+    /// [V] f32 logits of its first token.
+    pub(crate) fn begin_reply(
+        &mut self,
+        params: &GenerationParams,
+    ) -> Result<(ActiveReply, Tensor), SessionError> {
+        let logits = self.logits.take().ok_or(SessionError::NoUserTurn)?;
+        Ok((
+            ActiveReply {
+                decoder: ReplyDecoder::new(params),
+                context: self.ids.clone(),
+                start: self.ids.len(),
+                stream: TextStream::new(),
+            },
+            logits,
+        ))
+    }
+
+    /// Ends a reply (finished or cancelled): its fed tokens join the ids, and its text joins the
+    /// conversation as the assistant's message.
+    pub(crate) fn finish_reply(&mut self, reply: ActiveReply) -> Result<Reply, SessionError> {
+        let d = reply.decoder;
+        let fed = d.fed.min(d.tokens.len());
+        for &id in &d.tokens[..fed] {
             self.ids.push(id);
             self.ends.push(self.ends.last().copied().unwrap_or(0) + 1);
         }
-        let text = engine.prompt.decode(&out.tokens)?;
+        debug_assert_eq!(self.ends.last().copied().unwrap_or(0), self.cache.len());
+        let text = self.engine.prompt.decode(&d.tokens)?;
         self.messages
             .push(ChatMessage::new("assistant", text.clone()));
         self.last_reply = Some(LastReply {
             message: self.messages.len() - 1,
-            start,
-            tokens: out.tokens.clone(),
+            start: reply.start,
+            tokens: d.tokens.clone(),
         });
         Ok(Reply {
-            decode_tokens_per_s: out.decode_tokens_per_s(),
-            tokens: out.tokens,
+            tokens: d.tokens,
             text,
-            stop: out.stop,
-            first_token_s: out.first_token_s,
+            stop: d.stop.unwrap_or(StopReason::Cancelled),
+            first_token_s: 0.0,
+            decode_tokens_per_s: 0.0,
         })
     }
 

@@ -17,7 +17,10 @@ fn engine(variant: &str) -> (Arc<GazelleEngine>, Vec<f32>, Vec<f32>) {
 
 /// The fixture's engine with each call's context limited to `max_context` positions, and its
 /// two clips.
-fn engine_with(variant: &str, max_context: usize) -> (Arc<GazelleEngine>, Vec<f32>, Vec<f32>) {
+pub(crate) fn engine_with(
+    variant: &str,
+    max_context: usize,
+) -> (Arc<GazelleEngine>, Vec<f32>, Vec<f32>) {
     let (model, refs) = load_fixture_with(variant, Precision::uniform(DType::F32));
     let d = fixture_dir(variant);
     let prompt = ChatPrompt::from_files(
@@ -284,7 +287,7 @@ fn generation_stops_when_the_context_is_full() {
 #[test]
 fn a_context_limit_bounds_the_cache() {
     let (engine, a0, _) = engine_with("llama", 200);
-    assert_eq!(engine.max_context(), 200);
+    assert_eq!(engine.max_positions(), 200);
     let mut s = engine.open_session(None).unwrap();
     assert_eq!(s.cache().max_len(), 200);
     let mut most = 0;

@@ -16,7 +16,7 @@ use super::reply::{next_reply_event, Heard, Reply, ReplyEvent, TurnEnd};
 use super::Registration;
 use crate::audio::MODEL_RATE;
 use crate::metrics::{BargeIn, ErrorKind, Metrics, TurnStage, UnderrunCause};
-use crate::model::{SlmSession, TokenStream, UserTurn};
+use crate::model::{SlmError, SlmSession, TokenStream, UserTurn};
 use crate::pipeline::conversation::{Conversation, Turn};
 use crate::pipeline::limits::Limits;
 use crate::pipeline::listen::VadEvent;
@@ -259,12 +259,19 @@ impl Actor {
                 tracing::warn!(limit, "a reply reached limits.max_reply_chars and was cut");
             }
             TextEvent::Failed(e) => {
-                self.cfg.metrics.error(ErrorKind::Slm);
-                tracing::warn!(error = %e, "the model failed mid-reply");
+                let kind = match e {
+                    SlmError::Busy { .. } => ErrorKind::ModelBusy,
+                    _ => ErrorKind::Slm,
+                };
+                // The engine counts the turns it turns away itself.
+                if kind != ErrorKind::ModelBusy {
+                    self.cfg.metrics.error(kind);
+                }
+                tracing::warn!(error = %e, "the model failed on a turn");
                 let _ = self
                     .out
                     .send(Outbound::Error {
-                        kind: ErrorKind::Slm,
+                        kind,
                         message: format!("the model failed: {e}"),
                     })
                     .await;

@@ -16,7 +16,7 @@ pub(crate) enum TextEvent {
     FirstToken(Instant),
     Unit(String, Instant),
     Done,
-    Failed(String),
+    Failed(crate::model::SlmError),
     /// The reply reached this many characters and was cut there.
     TooLong(usize),
 }
@@ -61,7 +61,7 @@ pub(crate) async fn accumulate(
                 }
             }
             Some(Err(e)) => {
-                let _ = events.send(TextEvent::Failed(e.to_string())).await;
+                let _ = events.send(TextEvent::Failed(e)).await;
                 acc.finish().into_iter().collect()
             }
             None => acc.finish().into_iter().collect(),
