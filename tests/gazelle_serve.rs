@@ -5,38 +5,48 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use gazelle::audio::Encoding;
 use gazelle::config::{Config, SlmKind};
 use gazelle::model::device::WeightDtype;
 use gazelle::transport::vocode::client::{ClientConfig, EventKind, VocodeClient};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_spoken_turns_through_gazelle() {
+/// The server listens while the model loads; /health says so until it is ready. Returns the
+/// ready /health body.
+async fn wait_until_loaded(server: &common::TestServer) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (code, body) = common::http(server, "GET", "/health", &[], "").await;
+        if code == 200 {
+            return body;
+        }
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("\"status\":\"loading\""), "{body}");
+        assert!(Instant::now() < deadline, "still loading: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `gazelle serve` on the tiny Llama-variant fixture, in f32.
+fn tiny_gazelle_config(max_new_tokens: usize) -> Config {
     let mut config = Config::default();
     config.slm.kind = SlmKind::Gazelle;
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gazelle/llama");
     config.slm.gazelle.model = fixture.display().to_string();
     config.slm.gazelle.offline = true;
     config.slm.gazelle.dtype = WeightDtype::F32;
-    config.slm.gazelle.max_new_tokens = 24;
+    config.slm.gazelle.max_new_tokens = max_new_tokens;
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_spoken_turns_through_gazelle() {
+    let config = tiny_gazelle_config(24);
     let server = common::start_server(config).await;
-    // The server listens while the model loads; /health says so until it is ready.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let health = loop {
-        let (code, body) = common::http(&server, "GET", "/health", &[], "").await;
-        if code == 200 {
-            break body;
-        }
-        assert_eq!(code, 503, "{body}");
-        assert!(body.contains("\"status\":\"loading\""), "{body}");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still loading: {body}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let health = wait_until_loaded(&server).await;
     assert!(health.contains("\"status\":\"ok\""), "{health}");
     assert!(health.contains("\"slm\":\"gazelle\""), "{health}");
 
@@ -143,6 +153,148 @@ async fn a_model_that_fails_to_load_is_reported() {
     assert!(
         twiml.contains("<Hangup/>") && !twiml.contains("<Connect>"),
         "{twiml}"
+    );
+    server.shutdown().await;
+}
+
+/// What one call heard back: each reply's text, each turn's first-token time (ms after the VAD
+/// ended the turn, so the fixed end-of-turn silence is not counted), and, when asked, the
+/// model's compute for each turn (seconds of engine steps, read from /metrics: valid only for a
+/// call alone).
+#[derive(Debug)]
+struct Heard {
+    replies: Vec<String>,
+    first_token_ms: Vec<f64>,
+    turn_steps_s: Vec<f64>,
+}
+
+const STEPS: &str = "gazelle_engine_step_seconds_sum";
+
+/// One call: each clip streamed at real time, then silence until the reply has played out, so
+/// that no turn barges in on the last reply and every call keeps the same history.
+async fn call(server: &common::TestServer, clips: &[Vec<f32>], measure: bool) -> Heard {
+    let mut cc = ClientConfig::new(16_000, Encoding::Linear16);
+    cc.system_prompt = Some("You are a helpful assistant.".into());
+    let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
+    let mut heard = Heard {
+        replies: Vec::new(),
+        first_token_ms: Vec::new(),
+        turn_steps_s: Vec::new(),
+    };
+    let mut replies: BTreeMap<u64, String> = BTreeMap::new();
+    // Whole VAD frames (512 samples), so that however many pauses a call needs, its next turn
+    // meets the detector at the same frame phase and is cut the same way.
+    let pause = vec![0.0; 512 * 8];
+    for clip in clips {
+        let before = if measure {
+            metric(server, STEPS).await
+        } else {
+            0.0
+        };
+        let turn = heard.first_token_ms.len();
+        client.stream_realtime(clip, 20).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last_audio = Instant::now();
+        loop {
+            while let Ok(e) = client.events.try_recv() {
+                match e.kind {
+                    EventKind::Timeline(t) => heard.first_token_ms.push(
+                        t["first_token_ms"].as_f64().unwrap() - t["vad_end_ms"].as_f64().unwrap(),
+                    ),
+                    EventKind::Transcript { reply, text } => {
+                        replies.entry(reply).or_default().push_str(&text)
+                    }
+                    EventKind::Audio { .. } => last_audio = e.at,
+                    EventKind::Clear { .. } => panic!("a turn barged in on a reply"),
+                    EventKind::Error { kind, message } => panic!("{kind}: {message}"),
+                    _ => {}
+                }
+            }
+            let replied = heard.first_token_ms.len() > turn;
+            if replied && last_audio.elapsed() > Duration::from_millis(1_500) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no reply to turn {turn}");
+            client.stream_realtime(&pause, 20).await.unwrap();
+        }
+        if measure {
+            heard
+                .turn_steps_s
+                .push(metric(server, STEPS).await - before);
+        }
+    }
+    client.stop().await.unwrap();
+    heard.replies = replies.into_values().collect();
+    heard
+}
+
+/// A counter or histogram sum from /metrics.
+async fn metric(server: &common::TestServer, name: &str) -> f64 {
+    let (_, body) = common::http(server, "GET", "/metrics", &[], "").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
+
+/// Sixteen calls at once, two spoken turns each, through one engine: every reply is the reply
+/// the same turns get on a call alone, and the last call's first token comes far sooner than
+/// a one-reply-at-a-time model could give it (after the other fifteen whole turns).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_calls_share_one_engine() {
+    let server = common::start_server(tiny_gazelle_config(64)).await;
+    wait_until_loaded(&server).await;
+    // Two turns whose greedy replies on this fixture run long (dozens of tokens), so that a
+    // serial model's wait is long enough to measure against.
+    let mut clips = Vec::new();
+    for question in ["And tomorrow?", "Hello, what is the weather like today?"] {
+        let mut clip = common::silence(300, 16_000);
+        clip.extend(common::speech(question, 16_000).await);
+        clip.extend(common::silence(1_000, 16_000));
+        clips.push(clip);
+    }
+
+    // One call alone: the expected replies, and the model's compute for each turn.
+    let alone = call(&server, &clips, true).await;
+    assert_eq!(alone.replies.len(), 2, "{alone:?}");
+    assert!(alone.replies.iter().all(|r| r.len() > 40), "{alone:?}");
+
+    let started = metric(&server, STEPS).await;
+    let heard = futures::future::join_all((0..16).map(|_| call(&server, &clips, false))).await;
+    let busy = metric(&server, STEPS).await - started;
+    for h in &heard {
+        assert_eq!(
+            h.replies, alone.replies,
+            "a reply differs from the call alone"
+        );
+        assert_eq!(h.first_token_ms.len(), 2);
+    }
+    for (turn, per_turn) in alone.turn_steps_s.iter().enumerate() {
+        // A model that runs one turn at a time gives the last of 16 simultaneous turns its
+        // first token after the other 15 whole turns.
+        let serial_ms = 15.0 * per_turn * 1e3;
+        let last = heard
+            .iter()
+            .map(|h| h.first_token_ms[turn])
+            .fold(0.0, f64::max);
+        eprintln!(
+            "turn {turn}: the last call's first token came {last:.0} ms after its turn ended; \
+             one turn at a time it would come after {serial_ms:.0} ms (a turn alone: {:.0} ms \
+             of model steps; all 16 calls: {:.0} ms of steps in all)",
+            per_turn * 1e3,
+            busy * 1e3
+        );
+        assert!(
+            last < 0.4 * serial_ms,
+            "turn {turn}: the last call's first token took {last:.0} ms, not far below the \
+             {serial_ms:.0} ms a serial model would take"
+        );
+    }
+    let rows = metric(&server, "gazelle_engine_batch_size_sum").await;
+    let steps = metric(&server, "gazelle_engine_batch_size_count").await;
+    assert!(
+        rows / steps > 2.0,
+        "decode steps averaged {:.2} sequences",
+        rows / steps
     );
     server.shutdown().await;
 }

@@ -11,7 +11,8 @@
 //!    the tokens already fed, a prefill is cut back to what reached the cache (see
 //!    [`GazelleSession::abort_prefill`](crate::model::gazelle::GazelleSession)). Calls whose token
 //!    channel had filled get what now fits.
-//! 2. **Admit** waiting turns, first come first served: run the audio encoder and projector, plan
+//! 2. **Admit** waiting turns, first come first served, as many as this step's prefill budget
+//!    can start on: run the audio encoder and projector, plan
 //!    the prefill against the call's cache, and grant the turn its KV memory (prompt plus a whole
 //!    reply) from the pool. If the pool is short, idle calls' caches are evicted, longest idle
 //!    first (their next turn recomputes them; nothing said is lost). If it is still short, the

@@ -73,7 +73,7 @@ enum Phase {
     Prefilling(Prefill),
     /// Generating; `feed` is the newest token, to go through the next decode step.
     Decoding {
-        reply: ActiveReply,
+        reply: Box<ActiveReply>,
         feed: Option<u32>,
     },
     /// Generation ended; only undelivered pieces remain.
@@ -202,12 +202,14 @@ impl Scheduler {
 
     /// Whether a step would do anything now (other than wait for parked calls to drain).
     pub(crate) fn has_work(&self) -> bool {
-        !self.prefilling.is_empty() || self.head_admissible() || self.calls.values().any(|c| {
-            c.job.as_ref().is_some_and(|j| {
+        !self.prefilling.is_empty()
+            || self.head_admissible()
+            || self.calls.values().any(|c| {
+                c.job.as_ref().is_some_and(|j| {
                 j.abandoned()
                     || matches!(j.phase, Phase::Decoding { feed: Some(_), .. } if !j.out.parked())
             })
-        })
+            })
     }
 
     /// Whether some reply waits for its call to take tokens.
@@ -445,9 +447,22 @@ impl Scheduler {
         }
     }
 
-    /// Encodes waiting turns and grants them memory, first come first served.
+    /// Encodes waiting turns and grants them memory, first come first served. Only as many are
+    /// encoded as this step's prefill can start on, so a burst of turns does not run a burst of
+    /// audio encoders ahead of everyone's decode.
     fn admit(&mut self) {
         while let Some(&id) = self.admission.front() {
+            let queued: usize = self
+                .prefilling
+                .iter()
+                .filter_map(|c| match self.calls.get(c)?.job.as_ref()?.phase {
+                    Phase::Prefilling(ref p) => Some(p.remaining()),
+                    _ => None,
+                })
+                .sum();
+            if queued >= self.settings.prefill_chunk {
+                return;
+            }
             let Some(call) = self.calls.get_mut(&id) else {
                 self.admission.pop_front();
                 continue;
@@ -599,7 +614,10 @@ impl Scheduler {
                 return;
             }
         };
-        job.phase = Phase::Decoding { reply, feed: None };
+        job.phase = Phase::Decoding {
+            reply: Box::new(reply),
+            feed: None,
+        };
         self.decoding.push(id);
         self.advance(id, &logits);
     }
@@ -669,7 +687,7 @@ impl Scheduler {
         call.last_active = self.steps;
         let job = call.job.as_mut().expect("has a job");
         if let Phase::Decoding { reply, .. } = std::mem::replace(&mut job.phase, Phase::Done) {
-            if let Err(e) = call.session.finish_reply(reply) {
+            if let Err(e) = call.session.finish_reply(*reply) {
                 job.out
                     .undelivered
                     .push_back(Err(SlmError::Generation(Arc::new(e))));
@@ -848,7 +866,7 @@ fn end_phase(session: &mut GazelleSession, phase: Phase) {
         Phase::Planned(_) | Phase::Prefilling(_) => session.abort_prefill(),
         Phase::Decoding { mut reply, .. } => {
             reply.decoder.cancel();
-            if let Err(e) = session.finish_reply(reply) {
+            if let Err(e) = session.finish_reply(*reply) {
                 tracing::warn!(error = %e, "could not keep a cancelled reply");
             }
         }
