@@ -10,6 +10,7 @@ use clap::Args;
 
 use super::bench_suite::{self, random_audio, text_id, token_ids, SuiteOptions};
 
+use gazelle::model::engine::bench::{self as engine_bench, EngineBenchOptions};
 use gazelle::model::gazelle::random::random_gazelle;
 use gazelle::model::gazelle::GazelleConfig;
 
@@ -49,6 +50,17 @@ pub struct BenchArgs {
     /// --suite: prompt lengths for prefill.
     #[arg(long, value_delimiter = ',', default_values_t = [64usize, 512])]
     pub prefill_lengths: Vec<usize>,
+    /// Benchmark the continuous-batching engine instead, at these numbers of concurrent calls
+    /// (e.g. 1,2,4,8,16): decode rates per batch size, and time to first token under Poisson
+    /// arrivals of turns. Uses --audio-seconds and --decode-tokens.
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
+    /// --concurrency: prefill positions per engine step.
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
+    /// --concurrency: Poisson turns per level (at least 3 × the concurrency).
+    #[arg(long, default_value_t = 12)]
+    pub poisson_turns: usize,
     /// --suite: clip lengths (seconds) for the audio encoder.
     #[arg(long, value_delimiter = ',', default_values_t = [1.0f64, 5.0, 15.0])]
     pub encoder_seconds: Vec<f64>,
@@ -123,6 +135,10 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
         }
         return Ok(());
+    }
+
+    if !args.concurrency.is_empty() {
+        return run_engine_bench(&args, model, &cfg, dtype, (full_layers, build_s));
     }
 
     let audio = random_audio(args.audio_seconds);
@@ -243,6 +259,77 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--concurrency`: the engine under load (see `gazelle::model::engine::bench`).
+fn run_engine_bench(
+    args: &BenchArgs,
+    model: gazelle::model::gazelle::Gazelle,
+    cfg: &GazelleConfig,
+    weights: DType,
+    (full_layers, build_s): (usize, f64),
+) -> anyhow::Result<()> {
+    let weight_bytes = weights.size_in_bytes() as u64;
+    let options = EngineBenchOptions {
+        concurrency: args.concurrency.clone(),
+        audio: random_audio(args.audio_seconds),
+        decode_tokens: args.decode_tokens,
+        prefill_chunk: args.prefill_chunk,
+        poisson_turns: args.poisson_turns,
+        weight_bytes_per_step: bench_suite::weight_bytes_per_token(cfg, weight_bytes),
+        macs_per_token: bench_suite::weight_bytes_per_token(cfg, 1),
+        seed: 7,
+    };
+    let r = engine_bench::run(model, &options, |p| eprintln!("{p}"))?;
+    let layers = cfg.text.num_hidden_layers;
+    let threads = candle_core::utils::get_num_threads();
+    println!(
+        "| {} random weights, {layers}/{full_layers} layers, {threads} threads; turns of {:.1} s \
+         audio ({} positions), replies of {} tokens | batch in full steps | step ms | aggregate \
+         tok/s | per-sequence tok/s | Poisson arrivals/s (turns) | mean batch | TTFT p50 ms | \
+         TTFT p99 ms |",
+        args.random_weights,
+        args.audio_seconds,
+        r.turn_positions,
+        args.decode_tokens
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for l in &r.levels {
+        println!(
+            "| {} concurrent | {} | {:.0} | {:.2} | {:.2} | {:.2} ({}) | {:.1} | {:.0} | {:.0} |",
+            l.concurrency,
+            l.concurrency,
+            l.step_ms,
+            l.aggregate_tokens_per_s,
+            l.per_sequence_tokens_per_s,
+            l.arrivals_per_s,
+            l.turns,
+            l.mean_batch,
+            l.ttft_p50_ms,
+            l.ttft_p99_ms
+        );
+    }
+    println!(
+        "\nweights read per step {:.2} GB; measured weight bandwidth {:.1} GB/s (batch-1 step), \
+         matmul rate {:.1} GFLOP/s (a 256-position prefill chunk); a step's flops match its \
+         weight reads at batch ≈ {:.1}",
+        r.weight_bytes_per_step as f64 / 1e9,
+        r.weight_bandwidth_gb_s,
+        r.matmul_gflop_s,
+        r.saturation_batch
+    );
+    if let Some(path) = &args.json {
+        let mut out = serde_json::to_value(&r)?;
+        out["preset"] = args.random_weights.clone().into();
+        out["layers_built"] = layers.into();
+        out["layers_full"] = full_layers.into();
+        out["build_s"] = build_s.into();
+        out["threads"] = threads.into();
+        out["audio_seconds"] = args.audio_seconds.into();
+        out["decode_tokens"] = args.decode_tokens.into();
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +386,40 @@ mod tests {
         ] {
             assert!(m[k].as_f64().unwrap() > 0.0, "{k}: {v}");
         }
+    }
+
+    /// `--concurrency` runs the engine benchmark and writes its levels as JSON.
+    #[test]
+    fn benchmarks_the_engine_at_each_concurrency() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("engine.json");
+        let fixture =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gazelle/llama");
+        let spec = fixture.join("config.json");
+        let argv = [
+            "--random-weights",
+            spec.to_str().unwrap(),
+            "--dtype",
+            "f32",
+            "--audio-seconds",
+            "1",
+            "--decode-tokens",
+            "5",
+            "--concurrency",
+            "1,2",
+            "--poisson-turns",
+            "3",
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        run_bench(args(&argv)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let levels = v["levels"].as_array().unwrap();
+        assert_eq!(levels.len(), 2, "{v}");
+        assert_eq!(levels[1]["concurrency"], 2, "{v}");
+        assert!(levels[1]["aggregate_tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["weight_bandwidth_gb_s"].as_f64().unwrap() > 0.0, "{v}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod device;
-pub(crate) mod engine;
+pub mod engine;
 pub mod gazelle;
 pub(crate) mod loading;
 pub mod scripted;

@@ -39,6 +39,7 @@
 //!
 //! The same code runs on the CPU and on CUDA; only the tensors' device differs.
 
+pub mod bench;
 mod pool;
 pub(crate) mod scheduler;
 #[cfg(test)]

@@ -839,7 +839,12 @@ impl Scheduler {
         m.engine_running.set(self.decoding.len() as i64);
     }
 
-    /// Positions allocated by all calls (for tests and the benchmark).
+    /// Positions in a call's cache.
+    pub(crate) fn positions_of(&self, id: CallId) -> Option<usize> {
+        self.calls.get(&id).map(|c| c.session.cached())
+    }
+
+    /// Positions allocated by all calls (for tests).
     #[cfg(test)]
     pub(crate) fn kv_used(&self) -> usize {
         self.usage(None).0

@@ -127,6 +127,48 @@ impl ChatPrompt {
         })
     }
 
+    /// A word-level tokenizer over a whole vocabulary (`w3`, `w4`, … one word per id, plus
+    /// `<unk>`, `<s>`, `</s>` and `<|audio|>` at `audio_id`) with the `[INST]` template: for
+    /// benchmarks of random-weight models, which have no tokenizer. Every id decodes to a word,
+    /// so every sampled token streams a piece.
+    pub(crate) fn synthetic(vocab_size: usize, audio_id: u32) -> Result<Self, PromptError> {
+        let mut vocab = serde_json::Map::new();
+        for (i, w) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+            vocab.insert(w.to_string(), i.into());
+        }
+        for i in 3..vocab_size as u32 {
+            if i != audio_id {
+                vocab.insert(format!("w{i}"), i.into());
+            }
+        }
+        vocab.insert(AUDIO_PLACEHOLDER.into(), audio_id.into());
+        let special = |id: u32, content: &str| {
+            serde_json::json!({"id": id, "content": content, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        };
+        let json = serde_json::json!({
+            "version": "1.0",
+            "added_tokens": [special(1, "<s>"), special(2, "</s>"), special(audio_id, AUDIO_PLACEHOLDER)],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null,
+            "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+        });
+        let tokenizer: Tokenizer = json
+            .to_string()
+            .parse()
+            .map_err(|e: tokenizers::Error| PromptError::Tokenizer(e.to_string()))?;
+        let eos_token_id = Some(2);
+        Ok(Self {
+            tokenizer,
+            template: FALLBACK_TEMPLATE.into(),
+            bos_token: "<s>".into(),
+            eos_token: "</s>".into(),
+            eos_token_id,
+        })
+    }
+
     pub(crate) fn eos_token_id(&self) -> Option<u32> {
         self.eos_token_id
     }
@@ -231,6 +273,21 @@ impl TextStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_synthetic_tokenizer_round_trips_every_id() {
+        let p = ChatPrompt::synthetic(500, 420).unwrap();
+        p.check_audio_token(420).unwrap();
+        let text = p
+            .render(&[ChatMessage::new("user", "<|audio|>\nhi")], true)
+            .unwrap();
+        let ids = p.encode(&text).unwrap();
+        assert!(ids.contains(&420) && ids.contains(&1), "{ids:?}");
+        let mut stream = TextStream::new();
+        for id in [5, 77, 499] {
+            assert!(!stream.push(&p, id).unwrap().is_empty(), "id {id} streams a piece");
+        }
+    }
     use crate::model::gazelle::parity_tests::fixture_dir;
 
     fn load(variant: &str) -> ChatPrompt {
