@@ -1,5 +1,6 @@
 //! Call-capacity benchmark (run through `scripts/bench-calls`). For each N it starts a fresh
-//! `gazelle serve` (scripted model, local voice), connects N simulated callers over loopback that
+//! `gazelle serve` (the scripted model, or with `--model DIR` the Gazelle engine on that
+//! checkpoint, e.g. the tiny fixture; local voice), connects N simulated callers over loopback that
 //! talk in real time (an espeak-ng utterance, then silence while the reply plays, then a pause,
 //! again and again), and measures per reply the server's VAD-end → first-audio-sent time, late
 //! output frames at the callers (a frame that arrives after the caller's playout needed it), the
@@ -39,6 +40,12 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Serve the Gazelle engine on this local checkpoint (f32) instead of the scripted model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// With --model: tokens per reply at most.
+    #[arg(long, default_value_t = 16)]
+    max_new_tokens: usize,
 }
 
 const REPLY: &str = "Sure, I can help with that. Let me check.";
@@ -52,6 +59,9 @@ struct Row {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// VAD end → the model's first token.
+    first_token_p50_ms: f64,
+    first_token_p99_ms: f64,
     late_frames: usize,
     max_late_ms: f64,
     /// Frames the server itself sent after the caller's playback had run dry, by cause.
@@ -74,6 +84,7 @@ struct Row {
 #[derive(Default)]
 struct CallerStats {
     latencies: Vec<f64>,
+    first_tokens: Vec<f64>,
     late: usize,
     max_late_ms: f64,
     frames: usize,
@@ -91,14 +102,44 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let speech_end_chunk = utterance.1;
     let silence = Arc::new(load::silence_message());
     let mut rows = Vec::new();
+    let dir = tempfile::tempdir()?;
+    let server_args: Vec<String> = match &args.model {
+        None => ["--reply", REPLY, "--token-delay-ms", "0"]
+            .map(String::from)
+            .to_vec(),
+        Some(model) => {
+            let model = std::fs::canonicalize(model)?;
+            let config = dir.path().join("gazelle.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "[slm]\nkind = \"gazelle\"\n[slm.gazelle]\nmodel = {:?}\noffline = true\n\
+                     dtype = \"f32\"\nmax_new_tokens = {}\n",
+                    model.display().to_string(),
+                    args.max_new_tokens
+                ),
+            )?;
+            vec!["--config".into(), config.display().to_string()]
+        }
+    };
+    let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
     println!(
-        "{:>6} {:>8} {:>7} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9} {:>10} {:>9} {:>10} {:>8} {:>5}",
+        "model: {}",
+        args.model.as_ref().map_or("scripted".into(), |m| format!(
+            "gazelle engine on {}",
+            m.display()
+        ))
+    );
+    println!(
+        "{:>6} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>9} {:>9} {:>10} {:>9} {:>10} {:>8} {:>5}",
         "calls",
         "replies",
         "failed",
         "p50 ms",
         "p99 ms",
         "max ms",
+        "tok p50",
+        "tok p99",
         "late",
         "late ms",
         "srv late",
@@ -110,12 +151,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     for (i, &n) in args.calls.iter().enumerate() {
         let port = args.port + i as u16;
-        let mut server = load::start_server(
-            &args.bin,
-            port,
-            &["--reply", REPLY, "--token-delay-ms", "0"],
-        )
-        .await?;
+        let mut server = load::start_server(&args.bin, port, &server_args).await?;
+        load::wait_until_ready(port).await?;
         let pid = server.id();
         let rss_idle = rss_mb(pid);
         let cpu0 = cpu_seconds(pid);
@@ -143,6 +180,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             match t.await? {
                 Ok(s) => {
                     stats.latencies.extend(s.latencies);
+                    stats.first_tokens.extend(s.first_tokens);
                     stats.late += s.late;
                     stats.max_late_ms = stats.max_late_ms.max(s.max_late_ms);
                     stats.frames += s.frames;
@@ -166,6 +204,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let _ = Command::new("kill").arg(pid.to_string()).status();
         let _ = server.wait();
         stats.latencies.sort_by(f64::total_cmp);
+        stats.first_tokens.sort_by(f64::total_cmp);
         let pct = |p: f64| load::quantile(&stats.latencies, p);
         let mut row = Row {
             calls: n,
@@ -174,6 +213,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             p50_ms: pct(0.5),
             p99_ms: pct(0.99),
             max_ms: pct(1.0),
+            first_token_p50_ms: load::quantile(&stats.first_tokens, 0.5),
+            first_token_p99_ms: load::quantile(&stats.first_tokens, 0.99),
             late_frames: stats.late,
             max_late_ms: stats.max_late_ms,
             server_late_synthesis: underruns("synthesis"),
@@ -194,13 +235,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         row.pass = served && row.late_frames == 0;
         row.pass_server = served && server_late == 0;
         println!(
-            "{:>6} {:>8} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>7} {:>9.1} {:>9} {:>10.1} {:>9.0} {:>8.0}KB {:>8.0} {:>5}",
+            "{:>6} {:>8} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>9.1} {:>7} {:>9.1} {:>9} {:>10.1} {:>9.0} {:>8.0}KB {:>8.0} {:>5}",
             row.calls,
             row.replies,
             row.failed_turns,
             row.p50_ms,
             row.p99_ms,
             row.max_ms,
+            row.first_token_p50_ms,
+            row.first_token_p99_ms,
             row.late_frames,
             row.max_late_ms,
             server_late,
@@ -231,6 +274,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     if let Some(path) = args.json {
         let out = serde_json::json!({
+            "model": args.model.as_ref().map(|m| m.display().to_string()),
             "target_p99_ms": TARGET_P99_MS,
             "best": best,
             "best_server": best_server,
@@ -266,7 +310,7 @@ async fn caller(
         let mut playout_start: Option<Instant> = None;
         let mut queued = Duration::ZERO;
         let mut timeline: Option<f64> = None;
-        let give_up = Instant::now() + Duration::from_secs(6);
+        let give_up = Instant::now() + Duration::from_secs(12);
         loop {
             client.send_text(silence).await?;
             next += tick;
@@ -289,6 +333,13 @@ async fn caller(
                         if let (Some(a), Some(b)) = (a, b) {
                             timeline = Some(b - a);
                         }
+                        if let (Some(a), Some(f)) = (a, t["first_token_ms"].as_f64()) {
+                            stats.first_tokens.push(f - a);
+                        }
+                    }
+                    EventKind::Error { kind, message } => {
+                        eprintln!("caller got {kind}: {message}");
+                        stats.failed += 1;
                     }
                     EventKind::Closed { .. } | EventKind::Stop => {
                         anyhow::bail!("server closed the call")

@@ -76,6 +76,22 @@ pub async fn start_server(bin: &Path, port: u16, args: &[&str]) -> anyhow::Resul
     Ok(child)
 }
 
+/// Waits until `/health` says the model is ready (a model loads after the server listens).
+pub async fn wait_until_ready(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let health = http_get(port, "/health").await.unwrap_or_default();
+        if health.contains("\"status\":\"ok\"") {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            !health.contains("\"status\":\"error\"") && Instant::now() < deadline,
+            "the model did not become ready: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())

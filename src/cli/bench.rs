@@ -283,23 +283,20 @@ fn run_engine_bench(
     let threads = candle_core::utils::get_num_threads();
     println!(
         "| {} random weights, {layers}/{full_layers} layers, {threads} threads; turns of {:.1} s \
-         audio ({} positions), replies of {} tokens | batch in full steps | step ms | aggregate \
-         tok/s | per-sequence tok/s | Poisson arrivals/s (turns) | mean batch | TTFT p50 ms | \
-         TTFT p99 ms |",
-        args.random_weights,
-        args.audio_seconds,
-        r.turn_positions,
-        args.decode_tokens
+         audio ({} positions), replies of {} tokens | step ms (full batch) | aggregate tok/s | \
+         per-sequence tok/s | turn s (arrival → last token) | Poisson arrivals/s (turns) | mean \
+         batch | TTFT p50 ms | TTFT p99 ms |",
+        args.random_weights, args.audio_seconds, r.turn_positions, args.decode_tokens
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for l in &r.levels {
         println!(
-            "| {} concurrent | {} | {:.0} | {:.2} | {:.2} | {:.2} ({}) | {:.1} | {:.0} | {:.0} |",
-            l.concurrency,
+            "| {} concurrent | {:.0} | {:.2} | {:.2} | {:.1} | {:.2} ({}) | {:.1} | {:.0} | {:.0} |",
             l.concurrency,
             l.step_ms,
             l.aggregate_tokens_per_s,
             l.per_sequence_tokens_per_s,
+            l.turn_s,
             l.arrivals_per_s,
             l.turns,
             l.mean_batch,
@@ -418,7 +415,10 @@ mod tests {
         let levels = v["levels"].as_array().unwrap();
         assert_eq!(levels.len(), 2, "{v}");
         assert_eq!(levels[1]["concurrency"], 2, "{v}");
-        assert!(levels[1]["aggregate_tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(
+            levels[1]["aggregate_tokens_per_s"].as_f64().unwrap() > 0.0,
+            "{v}"
+        );
         assert!(v["weight_bandwidth_gb_s"].as_f64().unwrap() > 0.0, "{v}");
     }
 

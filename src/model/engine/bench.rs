@@ -5,9 +5,10 @@
 //! 1. **Decode.** C calls each send one turn at once, and each reply is forced to
 //!    `decode_tokens` tokens. Steps that only decode, with all C sequences in the batch, give the
 //!    aggregate and per-sequence decode rates.
-//! 2. **Poisson.** Turns arrive on new calls as a Poisson process whose rate keeps C replies in
-//!    flight on average (Little's law with phase 1's reply time). Each turn's time to first token
-//!    runs from its arrival to the step that samples its first token.
+//! 2. **Poisson.** Turns arrive on new calls as a Poisson process at 80 % of the rate phase 1
+//!    served them (C turns over their mean time from arrival to last token, audio encoder and
+//!    prefill included): a load the engine can carry, with queues that come and go. Each
+//!    turn's time to first token runs from its arrival to the step that samples its first token.
 //!
 //! It also measures the two rates that bound a decode step: weight bandwidth (a batch-1 decode
 //! step reads every decoder weight once) and the matmul flop rate (a prefill chunk), and from
@@ -55,6 +56,8 @@ pub struct LevelReport {
     pub step_ms: f64,
     pub aggregate_tokens_per_s: f64,
     pub per_sequence_tokens_per_s: f64,
+    /// Phase 1's mean time from a turn's arrival to its last token.
+    pub turn_s: f64,
     /// Poisson phase: arrival rate, turns, and time to first token.
     pub arrivals_per_s: f64,
     pub turns: usize,
@@ -92,6 +95,9 @@ pub enum EngineBenchError {
     #[error("no concurrency levels to measure")]
     NoLevels,
 }
+
+/// The Poisson phase's load: its arrival rate over the rate phase 1 served.
+const LOAD: f64 = 0.8;
 
 struct Turn {
     rx: mpsc::Receiver<Result<String, SlmError>>,
@@ -221,17 +227,22 @@ pub fn run(
     }
     step_times.sort_by(f64::total_cmp);
     let weight_bandwidth_gb_s = options.weight_bytes_per_step as f64 / step_times[2] / 1e9;
-    let bytes_per_flop = options.weight_bytes_per_step as f64 / (2.0 * options.macs_per_token as f64);
+    let bytes_per_flop =
+        options.weight_bytes_per_step as f64 / (2.0 * options.macs_per_token as f64);
     let saturation_batch = matmul_gflop_s * bytes_per_flop / weight_bandwidth_gb_s;
 
     let mut turn_positions = 0;
     let mut levels = Vec::new();
     for &c in &options.concurrency {
         // Phase 1: C replies decoding together.
-        progress(&format!("concurrency {c}: {c} replies of {} tokens", options.decode_tokens));
+        progress(&format!(
+            "concurrency {c}: {c} replies of {} tokens",
+            options.decode_tokens
+        ));
         let mut b = new_bench();
         let mut turns: Vec<Turn> = (0..c).map(|_| b.turn()).collect();
         let (mut full_steps, mut full_time, mut full_tokens) = (0usize, 0.0, 0usize);
+        let mut turn_times = Vec::new();
         while !turns.iter().all(|t| t.done) {
             let t = Instant::now();
             let r = b.s.step();
@@ -242,12 +253,17 @@ pub fn run(
                 full_tokens += c;
             }
             for t in turns.iter_mut() {
+                let was_done = t.done;
                 t.poll()?;
+                if t.done && !was_done {
+                    turn_times.push(t.at.elapsed().as_secs_f64());
+                }
             }
             if r.prefilled == 0 && r.batch == 0 && !b.s.has_work() {
                 break;
             }
         }
+        let turn_s = turn_times.iter().sum::<f64>() / turn_times.len().max(1) as f64;
         if turn_positions == 0 {
             // The cache holds the turn and every reply token but the last.
             let cached = b.s.positions_of(0).unwrap_or(0);
@@ -257,9 +273,8 @@ pub fn run(
         let per_seq = aggregate / c as f64;
         let step_ms = full_time / full_steps.max(1) as f64 * 1e3;
 
-        // Phase 2: Poisson arrivals keeping C replies in flight on average.
-        let reply_s = options.decode_tokens as f64 / per_seq.max(1e-9);
-        let rate = c as f64 / reply_s;
+        // Phase 2: Poisson arrivals at 80 % of the rate phase 1 served.
+        let rate = LOAD * c as f64 / turn_s.max(1e-9);
         let n = options.poisson_turns.max(3 * c);
         progress(&format!(
             "concurrency {c}: {n} turns arriving at {rate:.2}/s (Poisson)"
@@ -313,6 +328,7 @@ pub fn run(
             step_ms,
             aggregate_tokens_per_s: aggregate,
             per_sequence_tokens_per_s: per_seq,
+            turn_s,
             arrivals_per_s: rate,
             turns: n,
             mean_batch: rows as f64 / steps.max(1) as f64,
@@ -360,7 +376,10 @@ mod tests {
         assert!(r.turn_positions > 10, "{r:?}");
         for l in &r.levels {
             assert!(l.full_steps >= 4, "{l:?}");
-            assert!(l.aggregate_tokens_per_s > 0.0 && l.ttft_p50_ms > 0.0, "{l:?}");
+            assert!(
+                l.aggregate_tokens_per_s > 0.0 && l.ttft_p50_ms > 0.0,
+                "{l:?}"
+            );
             assert!(l.ttft_p99_ms >= l.ttft_p50_ms && l.ttft_max_ms >= l.ttft_p99_ms);
             assert_eq!(l.turns, 4.max(3 * l.concurrency));
         }

@@ -436,6 +436,53 @@ impl CausalLm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::gazelle::model::Precision;
+    use crate::model::gazelle::parity_tests::fixture_dir;
+    use crate::model::gazelle::random::random_gazelle;
+    use crate::model::gazelle::GazelleConfig;
+
+    /// One batched decode step over sequences of different lengths equals each sequence's own
+    /// step, with a sliding window shorter than some of them (the fixtures have none).
+    #[test]
+    fn a_batched_step_equals_each_sequence_alone_with_a_sliding_window() {
+        let text = std::fs::read_to_string(fixture_dir("mistral").join("config.json")).unwrap();
+        let mut cfg = GazelleConfig::from_json_str(&text).unwrap();
+        cfg.text.sliding_window = Some(6);
+        let model = random_gazelle(&cfg, Precision::uniform(DType::F32), &Device::Cpu, 3).unwrap();
+        let lm = model.language_model();
+        let lengths = [1usize, 4, 9, 15];
+        let mut batch: Vec<KvCache> = Vec::new();
+        let mut alone: Vec<KvCache> = Vec::new();
+        for (i, &n) in lengths.iter().enumerate() {
+            let ids: Vec<u32> = (0..n as u32)
+                .map(|k| 3 + (k * 7 + i as u32) % 150)
+                .collect();
+            let mut c = lm.new_cache(32).unwrap();
+            lm.forward_embeds(&lm.embed(&ids).unwrap(), &mut c).unwrap();
+            batch.push(c.clone());
+            alone.push(c);
+        }
+        for step in 0..3u32 {
+            let tokens: Vec<u32> = (0..lengths.len() as u32).map(|i| 10 + i + step).collect();
+            let mut caches: Vec<&mut KvCache> = batch.iter_mut().collect();
+            let rows: Vec<Vec<f32>> = lm
+                .decode_batch(&tokens, &mut caches)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            for (i, (&t, c)) in tokens.iter().zip(alone.iter_mut()).enumerate() {
+                let h = lm.forward_embeds(&lm.embed(&[t]).unwrap(), c).unwrap();
+                let want: Vec<f32> = lm.last_logits(&h).unwrap().to_vec1().unwrap();
+                let err = rows[i]
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(err < 1e-4, "step {step}, sequence {i}: {err}");
+                assert_eq!(batch[i].len(), c.len());
+            }
+        }
+    }
 
     #[test]
     fn mask_is_causal_and_windowed() {

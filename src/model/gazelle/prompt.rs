@@ -285,7 +285,10 @@ mod tests {
         assert!(ids.contains(&420) && ids.contains(&1), "{ids:?}");
         let mut stream = TextStream::new();
         for id in [5, 77, 499] {
-            assert!(!stream.push(&p, id).unwrap().is_empty(), "id {id} streams a piece");
+            assert!(
+                !stream.push(&p, id).unwrap().is_empty(),
+                "id {id} streams a piece"
+            );
         }
     }
     use crate::model::gazelle::parity_tests::fixture_dir;
