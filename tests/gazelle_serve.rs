@@ -14,6 +14,10 @@ use gazelle::config::{Config, SlmKind};
 use gazelle::model::device::WeightDtype;
 use gazelle::transport::vocode::client::{ClientConfig, EventKind, VocodeClient};
 
+/// Tests that load the model with calls run one at a time: the 16-call test saturates both cores,
+/// and the others' replies would then miss their listening windows.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The server listens while the model loads; /health says so until it is ready. Returns the
 /// ready /health body.
 async fn wait_until_loaded(server: &common::TestServer) -> String {
@@ -44,6 +48,7 @@ fn tiny_gazelle_config(max_new_tokens: usize) -> Config {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_spoken_turns_through_gazelle() {
+    let _serial = HEAVY.lock().await;
     let config = tiny_gazelle_config(24);
     let server = common::start_server(config).await;
     let health = wait_until_loaded(&server).await;
@@ -241,6 +246,7 @@ async fn metric(server: &common::TestServer, name: &str) -> f64 {
 /// a one-reply-at-a-time model could give it (after the other fifteen whole turns).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_concurrent_calls_share_one_engine() {
+    let _serial = HEAVY.lock().await;
     let server = common::start_server(tiny_gazelle_config(64)).await;
     wait_until_loaded(&server).await;
     // Two turns whose greedy replies on this fixture run long (dozens of tokens), so that a
