@@ -69,6 +69,9 @@ fn d_stack() -> usize {
 /// `Wav2Vec2Config` with transformers' defaults (which are wav2vec2-base).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct Wav2Vec2Config {
+    /// The audio tower's class; only `wav2vec2` is ported (absent means wav2vec2).
+    #[serde(default)]
+    pub model_type: Option<String>,
     #[serde(default = "d_hidden")]
     pub hidden_size: usize,
     #[serde(default = "d_layers")]
@@ -115,6 +118,15 @@ impl Wav2Vec2Config {
 
     /// Rejects the variants this port does not implement, with a message naming the field.
     pub(crate) fn check(&self) -> Result<(), ConfigError> {
+        if let Some(t) = self.model_type.as_deref().filter(|t| *t != "wav2vec2") {
+            return Err(ConfigError::Unsupported {
+                field: "audio_config.model_type",
+                why: format!(
+                    "the audio tower is `{t}`; this port implements wav2vec2 only (the tower of \
+                     every Gazelle release)"
+                ),
+            });
+        }
         let layers = self.conv_dim.len();
         if self.conv_kernel.len() != layers || self.conv_stride.len() != layers {
             return Err(ConfigError::Unsupported {
@@ -402,7 +414,9 @@ impl GazelleConfig {
             text: TextConfig::mistral_7b_v02(),
             audio_token_index: 32000,
             stack_factor: 8,
-            projector_hidden: 8192,
+            // linear_1 is 6144 → 4096 (SwiGLU then halves it to 2048): the only width whose
+            // parameters add up to the published shards (see the test below).
+            projector_hidden: 4096,
         }
     }
 
@@ -444,6 +458,132 @@ mod tests {
         );
         let bad = TextConfig::from_json(&serde_json::json!({"model_type": "gemma"}));
         assert!(bad.unwrap_err().to_string().contains("gemma"));
+    }
+
+    /// `config.json` as gazelle-v0.2 publishes it: `text_config` in diff form (no hidden size,
+    /// heads or layers), reconstructed from the published file listing and shard sizes.
+    const V02_CONFIG: &str = r#"{
+        "architectures": ["GazelleForConditionalGeneration"],
+        "audio_config": {"model_type": "wav2vec2", "architectures": ["Wav2Vec2ForCTC"],
+            "vocab_size": 32, "feat_extract_norm": "group", "conv_bias": false,
+            "do_stable_layer_norm": false, "num_conv_pos_embeddings": 128,
+            "num_conv_pos_embedding_groups": 16},
+        "audio_model_id": "facebook/wav2vec2-base-960h",
+        "audio_token_index": 32000,
+        "model_type": "gazelle",
+        "stack_factor": 8,
+        "text_config": {"architectures": ["MistralForCausalLM"], "intermediate_size": 14336,
+            "max_position_embeddings": 32768, "model_type": "mistral", "num_key_value_heads": 8,
+            "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": null,
+            "vocab_size": 32001},
+        "text_model_id": "mistralai/Mistral-7B-Instruct-v0.2",
+        "torch_dtype": "bfloat16",
+        "vocab_size": 32001
+    }"#;
+
+    #[test]
+    fn the_published_v02_config_resolves_to_the_real_shape() {
+        let c = GazelleConfig::from_json_str(V02_CONFIG).unwrap();
+        let a = &c.audio;
+        assert_eq!(a.model_type.as_deref(), Some("wav2vec2"));
+        assert_eq!(
+            (
+                a.hidden_size,
+                a.num_hidden_layers,
+                a.num_attention_heads,
+                a.intermediate_size
+            ),
+            (768, 12, 12, 3072)
+        );
+        assert_eq!(a.conv_dim, vec![512; 7]);
+        assert_eq!(a.conv_kernel, vec![10, 3, 3, 3, 3, 2, 2]);
+        assert_eq!(a.conv_stride, vec![5, 2, 2, 2, 2, 2, 2]);
+        assert!(!a.conv_bias && !a.do_stable_layer_norm);
+        assert_eq!(a.feat_extract_norm, "group");
+        assert_eq!(
+            (a.num_conv_pos_embeddings, a.num_conv_pos_embedding_groups),
+            (128, 16)
+        );
+        assert_eq!(
+            a.hidden_size / a.num_conv_pos_embedding_groups,
+            48,
+            "channels per group"
+        );
+        let t = &c.text;
+        assert_eq!(t.arch, TextArch::Mistral);
+        assert_eq!(
+            (
+                t.vocab_size,
+                t.hidden_size,
+                t.intermediate_size,
+                t.num_hidden_layers
+            ),
+            (32001, 4096, 14336, 32)
+        );
+        assert_eq!(
+            (t.num_attention_heads, t.num_key_value_heads, t.head_dim),
+            (32, 8, 128)
+        );
+        assert_eq!(t.max_position_embeddings, 32768);
+        assert_eq!((t.rms_norm_eps, t.rope_theta), (1e-5, 1e6));
+        assert_eq!(t.sliding_window, None);
+        assert!(!t.tie_word_embeddings);
+        assert_eq!(
+            (t.bos_token_id, t.eos_token_ids.clone()),
+            (Some(1), vec![2])
+        );
+        assert_eq!((c.audio_token_index, c.stack_factor), (32000, 8));
+        assert_eq!(
+            c.projector_hidden, 4096,
+            "the class default until the weights say"
+        );
+        let mut preset = GazelleConfig::gazelle_v02();
+        preset.audio.model_type = Some("wav2vec2".into());
+        assert_eq!(c, preset, "the v0.2 preset is the published shape");
+    }
+
+    /// The resolved v0.2 shape, stored in bf16, weighs what the published shards weigh
+    /// (4.96 + 4.92 + 4.86 GB, 14.7394 GB in all); a projector width of 8192 would not.
+    #[test]
+    fn the_v02_shape_adds_up_to_the_published_shards() {
+        let bytes = |cfg: &GazelleConfig| -> f64 {
+            crate::model::gazelle::random::checkpoint_shapes(cfg)
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>() as f64 * 2.0)
+                .sum()
+        };
+        let real = GazelleConfig::from_json_str(V02_CONFIG).unwrap();
+        let gb = bytes(&real) / 1e9;
+        assert!((gb - 14.7394).abs() < 0.0005, "{gb:.4} GB");
+        let wide = GazelleConfig {
+            projector_hidden: 8192,
+            ..real
+        };
+        assert!((bytes(&wide) / 1e9 - 14.81).abs() < 0.01);
+    }
+
+    /// The tincans notebook's dairy clip: 86,400 samples at 24 kHz become 57,600 at 16 kHz (as
+    /// torchaudio's resampler gives), 179 wav2vec2 frames, and the 23 audio tokens published.
+    #[test]
+    fn the_dairy_clip_makes_23_audio_tokens() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/audio/tincans/test16.wav");
+        let clip = crate::audio::wav::read(&std::fs::read(path).unwrap()).unwrap();
+        assert_eq!((clip.sample_rate, clip.samples.len()), (24_000, 86_400));
+        let audio =
+            crate::audio::resample::resample_all(&clip.samples, 24_000, crate::audio::MODEL_RATE)
+                .unwrap();
+        assert_eq!(audio.len(), 57_600);
+        let frames = GazelleConfig::gazelle_v02().audio.num_frames(audio.len());
+        assert_eq!((frames, frames / 8 + 1), (179, 23));
+    }
+
+    #[test]
+    fn an_audio_tower_other_than_wav2vec2_is_refused() {
+        let e = GazelleConfig::from_json_str(r#"{"audio_config": {"model_type": "whisper"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("whisper") && e.contains("wav2vec2 only"), "{e}");
     }
 
     #[test]
