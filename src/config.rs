@@ -200,8 +200,9 @@ pub struct GazelleSlmConfig {
     pub audio_dtype: WeightDtype,
     pub device: DeviceKind,
     /// Positions of context a call may hold (at most the model's `max_position_embeddings`).
-    /// It bounds each call's KV-cache memory (Mistral-7B bf16: 128 KiB per position, so 1 GiB at
-    /// 8192); beyond it the oldest exchanges are dropped.
+    /// It bounds each call's KV-cache memory, kept in the compute dtype (Mistral-7B: 128 KiB per
+    /// position in bf16 on CUDA, 1 GiB at 8192; 256 KiB in f32 on the CPU, 2 GiB at 8192); beyond
+    /// it the oldest exchanges are dropped.
     pub max_context: usize,
     pub max_new_tokens: usize,
     /// 0 is greedy.
@@ -223,6 +224,12 @@ pub struct GazelleSlmConfig {
     pub kv_budget_positions: Option<usize>,
     /// Turns that may wait for KV memory; a turn beyond them gets `model_busy` at once.
     pub max_waiting_turns: usize,
+    /// The call's system prompt: `auto` (the template's system role, else folded into the
+    /// first user turn, as Gazelle's own Mistral template needs), `fold` or `omit`.
+    pub system_prompt: crate::model::gazelle::SystemPromptMode,
+    /// Earlier turns' audio in the prompt: `all` (the model hears the whole call) or `current`
+    /// (only the newest turn's audio; earlier user turns keep their text). See docs/gazelle.md.
+    pub history_audio: crate::model::gazelle::HistoryAudio,
 }
 
 impl GazelleSlmConfig {
@@ -278,6 +285,8 @@ impl Default for GazelleSlmConfig {
             kv_budget_mb: None,
             kv_budget_positions: None,
             max_waiting_turns: 64,
+            system_prompt: Default::default(),
+            history_audio: Default::default(),
         }
     }
 }

@@ -126,7 +126,9 @@ fn gazelle(c: &GazelleSlmConfig, metrics: Arc<Metrics>) -> Result<Engine, Gazell
     let precision = Precision::new(c.dtype.into(), c.audio_dtype.into(), &device);
     let engine = hub::load_engine(&files, precision, &device)
         .map_err(Box::new)?
-        .with_max_context(c.max_context);
+        .with_max_context(c.max_context)
+        .with_system_prompt(c.system_prompt)
+        .with_history_audio(c.history_audio);
     tracing::info!(model = %files.origin, secs = started.elapsed().as_secs_f64(), "Gazelle loaded");
     Ok(Engine::start(
         Arc::new(engine),

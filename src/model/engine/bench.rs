@@ -362,8 +362,8 @@ mod tests {
         let options = EngineBenchOptions {
             concurrency: vec![1, 3],
             audio,
-            decode_tokens: 6,
-            prefill_chunk: 64,
+            decode_tokens: 8,
+            prefill_chunk: 512,
             poisson_turns: 4,
             weight_bytes_per_step: 1_000_000,
             macs_per_token: 500_000,

@@ -96,18 +96,9 @@ pub(crate) struct EngineSettings {
     pub max_waiting_turns: usize,
 }
 
-/// Bytes one cache position takes: keys and values of every layer.
-pub(crate) fn bytes_per_position(engine: &GazelleEngine) -> usize {
-    let t = &engine.model.config().text;
-    2 * t.num_hidden_layers
-        * t.num_key_value_heads
-        * t.head_dim
-        * engine.model.dtype().size_in_bytes()
-}
-
 /// The pool for `budget` on the engine's device.
 pub(crate) fn pool_for(engine: &GazelleEngine, budget: KvBudget) -> KvPool {
-    let per = bytes_per_position(engine).max(1);
+    let per = engine.kv_bytes_per_position().max(1);
     let positions = match budget {
         KvBudget::Positions(p) => p,
         KvBudget::Bytes(b) => (b / per as u64) as usize,

@@ -590,7 +590,7 @@ fn the_kv_pool_queues_refuses_and_evicts() {
     let one = probe.append_user_audio_turn(&a0, "").unwrap();
     let per_turn = one.prefill_positions + p.max_new_tokens + 1;
     let budget = 2 * per_turn + per_turn / 2;
-    let pool = KvPool::new(budget, super::bytes_per_position(&engine));
+    let pool = KvPool::new(budget, engine.kv_bytes_per_position());
     let mut s = Scheduler::new(engine.clone(), st, pool, None);
     let links: Vec<Arc<()>> = (0..4).map(|_| Arc::new(())).collect();
     for (i, l) in links.iter().enumerate() {
@@ -656,7 +656,7 @@ fn the_kv_pool_queues_refuses_and_evicts() {
 fn a_turn_larger_than_the_pool_is_refused_clearly() {
     let (engine, a0, _) = engine_with("llama", usize::MAX);
     let st = settings(8, 512);
-    let pool = KvPool::new(20, super::bytes_per_position(&engine));
+    let pool = KvPool::new(20, engine.kv_bytes_per_position());
     let mut s = Scheduler::new(engine.clone(), st, pool, None);
     let link = Arc::new(());
     open(&mut s, 0, &link);

@@ -278,10 +278,14 @@ pub fn resolve(model: &str, opts: &HubOptions) -> Result<ModelFiles, HubError> {
         });
     }
     let config = src.require("config.json", "Is this a Gazelle checkpoint?")?;
-    let tokenizer = src.require(
-        "tokenizer.json",
-        "Gazelle needs the fast-tokenizer file; save one with transformers' AutoTokenizer.",
-    )?;
+    // gazelle-v0.1 ships only the SentencePiece model, which is converted at load.
+    let tokenizer = match src.fetch("tokenizer.json")? {
+        Some(t) => t,
+        None => src.require(
+            "tokenizer.model",
+            "Gazelle needs tokenizer.json or a SentencePiece tokenizer.model; neither was found.",
+        )?,
+    };
     let tokenizer_config = src.get("tokenizer_config.json")?;
     let chat_template = src.get("chat_template.jinja")?;
     let weights = match src.get("model.safetensors.index.json")? {
@@ -365,7 +369,36 @@ pub fn load_engine(
         files.tokenizer_config.as_deref(),
         files.chat_template.as_deref(),
     )?;
-    Ok(GazelleEngine::new(model, prompt)?)
+    let engine = GazelleEngine::new(model, prompt)?;
+    log_resolved(&engine, precision);
+    Ok(engine)
+}
+
+/// Says at load what the checkpoint resolved to, so a wrong shape or dtype shows in the log.
+fn log_resolved(engine: &GazelleEngine, precision: Precision) {
+    let c = engine.model.config();
+    let (a, t) = (&c.audio, &c.text);
+    tracing::info!(
+        audio_tower = a.model_type.as_deref().unwrap_or("wav2vec2"),
+        audio_hidden = a.hidden_size,
+        audio_layers = a.num_hidden_layers,
+        projector_width = c.projector_hidden,
+        stack_factor = c.stack_factor,
+        text_arch = ?t.arch,
+        layers = t.num_hidden_layers,
+        hidden = t.hidden_size,
+        heads = t.num_attention_heads,
+        kv_heads = t.num_key_value_heads,
+        head_dim = t.head_dim,
+        vocab = t.vocab_size,
+        rope_theta = t.rope_theta,
+        sliding_window = ?t.sliding_window,
+        weights = ?precision.weights,
+        compute = ?precision.compute,
+        audio_dtype = ?precision.audio,
+        kv_bytes_per_position = engine.kv_bytes_per_position(),
+        "Gazelle configuration"
+    );
 }
 
 #[cfg(test)]
@@ -434,9 +467,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("`tokenizer.json` is missing") && err.contains("offline"),
+            err.contains("`tokenizer.model` is missing")
+                && err.contains("tokenizer.json or a SentencePiece tokenizer.model")
+                && err.contains("offline"),
             "{err}"
         );
+        // gazelle-v0.1's layout: no tokenizer.json, a tokenizer.model instead.
+        std::fs::write(snap.join("tokenizer.model"), b"sp").unwrap();
+        let files = resolve("tiny-org/gazelle-tiny", &opts).unwrap();
+        assert!(files.tokenizer.ends_with("tokenizer.model"));
         let err = resolve("not a repo", &opts).unwrap_err().to_string();
         assert!(err.contains("neither a directory"), "{err}");
     }

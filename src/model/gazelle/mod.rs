@@ -15,14 +15,16 @@ pub(crate) mod ops;
 pub(crate) mod projector;
 pub(crate) mod prompt;
 pub mod random;
+pub(crate) mod sentencepiece;
 pub(crate) mod session;
 pub(crate) mod wav2vec2;
 
 pub use config::{GazelleConfig, TextArch, TextConfig, Wav2Vec2Config};
 pub use generation::{GenerationParams, StopReason};
 pub use model::{AudioStages, Gazelle, Precision};
+pub use prompt::SystemPromptMode;
 pub(crate) use session::Spoken;
-pub use session::{GazelleEngine, GazelleSession};
+pub use session::{GazelleEngine, GazelleSession, HistoryAudio};
 
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_tests;

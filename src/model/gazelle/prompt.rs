@@ -12,9 +12,13 @@ use tokenizers::Tokenizer;
 pub(crate) const AUDIO_PLACEHOLDER: &str = "<|audio|>";
 
 /// Used when a checkpoint ships no chat template: the Llama-2/Mistral `[INST]` format.
+/// Like Mistral's, it rejects a system role, which [`SystemPromptMode::Auto`] then folds into the
+/// first user turn.
 const FALLBACK_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}\
 {% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}\
-{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}";
+{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}\
+{% else %}{{ raise_exception('the [INST] template has no ' + m['role'] + ' role') }}\
+{% endif %}{% endfor %}";
 
 /// Errors from tokenizer files, templates and tokenization.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +36,11 @@ pub enum PromptError {
     Template(#[from] minijinja::Error),
     #[error("the tokenizer has no token `{0}`; is this a Gazelle tokenizer?")]
     MissingToken(String),
+    #[error("{path}: {source}")]
+    SentencePiece {
+        path: String,
+        source: super::sentencepiece::SentencePieceError,
+    },
 }
 
 /// One chat message, as chat templates see it.
@@ -62,6 +71,64 @@ pub(crate) fn user_content_with_audio(prompt: &str) -> String {
     }
 }
 
+/// What becomes of a call's system prompt. Gazelle's own template (Mistral's `[INST]`) rejects
+/// a system role, and the model was not trained with one, so there is no reference behaviour.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SystemPromptMode {
+    /// The template's own system role where it has one; otherwise folded into the first user
+    /// turn (`system\n\nuser`), as Mistral's later templates do.
+    #[default]
+    Auto,
+    /// Always folded into the first user turn.
+    Fold,
+    /// Left out.
+    Omit,
+}
+
+/// A SentencePiece `tokenizer.model` converted as transformers' Llama converter does, with the
+/// added tokens (e.g. `<|audio|>`) and prefix-space setting of `tokenizer_config.json`.
+fn sentencepiece_tokenizer(path: &Path, cfg: &Value) -> Result<Tokenizer, PromptError> {
+    let model = std::fs::read(path).map_err(|source| PromptError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let add_prefix_space = cfg
+        .get("add_prefix_space")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let mut added: Vec<(u32, String, bool)> = cfg
+        .get("added_tokens_decoder")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(id, t)| {
+                    let content = t.get("content")?.as_str()?.to_string();
+                    let special = t.get("special").and_then(Value::as_bool).unwrap_or(false);
+                    Some((id.parse().ok()?, content, special))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    added.sort();
+    let json = super::sentencepiece::llama_tokenizer_json(&model, add_prefix_space, &added)
+        .map_err(|source| PromptError::SentencePiece {
+            path: path.display().to_string(),
+            source,
+        })?;
+    json.parse()
+        .map_err(|e: tokenizers::Error| PromptError::Tokenizer(e.to_string()))
+}
+
+/// The conversation without its system message, whose text now opens the first user message.
+fn fold_system(system: &str, rest: &[ChatMessage]) -> Vec<ChatMessage> {
+    let mut rest = rest.to_vec();
+    if let Some(first) = rest.iter_mut().find(|m| m.role == "user") {
+        first.content = format!("{system}\n\n{}", first.content);
+    }
+    rest
+}
+
 /// Tokenizer plus chat template.
 #[derive(Debug, Clone)]
 pub(crate) struct ChatPrompt {
@@ -70,6 +137,7 @@ pub(crate) struct ChatPrompt {
     bos_token: String,
     eos_token: String,
     eos_token_id: Option<u32>,
+    system: SystemPromptMode,
 }
 
 fn token_string(v: Option<&Value>) -> Option<String> {
@@ -95,11 +163,15 @@ impl ChatPrompt {
         tokenizer_config: Option<&Path>,
         chat_template_file: Option<&Path>,
     ) -> Result<Self, PromptError> {
-        let tokenizer = Tokenizer::from_file(tokenizer_json)
-            .map_err(|e| PromptError::Tokenizer(e.to_string()))?;
         let cfg: Value = match tokenizer_config {
             Some(p) => serde_json::from_str(&read(p)?)?,
             None => Value::Null,
+        };
+        let tokenizer = if tokenizer_json.extension().is_some_and(|e| e == "model") {
+            sentencepiece_tokenizer(tokenizer_json, &cfg)?
+        } else {
+            Tokenizer::from_file(tokenizer_json)
+                .map_err(|e| PromptError::Tokenizer(e.to_string()))?
         };
         let template = match chat_template_file {
             Some(p) => read(p)?,
@@ -124,6 +196,7 @@ impl ChatPrompt {
             bos_token,
             eos_token,
             eos_token_id,
+            system: SystemPromptMode::Auto,
         })
     }
 
@@ -166,6 +239,7 @@ impl ChatPrompt {
             bos_token: "<s>".into(),
             eos_token: "</s>".into(),
             eos_token_id,
+            system: SystemPromptMode::Auto,
         })
     }
 
@@ -204,25 +278,34 @@ impl ChatPrompt {
         })
     }
 
-    /// Renders a conversation. Templates that reject a system role (Mistral v0.1/v0.2) get the
-    /// system text folded into the first user message instead.
+    /// Sets what becomes of a system prompt.
+    pub(crate) fn set_system_mode(&mut self, mode: SystemPromptMode) {
+        self.system = mode;
+    }
+
+    /// Renders a conversation. A leading system message goes as [`SystemPromptMode`] says; in
+    /// `Auto`, templates that reject a system role (Mistral v0.1/v0.2) get the system text
+    /// folded into the first user message instead.
     pub(crate) fn render(
         &self,
         messages: &[ChatMessage],
         gen: bool,
     ) -> Result<String, PromptError> {
-        match self.render_raw(messages, gen) {
-            Ok(s) => Ok(s),
-            Err(e) if messages.first().is_some_and(|m| m.role == "system") => {
-                let system = &messages[0].content;
-                let mut rest = messages[1..].to_vec();
-                match rest.iter_mut().find(|m| m.role == "user") {
-                    Some(first) => first.content = format!("{system}\n\n{}", first.content),
-                    None => return Err(e.into()),
-                }
-                Ok(self.render_raw(&rest, gen)?)
+        let system = messages.first().filter(|m| m.role == "system");
+        match (system, self.system) {
+            (None, _) => Ok(self.render_raw(messages, gen)?),
+            (Some(_), SystemPromptMode::Omit) => Ok(self.render_raw(&messages[1..], gen)?),
+            (Some(s), SystemPromptMode::Fold) => {
+                Ok(self.render_raw(&fold_system(&s.content, &messages[1..]), gen)?)
             }
-            Err(e) => Err(e.into()),
+            (Some(s), SystemPromptMode::Auto) => match self.render_raw(messages, gen) {
+                Ok(text) => Ok(text),
+                Err(e) if messages[1..].iter().any(|m| m.role == "user") => {
+                    tracing::trace!(error = %e, "the template rejects a system role: folding it");
+                    Ok(self.render_raw(&fold_system(&s.content, &messages[1..]), gen)?)
+                }
+                Err(e) => Err(e.into()),
+            },
         }
     }
 
@@ -273,6 +356,122 @@ impl TextStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The real Mistral v1 vocabulary, rebuilt as Gazelle v0.2 ships it: our rendering, ids and
+    /// decoded text equal transformers 4.38.2's, including the notebook's 22-id dairy prompt.
+    #[test]
+    fn the_real_vocabulary_matches_transformers() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/gazelle/mistral-v1-tokenizer");
+        let p = ChatPrompt::from_files(
+            &dir.join("tokenizer.json"),
+            Some(&dir.join("tokenizer_config.json")),
+            None,
+        )
+        .unwrap();
+        p.check_audio_token(32000).unwrap();
+        assert_eq!(p.eos_token_id(), Some(2));
+        let cases: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
+                .unwrap();
+        let ids = |v: &Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+        let conversations = cases["conversations"].as_array().unwrap();
+        assert_eq!(ids(&conversations[0]["ids"]).len(), 22, "the dairy prompt");
+        for case in conversations {
+            let messages: Vec<ChatMessage> = case["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap())
+                })
+                .collect();
+            let text = p.render(&messages, false).unwrap();
+            assert_eq!(text, case["text"].as_str().unwrap());
+            let ours = p.encode(&text).unwrap();
+            assert_eq!(ours, ids(&case["ids"]), "{text:?}");
+            assert_eq!(p.decode(&ours).unwrap(), case["decoded"].as_str().unwrap());
+        }
+        for case in cases["texts"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let ours = p.encode(text).unwrap();
+            assert_eq!(ours, ids(&case["ids"]), "{text:?}");
+            assert_eq!(p.decode(&ours).unwrap(), case["decoded"].as_str().unwrap());
+        }
+        // The real template rejects a system role; the prompt folds it into the first user turn.
+        let folded = p
+            .render(
+                &[
+                    ChatMessage::new("system", "Be brief."),
+                    ChatMessage::new("user", "<|audio|>"),
+                ],
+                false,
+            )
+            .unwrap();
+        assert_eq!(folded, "<s>[INST] Be brief.\n\n<|audio|> [/INST]");
+        let mut omit = p.clone();
+        omit.set_system_mode(SystemPromptMode::Omit);
+        let text = omit
+            .render(
+                &[
+                    ChatMessage::new("system", "Be brief."),
+                    ChatMessage::new("user", "<|audio|>"),
+                ],
+                false,
+            )
+            .unwrap();
+        assert_eq!(text, "<s>[INST] <|audio|> [/INST]");
+    }
+
+    /// gazelle-v0.1 ships only `tokenizer.model`: loaded through the converter, Mistral's v1
+    /// model gives transformers' ids for every case too.
+    #[test]
+    fn a_sentencepiece_model_loads_with_transformers_ids() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/gazelle/mistral-v1-tokenizer");
+        let p = ChatPrompt::from_files(
+            &dir.join("tokenizer.model"),
+            Some(&dir.join("tokenizer_config.json")),
+            None,
+        )
+        .unwrap();
+        p.check_audio_token(32000).unwrap();
+        let cases: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
+                .unwrap();
+        for case in cases["conversations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(cases["texts"].as_array().unwrap())
+        {
+            let text = case.get("text").and_then(Value::as_str).unwrap();
+            let want: Vec<u32> = case["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
+            let ours = p.encode(text).unwrap();
+            assert_eq!(ours, want, "{text:?}");
+            assert_eq!(p.decode(&ours).unwrap(), case["decoded"].as_str().unwrap());
+        }
+        let bad = std::env::temp_dir().join("gazelle-not-a-model.model");
+        std::fs::write(&bad, b"nope").unwrap();
+        let e = ChatPrompt::from_files(&bad, None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gazelle-not-a-model.model") && e.contains("SentencePiece"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn the_synthetic_tokenizer_round_trips_every_id() {
@@ -342,11 +541,9 @@ mod tests {
 
     #[test]
     fn system_role_folds_into_first_user_turn_when_template_rejects_it() {
+        // The fallback template, like Mistral's, rejects a system role.
         let mut p = load("mistral");
-        p.template = FALLBACK_TEMPLATE.replace(
-            "{% endif %}{% endfor %}",
-            "{% else %}{{ raise_exception('no system') }}{% endif %}{% endfor %}",
-        );
+        p.template = FALLBACK_TEMPLATE.into();
         let msgs = [
             ChatMessage::new("system", "Be brief."),
             ChatMessage::new("user", "Hi"),

@@ -46,6 +46,20 @@ fn reply_room(max_len: usize) -> usize {
     (max_len / 8).clamp(16, 1024)
 }
 
+/// Which turns' audio a call's prompt keeps. Gazelle was trained on single turns, so keeping the
+/// audio of earlier turns in the cache goes beyond anything it saw; there is no reference.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryAudio {
+    /// Every turn's audio stays in the prompt (and the cache), so the model hears the whole call.
+    #[default]
+    All,
+    /// Only the newest turn's audio: earlier user turns keep only their text (none, unless the
+    /// client sent some), and the replies stay. Each turn then recomputes the cache from the
+    /// first earlier user turn on.
+    Current,
+}
+
 /// Weights plus tokenizer; one per process.
 #[derive(Debug)]
 pub struct GazelleEngine {
@@ -54,6 +68,7 @@ pub struct GazelleEngine {
     stop_ids: Vec<u32>,
     /// Positions a call's KV cache may hold; older exchanges are dropped beyond it.
     max_context: usize,
+    history_audio: HistoryAudio,
 }
 
 impl GazelleEngine {
@@ -69,6 +84,7 @@ impl GazelleEngine {
             prompt,
             stop_ids,
             max_context,
+            history_audio: HistoryAudio::All,
         })
     }
 
@@ -77,6 +93,27 @@ impl GazelleEngine {
     pub(crate) fn with_max_context(mut self, positions: usize) -> Self {
         self.max_context = positions.clamp(1, self.max_context);
         self
+    }
+
+    /// Which turns' audio each call's prompt keeps.
+    pub(crate) fn with_history_audio(mut self, mode: HistoryAudio) -> Self {
+        self.history_audio = mode;
+        self
+    }
+
+    /// What becomes of each call's system prompt.
+    pub(crate) fn with_system_prompt(mut self, mode: super::prompt::SystemPromptMode) -> Self {
+        self.prompt.set_system_mode(mode);
+        self
+    }
+
+    /// Bytes one cache position takes: keys and values of every layer, in the compute dtype.
+    pub(crate) fn kv_bytes_per_position(&self) -> usize {
+        let t = &self.model.config().text;
+        2 * t.num_hidden_layers
+            * t.num_key_value_heads
+            * t.head_dim
+            * self.model.dtype().size_in_bytes()
     }
 
     /// Positions each call's cache may hold.
@@ -322,6 +359,15 @@ impl GazelleSession {
     }
 
     fn push_user(&mut self, clip: Tensor, text: &str) {
+        if self.engine.history_audio == HistoryAudio::Current {
+            // Earlier turns keep their text only.
+            for m in self.messages.iter_mut().filter(|m| m.role == "user") {
+                if m.content.contains(AUDIO_PLACEHOLDER) {
+                    m.content = m.content.replace(AUDIO_PLACEHOLDER, "").trim().to_string();
+                }
+            }
+            self.clips.clear();
+        }
         let content = user_content_with_audio(text);
         self.clips.push(clip);
         // Two user turns in a row (no reply in between) become one message, since chat

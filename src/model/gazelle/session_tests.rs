@@ -299,3 +299,37 @@ fn a_context_limit_bounds_the_cache() {
     }
     assert!(most <= 200 && most > 100, "largest cache {most}");
 }
+
+/// `history_audio = "current"`: a new turn strips the earlier turns' audio from the prompt, so
+/// only the newest clip is in the cache, and the call goes on.
+#[test]
+fn only_the_current_turns_audio_can_be_kept() {
+    let (engine, a0, a1) = engine("llama");
+    let engine = Arc::new(
+        Arc::try_unwrap(engine)
+            .unwrap()
+            .with_history_audio(super::session::HistoryAudio::Current),
+    );
+    let audio_id = engine.model.config().audio_token_index;
+    let mut s = engine.open_session(Some("Be brief.")).unwrap();
+    s.append_user_audio_turn(&a0, "").unwrap();
+    let first = s.cached();
+    s.generate(&greedy(4), |_, _| ControlFlow::Continue(()))
+        .unwrap();
+    let t2 = s.append_user_audio_turn(&a1, "").unwrap();
+    assert_eq!(s.ids().iter().filter(|&&i| i == audio_id).count(), 1);
+    assert!(s.messages().iter().filter(|m| m.role == "user").count() == 2);
+    assert!(
+        !s.messages()[1].content.contains("<|audio|>"),
+        "{:?}",
+        s.messages()
+    );
+    assert!(
+        t2.reused_positions < first,
+        "the first turn's audio left the cache"
+    );
+    let reply = s
+        .generate(&greedy(4), |_, _| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(reply.tokens.len(), 4);
+}
