@@ -304,3 +304,86 @@ async fn sixteen_concurrent_calls_share_one_engine() {
     );
     server.shutdown().await;
 }
+
+/// `scripts/serve --dry-run` under a stub `nvidia-smi` (and `nvcc`) on PATH: with a GPU it builds
+/// with CUDA and serves Gazelle v0.2 on it; without one it says why, in one line, and serves the
+/// scripted model.
+#[test]
+fn scripts_serve_takes_the_gpu_path_only_with_a_gpu() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let stub = |dir: &Path, name: &str, body: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    let serve = |dir: &Path, args: &[&str]| {
+        let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap());
+        let out = std::process::Command::new("bash")
+            .arg(root.join("scripts/serve"))
+            .arg("--dry-run")
+            .args(args)
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let gpu = tempfile::tempdir().unwrap();
+    stub(
+        gpu.path(),
+        "nvidia-smi",
+        r#"case "$1" in -L) echo "GPU 0: NVIDIA H200 (UUID: GPU-0)";; *) echo "9.0";; esac"#,
+    );
+    stub(gpu.path(), "nvcc", "echo nvcc");
+    let (run, said) = serve(gpu.path(), &[]);
+    assert!(said.contains("NVIDIA H200 found"), "{said}");
+    assert!(
+        run.contains("+ env CUDA_COMPUTE_CAP=90 cargo build --quiet --release --features cuda"),
+        "{run}"
+    );
+    assert!(
+        run.contains(
+            "+ exec target/release/gazelle serve --model tincans-ai/gazelle-v0.2 --device cuda \
+             --dtype bf16"
+        ),
+        "{run}"
+    );
+    assert!(!run.contains("cargo run"), "{run}");
+    // Without nvcc it builds with the PyPI toolchain; arguments pass through unchanged.
+    std::fs::remove_file(gpu.path().join("nvcc")).unwrap();
+    let (run, _) = serve(gpu.path(), &["--port", "4000"]);
+    assert!(
+        run.contains("+ env SKIP_TESTS=1 scripts/build-cuda"),
+        "{run}"
+    );
+    assert!(
+        run.contains("+ exec target/release/gazelle serve --port 4000"),
+        "{run}"
+    );
+
+    let none = tempfile::tempdir().unwrap();
+    stub(
+        none.path(),
+        "nvidia-smi",
+        "echo 'NVIDIA-SMI has failed' >&2; exit 9",
+    );
+    let (run, said) = serve(none.path(), &[]);
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert!(
+        said.contains("no NVIDIA GPU found") && said.contains("scripted model"),
+        "{said}"
+    );
+    assert!(
+        said.contains("scripts/serve --model tincans-ai/gazelle-v0.2"),
+        "{said}"
+    );
+    assert!(
+        run.contains("+ exec cargo run --quiet --release -- serve"),
+        "{run}"
+    );
+    assert!(!run.contains("cuda"), "{run}");
+}
