@@ -198,7 +198,9 @@ where
                 c = control.recv() => match c {
                     Some(Control::Text(t)) => Message::Text(t.into()),
                     Some(Control::Ping) => Message::Ping(Default::default()),
-                    None => break Ending::Hangup,
+                    // The reader has returned and is about to say why: wait for it, or a
+                    // `Stopped` would go out as a hang-up, with no close frame.
+                    None => break (&mut finish).await.unwrap_or(Ending::Hangup),
                 },
                 m = calls.recv() => match m {
                     Some(m) => {
@@ -446,6 +448,30 @@ mod tests {
             got,
             ["hello", "bye", "close 1000 the server ended the call"]
         );
+    }
+
+    /// The reader drops its control sender when it returns, just before it sends its reason:
+    /// the writer must wait for the reason, not close as a hang-up without a close frame (a
+    /// stopped call once reached its caller as a bare disconnect this way, under load).
+    #[tokio::test]
+    async fn a_reader_that_returns_before_saying_why_still_gets_its_close_frame() {
+        let (sink, mut wire) = futures::channel::mpsc::channel::<Message>(16);
+        let (_calls_tx, calls) = mpsc::channel(4);
+        let (ctl_tx, control) = mpsc::channel::<Control>(4);
+        let (fin_tx, finish) = oneshot::channel();
+        let task = tokio::spawn(writer().run(sink, calls, control, finish, Default::default()));
+        drop(ctl_tx);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(
+            !task.is_finished(),
+            "the writer waits for the reader's reason"
+        );
+        fin_tx.send(Ending::Stopped).unwrap();
+        task.await.unwrap();
+        match wire.try_recv() {
+            Ok(Message::Close(Some(f))) => assert_eq!(f.code, 1000),
+            other => panic!("expected a close frame, got {other:?}"),
+        }
     }
 
     #[tokio::test]
