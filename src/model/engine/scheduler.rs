@@ -94,6 +94,11 @@ impl Job {
     fn abandoned(&self) -> bool {
         self.cancel.is_cancelled() || self.out.tokens.is_closed()
     }
+
+    /// It has a token for the next decode step and its call is keeping up.
+    fn ready_to_decode(&self) -> bool {
+        !self.out.parked() && matches!(self.phase, Phase::Decoding { feed: Some(_), .. })
+    }
 }
 
 /// A reply's way to its call.
@@ -142,6 +147,31 @@ struct Call {
     /// Step of the last work, for evicting the longest-idle cache first.
     last_active: u64,
     link: Weak<()>,
+}
+
+/// What became of a request offered to a call's backlog.
+enum Offer {
+    /// Nothing is in the way: run it now.
+    RunNow(Backlogged),
+    /// It waits behind the reply in flight and the requests before it.
+    Waits,
+    /// The backlog is full.
+    Full(Backlogged),
+}
+
+impl Call {
+    /// Queues `item` behind the reply in flight (and anything queued before it), so the call's
+    /// requests run in order.
+    fn queue_if_busy(&mut self, item: Backlogged) -> Offer {
+        if self.job.is_none() && self.backlog.is_empty() {
+            Offer::RunNow(item)
+        } else if self.backlog.len() >= CALL_BACKLOG {
+            Offer::Full(item)
+        } else {
+            self.backlog.push_back(item);
+            Offer::Waits
+        }
+    }
 }
 
 /// What one step did.
@@ -205,10 +235,9 @@ impl Scheduler {
         !self.prefilling.is_empty()
             || self.head_admissible()
             || self.calls.values().any(|c| {
-                c.job.as_ref().is_some_and(|j| {
-                j.abandoned()
-                    || matches!(j.phase, Phase::Decoding { feed: Some(_), .. } if !j.out.parked())
-            })
+                c.job
+                    .as_ref()
+                    .is_some_and(|j| j.abandoned() || j.ready_to_decode())
             })
     }
 
@@ -303,14 +332,14 @@ impl Scheduler {
                 let Some(call) = self.calls.get_mut(&id) else {
                     return;
                 };
-                if call.job.is_some() || !call.backlog.is_empty() {
-                    if call.backlog.len() < CALL_BACKLOG {
-                        call.backlog.push_back(Backlogged::Truncate(spoken));
-                    } else {
-                        tracing::warn!("too many queued model requests; a truncation is lost");
+                match call.queue_if_busy(Backlogged::Truncate(spoken)) {
+                    Offer::RunNow(Backlogged::Truncate(spoken)) => {
+                        truncate(&mut call.session, &spoken)
                     }
-                } else {
-                    truncate(&mut call.session, &spoken);
+                    Offer::Full(_) => {
+                        tracing::warn!("too many queued model requests; a truncation is lost")
+                    }
+                    Offer::RunNow(Backlogged::Turn(_)) | Offer::Waits => {}
                 }
             }
             Command::Close { id } => self.close(id),
@@ -318,19 +347,29 @@ impl Scheduler {
     }
 
     fn turn(&mut self, id: CallId, turn: TurnRequest) {
+        let Some(call) = self.calls.get_mut(&id) else {
+            let _ = turn.tokens.try_send(Err(SlmError::WorkerGone));
+            return;
+        };
+        match call.queue_if_busy(Backlogged::Turn(turn)) {
+            Offer::RunNow(Backlogged::Turn(turn)) => self.start_turn(id, turn),
+            Offer::Full(Backlogged::Turn(turn)) => {
+                let _ = turn.tokens.try_send(Err(SlmError::Backlog));
+            }
+            Offer::RunNow(Backlogged::Truncate(_))
+            | Offer::Full(Backlogged::Truncate(_))
+            | Offer::Waits => {}
+        }
+    }
+
+    /// Puts a turn in the admission queue (or refuses it there with `model_busy`); the call has
+    /// no reply in flight.
+    fn start_turn(&mut self, id: CallId, turn: TurnRequest) {
         let waiting = self.admission.len();
         let Some(call) = self.calls.get_mut(&id) else {
             let _ = turn.tokens.try_send(Err(SlmError::WorkerGone));
             return;
         };
-        if call.job.is_some() || !call.backlog.is_empty() {
-            if call.backlog.len() < CALL_BACKLOG {
-                call.backlog.push_back(Backlogged::Turn(turn));
-            } else {
-                let _ = turn.tokens.try_send(Err(SlmError::Backlog));
-            }
-            return;
-        }
         if waiting >= self.settings.max_waiting_turns {
             let _ = turn.tokens.try_send(Err(SlmError::Busy { waiting }));
             self.metric(|m| m.error(crate::metrics::ErrorKind::ModelBusy));
@@ -706,9 +745,10 @@ impl Scheduler {
             .iter()
             .copied()
             .filter(|id| {
-                self.calls[id].job.as_ref().is_some_and(|j| {
-                    !j.out.parked() && matches!(j.phase, Phase::Decoding { feed: Some(_), .. })
-                })
+                self.calls[id]
+                    .job
+                    .as_ref()
+                    .is_some_and(Job::ready_to_decode)
             })
             .collect();
         if ready.is_empty() {
