@@ -481,7 +481,8 @@ impl Scheduler {
             match call.backlog.pop_front() {
                 None => return,
                 Some(Backlogged::Truncate(spoken)) => truncate(&mut call.session, &spoken),
-                Some(Backlogged::Turn(turn)) => self.turn(id, turn),
+                // Not `turn()`: with more still queued it would go to the back, behind them.
+                Some(Backlogged::Turn(turn)) => self.start_turn(id, turn),
             }
         }
     }

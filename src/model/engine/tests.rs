@@ -667,3 +667,33 @@ fn a_turn_larger_than_the_pool_is_refused_clearly() {
         other => panic!("expected an error, got {other:?}"),
     }
 }
+
+/// A call's queued requests run in the order it made them: a turn queued behind a reply, then a
+/// truncation, cuts the reply to that turn, not the one before.
+#[test]
+fn queued_requests_keep_their_order() {
+    let (engine, a0, a1) = engine_with("llama", usize::MAX);
+    let mut s = scheduler(&engine, settings(6, 512));
+    let link = Arc::new(());
+    open(&mut s, 0, &link);
+    let (mut first, _c0) = ask(&mut s, 0, &a0, false, 256);
+    let (mut second, _c1) = ask(&mut s, 0, &a1, false, 256);
+    s.command(Command::Truncate {
+        id: 0,
+        spoken: String::new(),
+    });
+    for _ in 0..40 {
+        s.step();
+        drain(&mut first);
+        drain(&mut second);
+    }
+    let m = s.session(0).unwrap().messages();
+    let replies: Vec<&str> = m
+        .iter()
+        .filter(|m| m.role == "assistant")
+        .map(|m| m.content.as_str())
+        .collect();
+    assert_eq!(replies.len(), 2, "{m:?}");
+    assert!(!replies[0].is_empty(), "the first reply stays whole: {m:?}");
+    assert_eq!(replies[1], "", "the truncation cut the second reply: {m:?}");
+}
