@@ -446,11 +446,7 @@ impl Metrics {
             Box::new(engine_parked.clone()),
             Box::new(engine_waiting_turns.clone()),
             Box::new(engine_running.clone()),
-        ] {
-            registry.register(c).expect("unique metric names");
-        }
-        for c in [
-            Box::new(active_calls.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(active_calls.clone()),
             Box::new(pending_sockets.clone()),
             Box::new(open_connections.clone()),
             Box::new(input_throttled_seconds.clone()),

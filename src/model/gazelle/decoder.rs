@@ -122,6 +122,15 @@ impl Attention {
         })
     }
 
+    /// The query, key and value projections of x [1, L, D].
+    fn qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        Ok((
+            project(&self.q_proj, x)?,
+            project(&self.k_proj, x)?,
+            project(&self.v_proj, x)?,
+        ))
+    }
+
     /// [1, L, D] -> [1, L, D], writing this step's keys/values into `cache` at its length.
     fn forward(
         &self,
@@ -137,11 +146,7 @@ impl Attention {
             kv_heads: nkv,
             head_dim: hd,
         } = self.h;
-        let (q, k, v) = (
-            project(&self.q_proj, x)?,
-            project(&self.k_proj, x)?,
-            project(&self.v_proj, x)?,
-        );
+        let (q, k, v) = self.qkv(x)?;
         let tables = (&rope.cos, &rope.sin);
         if let Some(q) = ops::fused_rope_append(&q, &k, &v, tables, cache, layer, self.h)? {
             // Rotary and the cache append ran in one kernel; attend over the cache as it is now.
@@ -180,11 +185,7 @@ impl Attention {
             kv_heads: nkv,
             head_dim: hd,
         } = self.h;
-        let (q, k, v) = (
-            project(&self.q_proj, x)?,
-            project(&self.k_proj, x)?,
-            project(&self.v_proj, x)?,
-        );
+        let (q, k, v) = self.qkv(x)?;
         // The batch rows stand in the sequence dimension, so one rotary call with one table row
         // per sequence rotates every row at its own position.
         let q = rope.apply(&q.reshape((1, b, nh, hd))?.transpose(1, 2)?)?;
@@ -287,8 +288,13 @@ impl DecoderLayer {
         cache: &mut KvCache,
         layer: usize,
     ) -> Result<Tensor> {
-        let h = self.input_layernorm.forward(x)?;
-        let a = self.self_attn.forward(&h, rope, mask, cache, layer)?;
+        self.around(x, |h| self.self_attn.forward(h, rope, mask, cache, layer))
+    }
+
+    /// The pre-norm residual block around an attention: `attend` maps the normed x to the
+    /// attention output.
+    fn around(&self, x: &Tensor, attend: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let a = attend(&self.input_layernorm.forward(x)?)?;
         let (h, x) = ops::add_norm(x, &a, &self.post_attention_layernorm)?;
         x + self.mlp.forward(&h)?
     }
@@ -301,10 +307,7 @@ impl DecoderLayer {
         caches: &mut [&mut KvCache],
         layer: usize,
     ) -> Result<Tensor> {
-        let h = self.input_layernorm.forward(x)?;
-        let a = self.self_attn.forward_batch(&h, rope, caches, layer)?;
-        let (h, x) = ops::add_norm(x, &a, &self.post_attention_layernorm)?;
-        x + self.mlp.forward(&h)?
+        self.around(x, |h| self.self_attn.forward_batch(h, rope, caches, layer))
     }
 }
 
