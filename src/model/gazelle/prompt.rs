@@ -116,6 +116,10 @@ fn sentencepiece_tokenizer(path: &Path, cfg: &Value) -> Result<Tokenizer, Prompt
             path: path.display().to_string(),
             source,
         })?;
+    tokenizer_from_json(&json)
+}
+
+fn tokenizer_from_json(json: &str) -> Result<Tokenizer, PromptError> {
     json.parse()
         .map_err(|e: tokenizers::Error| PromptError::Tokenizer(e.to_string()))
 }
@@ -189,15 +193,7 @@ impl ChatPrompt {
         };
         let bos_token = token_string(cfg.get("bos_token")).unwrap_or_else(|| "<s>".into());
         let eos_token = token_string(cfg.get("eos_token")).unwrap_or_else(|| "</s>".into());
-        let eos_token_id = tokenizer.token_to_id(&eos_token);
-        Ok(Self {
-            tokenizer,
-            template,
-            bos_token,
-            eos_token,
-            eos_token_id,
-            system: SystemPromptMode::Auto,
-        })
+        Ok(Self::assemble(tokenizer, template, bos_token, eos_token))
     }
 
     /// A word-level tokenizer over a whole vocabulary (`w3`, `w4`, … one word per id, plus
@@ -215,10 +211,7 @@ impl ChatPrompt {
             }
         }
         vocab.insert(AUDIO_PLACEHOLDER.into(), audio_id.into());
-        let special = |id: u32, content: &str| {
-            serde_json::json!({"id": id, "content": content, "single_word": false,
-                "lstrip": false, "rstrip": false, "normalized": false, "special": true})
-        };
+        let special = |id, content| super::sentencepiece::added_token_json(id, content, true);
         let json = serde_json::json!({
             "version": "1.0",
             "added_tokens": [special(1, "<s>"), special(2, "</s>"), special(audio_id, AUDIO_PLACEHOLDER)],
@@ -228,19 +221,30 @@ impl ChatPrompt {
             "decoder": null,
             "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
         });
-        let tokenizer: Tokenizer = json
-            .to_string()
-            .parse()
-            .map_err(|e: tokenizers::Error| PromptError::Tokenizer(e.to_string()))?;
-        let eos_token_id = Some(2);
-        Ok(Self {
+        let tokenizer = tokenizer_from_json(&json.to_string())?;
+        Ok(Self::assemble(
             tokenizer,
-            template: FALLBACK_TEMPLATE.into(),
-            bos_token: "<s>".into(),
-            eos_token: "</s>".into(),
+            FALLBACK_TEMPLATE.into(),
+            "<s>".into(),
+            "</s>".into(),
+        ))
+    }
+
+    fn assemble(
+        tokenizer: Tokenizer,
+        template: String,
+        bos_token: String,
+        eos_token: String,
+    ) -> Self {
+        let eos_token_id = tokenizer.token_to_id(&eos_token);
+        Self {
+            tokenizer,
+            template,
+            bos_token,
+            eos_token,
             eos_token_id,
             system: SystemPromptMode::Auto,
-        })
+        }
     }
 
     pub(crate) fn eos_token_id(&self) -> Option<u32> {
@@ -357,32 +361,56 @@ impl TextStream {
 mod tests {
     use super::*;
 
-    /// The real Mistral v1 vocabulary, rebuilt as Gazelle v0.2 ships it: our rendering, ids and
-    /// decoded text equal transformers 4.38.2's, including the notebook's 22-id dairy prompt.
-    #[test]
-    fn the_real_vocabulary_matches_transformers() {
+    /// The real-vocabulary fixture, loaded from `file` (tokenizer.json or tokenizer.model).
+    fn real_tokenizer(file: &str) -> ChatPrompt {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/gazelle/mistral-v1-tokenizer");
         let p = ChatPrompt::from_files(
-            &dir.join("tokenizer.json"),
+            &dir.join(file),
             Some(&dir.join("tokenizer_config.json")),
             None,
         )
         .unwrap();
         p.check_audio_token(32000).unwrap();
+        p
+    }
+
+    /// transformers' renderings, ids and text for the fixture (`cases.json`).
+    fn transformers_cases() -> Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/gazelle/mistral-v1-tokenizer/cases.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn case_ids(v: &Value) -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    }
+
+    /// `case["text"]` encodes to transformers' ids and decodes to its text.
+    fn assert_encodes_like_transformers(p: &ChatPrompt, case: &Value) {
+        let text = case["text"].as_str().unwrap();
+        let ours = p.encode(text).unwrap();
+        assert_eq!(ours, case_ids(&case["ids"]), "{text:?}");
+        assert_eq!(p.decode(&ours).unwrap(), case["decoded"].as_str().unwrap());
+    }
+
+    /// The real Mistral v1 vocabulary, rebuilt as Gazelle v0.2 ships it: our rendering, ids and
+    /// decoded text equal transformers 4.38.2's, including the notebook's 22-id dairy prompt.
+    #[test]
+    fn the_real_vocabulary_matches_transformers() {
+        let p = real_tokenizer("tokenizer.json");
         assert_eq!(p.eos_token_id(), Some(2));
-        let cases: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
-                .unwrap();
-        let ids = |v: &Value| -> Vec<u32> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        };
+        let cases = transformers_cases();
         let conversations = cases["conversations"].as_array().unwrap();
-        assert_eq!(ids(&conversations[0]["ids"]).len(), 22, "the dairy prompt");
+        assert_eq!(
+            case_ids(&conversations[0]["ids"]).len(),
+            22,
+            "the dairy prompt"
+        );
         for case in conversations {
             let messages: Vec<ChatMessage> = case["messages"]
                 .as_array()
@@ -394,15 +422,10 @@ mod tests {
                 .collect();
             let text = p.render(&messages, false).unwrap();
             assert_eq!(text, case["text"].as_str().unwrap());
-            let ours = p.encode(&text).unwrap();
-            assert_eq!(ours, ids(&case["ids"]), "{text:?}");
-            assert_eq!(p.decode(&ours).unwrap(), case["decoded"].as_str().unwrap());
+            assert_encodes_like_transformers(&p, case);
         }
         for case in cases["texts"].as_array().unwrap() {
-            let text = case["text"].as_str().unwrap();
-            let ours = p.encode(text).unwrap();
-            assert_eq!(ours, ids(&case["ids"]), "{text:?}");
-            assert_eq!(p.decode(&ours).unwrap(), case["decoded"].as_str().unwrap());
+            assert_encodes_like_transformers(&p, case);
         }
         // The real template rejects a system role; the prompt folds it into the first user turn.
         let folded = p
@@ -433,34 +456,12 @@ mod tests {
     /// model gives transformers' ids for every case too.
     #[test]
     fn a_sentencepiece_model_loads_with_transformers_ids() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/gazelle/mistral-v1-tokenizer");
-        let p = ChatPrompt::from_files(
-            &dir.join("tokenizer.model"),
-            Some(&dir.join("tokenizer_config.json")),
-            None,
-        )
-        .unwrap();
-        p.check_audio_token(32000).unwrap();
-        let cases: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
-                .unwrap();
-        for case in cases["conversations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .chain(cases["texts"].as_array().unwrap())
-        {
-            let text = case.get("text").and_then(Value::as_str).unwrap();
-            let want: Vec<u32> = case["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect();
-            let ours = p.encode(text).unwrap();
-            assert_eq!(ours, want, "{text:?}");
-            assert_eq!(p.decode(&ours).unwrap(), case["decoded"].as_str().unwrap());
+        let p = real_tokenizer("tokenizer.model");
+        let cases = transformers_cases();
+        for key in ["conversations", "texts"] {
+            for case in cases[key].as_array().unwrap() {
+                assert_encodes_like_transformers(&p, case);
+            }
         }
         let bad = std::env::temp_dir().join("gazelle-not-a-model.model");
         std::fs::write(&bad, b"nope").unwrap();

@@ -168,6 +168,12 @@ fn merges(pieces: &[Piece], ids: &HashMap<&str, usize>) -> Vec<String> {
     out.into_iter().map(|(_, m)| m).collect()
 }
 
+/// One `added_tokens` entry of a tokenizer.json, as transformers writes it.
+pub(crate) fn added_token_json(id: u32, content: &str, special: bool) -> Value {
+    json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+           "rstrip": false, "normalized": !special, "special": special})
+}
+
 /// `tokenizer.json` for a Llama/Mistral SentencePiece model in legacy mode. `added` are extra
 /// tokens (id, content, special), e.g. from `tokenizer_config.json`'s `added_tokens_decoder`.
 pub(crate) fn llama_tokenizer_json(
@@ -194,18 +200,14 @@ pub(crate) fn llama_tokenizer_json(
         .enumerate()
         .map(|(i, p)| (p.text.clone(), i.into()))
         .collect();
-    let token = |id: u32, content: &str, special: bool| {
-        json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-               "rstrip": false, "normalized": !special, "special": special})
-    };
     let mut added_tokens = vec![
-        token(0, "<unk>", true),
-        token(1, "<s>", true),
-        token(2, "</s>", true),
+        added_token_json(0, "<unk>", true),
+        added_token_json(1, "<s>", true),
+        added_token_json(2, "</s>", true),
     ];
     for (id, content, special) in added {
         if *id > 2 {
-            added_tokens.push(token(*id, content, *special));
+            added_tokens.push(added_token_json(*id, content, *special));
         }
     }
     let mut normalizers = Vec::new();
