@@ -163,14 +163,6 @@ async fn finish(server: common::TestServer) {
     server.shutdown().await;
 }
 
-async fn metric(server: &common::TestServer, key: &str) -> f64 {
-    let (_, body) = common::http(server, "GET", "/metrics", &[], "").await;
-    body.lines()
-        .filter(|l| l.starts_with(key))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
 async fn wait_until(what: &str, within: Duration, mut ok: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !ok().await {
@@ -270,7 +262,7 @@ async fn f5_a_changing_wav_format_is_refused_and_others_are_served() {
     wait_until(
         "every changed format counted",
         Duration::from_secs(5),
-        async || metric(server_ref, key).await == 856.0,
+        async || common::metric(server_ref, key).await == 856.0,
     )
     .await;
     finish(server).await;
@@ -295,7 +287,7 @@ async fn f2_huge_twilio_frames_end_the_stream_with_1009() {
         "the stream must be closed"
     );
     assert_eq!(
-        metric(&server, "gazelle_errors_total{kind=\"frame_too_large\"}").await,
+        common::metric(&server, "gazelle_errors_total{kind=\"frame_too_large\"}").await,
         1.0
     );
     // A frame under the limit but holding 6 s of audio is over the in-flight budget: refused,
@@ -310,7 +302,9 @@ async fn f2_huge_twilio_frames_end_the_stream_with_1009() {
     wait_until(
         "audio_too_long counted",
         Duration::from_secs(3),
-        async || metric(server_ref, "gazelle_errors_total{kind=\"audio_too_long\"}").await >= 1.0,
+        async || {
+            common::metric(server_ref, "gazelle_errors_total{kind=\"audio_too_long\"}").await >= 1.0
+        },
     )
     .await;
     let (_, close) = read_to_close(&mut ws, Duration::from_millis(300)).await;
@@ -754,7 +748,7 @@ async fn fast_audio_is_throttled_ids_are_not_shared_and_ends_have_codes() {
     });
     let server_ref = &server;
     wait_until("throttling", Duration::from_secs(8), async || {
-        metric(server_ref, "gazelle_input_throttled_seconds_total").await >= 2.5
+        common::metric(server_ref, "gazelle_input_throttled_seconds_total").await >= 2.5
     })
     .await;
     let taken = VocodeClient::connect(&server.ws_url(), cc).await;
@@ -816,7 +810,7 @@ async fn a_client_that_stops_reading_is_dropped_at_the_send_timeout() {
         async || server_ref.state.services.metrics.active_calls.get() == 0,
     )
     .await;
-    assert!(metric(&server, "gazelle_errors_total{kind=\"send_timeout\"}").await >= 1.0);
+    assert!(common::metric(&server, "gazelle_errors_total{kind=\"send_timeout\"}").await >= 1.0);
     drop(ws);
     assert_memory_bounded();
     server.shutdown().await;

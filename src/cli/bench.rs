@@ -126,12 +126,13 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         let report = bench_suite::run_suite(&model, &options)?;
         bench_suite::print_suite(&report);
         if let Some(path) = &args.json {
-            let mut out = serde_json::to_value(&report)?;
-            out["preset"] = args.random_weights.clone().into();
-            out["layers_built"] = layers.into();
-            out["layers_full"] = full_layers.into();
-            out["build_s"] = build_s.into();
-            out["decode_tokens"] = args.decode_tokens.into();
+            let out = stamped(
+                serde_json::to_value(&report)?,
+                &args,
+                layers,
+                full_layers,
+                build_s,
+            );
             std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
         }
         return Ok(());
@@ -314,17 +315,34 @@ fn run_engine_bench(
         r.saturation_batch
     );
     if let Some(path) = &args.json {
-        let mut out = serde_json::to_value(&r)?;
-        out["preset"] = args.random_weights.clone().into();
-        out["layers_built"] = layers.into();
-        out["layers_full"] = full_layers.into();
-        out["build_s"] = build_s.into();
+        let mut out = stamped(
+            serde_json::to_value(&r)?,
+            args,
+            layers,
+            full_layers,
+            build_s,
+        );
         out["threads"] = threads.into();
         out["audio_seconds"] = args.audio_seconds.into();
-        out["decode_tokens"] = args.decode_tokens.into();
         std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
     }
     Ok(())
+}
+
+/// A JSON report with what every bench-model report says of the model it measured.
+fn stamped(
+    mut report: serde_json::Value,
+    args: &BenchArgs,
+    layers: usize,
+    full_layers: usize,
+    build_s: f64,
+) -> serde_json::Value {
+    report["preset"] = args.random_weights.clone().into();
+    report["layers_built"] = layers.into();
+    report["layers_full"] = full_layers.into();
+    report["build_s"] = build_s.into();
+    report["decode_tokens"] = args.decode_tokens.into();
+    report
 }
 
 #[cfg(test)]

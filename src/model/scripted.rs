@@ -86,14 +86,8 @@ impl ScriptedSession {
                 let decision = *decided.borrow();
                 match decision {
                     Some(false) => return,
-                    Some(true) => {
-                        for t in held.drain(..) {
-                            if tx.send(Ok(t)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    None => {}
+                    Some(true) if !release(&tx, &mut held).await => return,
+                    _ => {}
                 }
             }
             // The whole reply is ready; a tentative one waits for its decision.
@@ -102,11 +96,7 @@ impl ScriptedSession {
                 d = decided.wait_for(Option::is_some) => d.map(|d| *d == Some(true)).unwrap_or(false),
             };
             if commit {
-                for t in held {
-                    if tx.send(Ok(t)).await.is_err() {
-                        return;
-                    }
-                }
+                release(&tx, &mut held).await;
             }
         });
         rx
@@ -117,6 +107,19 @@ impl ScriptedSession {
             let _ = d.send(Some(commit));
         }
     }
+}
+
+/// Sends the tokens held so far; false if the reply's reader is gone.
+async fn release(
+    tx: &mpsc::Sender<Result<String, super::SlmError>>,
+    held: &mut Vec<String>,
+) -> bool {
+    for t in held.drain(..) {
+        if tx.send(Ok(t)).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 impl SlmSession for ScriptedSession {
@@ -167,6 +170,15 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(15));
     }
 
+    /// The whole text of a token stream, once it ends.
+    async fn text_of(mut rx: TokenStream) -> String {
+        let mut got = String::new();
+        while let Some(t) = rx.recv().await {
+            got.push_str(&t.unwrap());
+        }
+        got
+    }
+
     fn turn() -> UserTurn {
         UserTurn {
             audio: Arc::from(vec![0.0f32; 10]),
@@ -181,23 +193,15 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(40)).await;
         assert!(rx.try_recv().is_err(), "nothing before the commit");
         s.commit();
-        let mut got = String::new();
-        while let Some(t) = rx.recv().await {
-            got.push_str(&t.unwrap());
-        }
-        assert_eq!(got, "one two three");
+        assert_eq!(text_of(rx).await, "one two three");
 
         // Committed part-way: what was produced comes at once, the rest as it comes.
         let model = ScriptedModel::new("a b c d e f", Duration::from_millis(20));
         let mut s = model.open_session(None).unwrap();
-        let mut rx = s.begin_tentative(turn(), CancellationToken::new());
+        let rx = s.begin_tentative(turn(), CancellationToken::new());
         tokio::time::sleep(Duration::from_millis(50)).await;
         s.commit();
-        let mut got = String::new();
-        while let Some(t) = rx.recv().await {
-            got.push_str(&t.unwrap());
-        }
-        assert_eq!(got, "a b c d e f");
+        assert_eq!(text_of(rx).await, "a b c d e f");
     }
 
     #[tokio::test]

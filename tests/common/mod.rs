@@ -150,6 +150,15 @@ pub fn active_span(x: &[f32], threshold: f32) -> Option<(usize, usize)> {
 }
 
 /// A plain HTTP/1.0 request, so the tests need no HTTP client crate. Returns (status, body).
+/// The sum of the samples in `/metrics` whose name (with labels) starts with `key`; 0 when none.
+pub async fn metric(server: &TestServer, key: &str) -> f64 {
+    let (_, body) = http(server, "GET", "/metrics", &[], "").await;
+    body.lines()
+        .filter(|l| l.starts_with(key))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 pub async fn http(
     server: &TestServer,
     method: &str,
