@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use gazelle::audio::Encoding;
+use gazelle::metrics::quantile;
 use gazelle::metrics::Metrics;
 use gazelle::tts::elevenlabs::{ElevenLabs, ElevenLabsConfig, ElevenLabsMode};
 use gazelle::tts::http::ProviderTimeouts;
@@ -96,10 +97,6 @@ fn build(which: &str, peer: &Peer) -> Box<dyn Synthesizer> {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
@@ -157,8 +154,8 @@ async fn main() {
         overhead.sort_by(f64::total_cmp);
         let mean_peer = peer_ms.iter().sum::<f64>() / peer_ms.len() as f64;
         let (p50, p90, max) = (
-            percentile(&overhead, 0.5),
-            percentile(&overhead, 0.9),
+            quantile(&overhead, 0.5),
+            quantile(&overhead, 0.9),
             *overhead.last().unwrap(),
         );
         println!(

@@ -536,9 +536,30 @@ impl Default for Metrics {
     }
 }
 
+/// The `p` quantile (0..=1) of sorted values, by nearest rank; NaN when there are none. The one
+/// rule every benchmark table uses.
+pub fn quantile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p.clamp(0.0, 1.0)).round() as usize;
+    sorted[i]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantile_is_nearest_rank() {
+        let v = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(
+            (quantile(&v, 0.0), quantile(&v, 0.5), quantile(&v, 1.0)),
+            (1.0, 3.0, 4.0)
+        );
+        assert_eq!(quantile(&[1.0, 2.0, 3.0], 0.5), 2.0);
+        assert!(quantile(&[], 0.5).is_nan());
+    }
 
     fn transport_gaps(m: &Metrics) -> (u64, f64) {
         let h = m.output_underrun_seconds.with_label_values(&["transport"]);

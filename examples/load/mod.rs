@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use gazelle::audio::{pcm, resample::resample_all};
+pub use gazelle::metrics::quantile;
 use gazelle::tts::espeak::{Espeak, EspeakConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -109,15 +110,6 @@ pub fn metric(exposition: &str, key: &str) -> f64 {
         .filter(|l| l.starts_with(key))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
-}
-
-/// The `p` quantile (0..=1) of sorted values; NaN when there are none.
-pub fn quantile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        f64::NAN
-    } else {
-        sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-    }
 }
 
 /// A numeric field of `/proc/PID/status` (its first number).

@@ -53,7 +53,7 @@ pub struct DecodePoint {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    gazelle::metrics::quantile(&v, 0.5)
 }
 
 /// Used bytes on the whole device (all processes), when the device can say.

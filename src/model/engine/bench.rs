@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::scheduler::{CallId, Command, Scheduler, TurnRequest};
 use super::{pool_for, EngineSettings, KvBudget};
+use crate::metrics::quantile;
 use crate::model::gazelle::prompt::{ChatPrompt, PromptError};
 use crate::model::gazelle::{Gazelle, GazelleEngine, GenerationParams};
 use crate::model::SlmError;
@@ -165,14 +166,6 @@ impl Bench {
             _link: link,
         }
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 /// Runs the benchmark on `model`; `progress` hears about each phase.
@@ -332,8 +325,8 @@ pub fn run(
             arrivals_per_s: rate,
             turns: n,
             mean_batch: rows as f64 / steps.max(1) as f64,
-            ttft_p50_ms: percentile(&ttft, 0.5),
-            ttft_p99_ms: percentile(&ttft, 0.99),
+            ttft_p50_ms: quantile(&ttft, 0.5),
+            ttft_p99_ms: quantile(&ttft, 0.99),
             ttft_max_ms: ttft.last().copied().unwrap_or(0.0),
         });
     }
