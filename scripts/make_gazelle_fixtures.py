@@ -10,6 +10,9 @@ tests/fixtures/gazelle/, so Python and torch are only needed to regenerate them:
 
 `make_gazelle_fixtures.py mistral-tokenizer MODEL` instead rebuilds the real-vocabulary tokenizer
 fixture (tests/fixtures/gazelle/mistral-v1-tokenizer; see build_mistral_tokenizer).
+`make_gazelle_fixtures.py real-width TINCANS_REPO` instead builds the real-width fixture
+(tests/fixtures/gazelle/real-width) with tincans-ai/gazelle's own modeling code; see
+build_real_width.
 
 Each variant folder holds config.json, model.safetensors, tokenizer.json, tokenizer_config.json
 (a model a loader can open as-is) and reference.safetensors with, per clip `cN`:
@@ -421,7 +424,246 @@ def build_variant(name, spec):
         json.dump(prompts, f, indent=2)
 
 
+# ---------------------------------------------------------------------------------------------
+# The real-width fixture (tests/fixtures/gazelle/real-width). Every per-head and per-group shape
+# of gazelle-v0.2 at few layers: the whole wav2vec2-base-960h width (768 hidden, 12 heads, 512-wide
+# convolutions, a K=128 positional convolution in 16 groups of 48 channels) with 2 layers, the
+# real 4096-wide projector, and a Mistral decoder with head_dim 128, 4:1 GQA, vocab 32001 and
+# hidden 512 with 2 layers. tincans' own GazelleForConditionalGeneration saves it with
+# `save_pretrained` in bf16 shards, the way the published checkpoint was saved, so config.json
+# carries the same diff-form audio and text configs.
+#
+# Its ~180 MB of weights are not committed. Every value comes from a counter-based generator
+# (`generated` below, recipe per tensor in shards.json) that the Rust test runs again; the test
+# rebuilds each shard from its committed safetensors header and proves, by SHA-256, that the
+# files it loads are byte for byte the ones save_pretrained wrote. Every generated value is exact
+# in bf16, so the f32 reference runs the very weights the bf16 files hold.
+#
+#   /work/venv-tok/bin/pip install torch          # next to transformers 4.38.2
+#   apt-get install sox                           # resamples the tincans clips to 16 kHz
+#   python scripts/make_gazelle_fixtures.py real-width PATH/TO/tincans-ai/gazelle
+
+REAL_WIDTH_SALT = "gazelle-real-width-1"
+REAL_WIDTH_STEPS = 16
+SLIDING_WINDOW = 256
+SHARD_SIZE = "50MB"
+# Our own words: long enough that the prompt plus the clip's audio tokens pass 512 positions, so
+# the sliding-window variant masks in prefill and in every decode step.
+LONG_INSTRUCTIONS = " ".join([
+    "You are the voice of a small bakery that answers the telephone when the staff are busy.",
+    "Callers ask about opening hours, the bread of the day, birthday cakes, allergies, deliveries",
+    "and the price of a dozen rolls. Speak in short sentences, because every word you write is read",
+    "aloud by a speech synthesizer and the caller cannot scroll back. Never read out lists longer",
+    "than three items; offer to continue instead. When a caller sounds unsure, repeat the key fact",
+    "once, plainly, and ask whether that helps. If the caller interrupts you, stop, listen, and",
+    "answer the new question rather than finishing the old one. The bakery opens at seven in the",
+    "morning on weekdays and at eight on Saturdays, and it closes at six in the evening, except on",
+    "Sundays, when it stays closed all day. Rye, spelt and a plain white loaf are baked every day;",
+    "the seeded sourdough comes out on Tuesdays and Fridays only, and it is usually gone by noon.",
+    "Birthday cakes need two full days of notice, a name to write on top, and a deposit that the",
+    "caller pays in the shop. Deliveries go to addresses within five kilometres, cost four euros,",
+    "and leave at eleven and at three. Every product may contain traces of nuts, sesame, milk and",
+    "eggs, because they share one kitchen, and you must say so whenever anyone mentions an",
+    "allergy, even if they only ask in passing. Do not promise anything the staff cannot keep: no",
+    "discounts, no special recipes, no delivery times other than the two above. If you do not know",
+    "an answer, say that a baker will call back within the hour, and ask for a name and a number.",
+    "Numbers must be spoken the way people say them, so write seven thirty rather than digits,",
+    "and spell out units. Keep a friendly, calm tone; the callers are often in a hurry, and some",
+    "of them are calling from a noisy street or a moving car. Now listen to the caller's message",
+    "and answer it in one or two sentences.",
+])
+
+
+def fnv1a64(text):
+    h = 0xCBF29CE484222325
+    for b in text.encode("utf-8"):
+        h = ((h ^ b) * 0x100000001B3) & ((1 << 64) - 1)
+    return h
+
+
+def generated(name, n, base, bits, shift):
+    """Element i of tensor `name` is base + k * 2^-shift, where k is the top `bits` bits of
+    splitmix64(fnv1a64(salt/name) + (i+1) * golden), centred on zero: exact in bf16."""
+    seed = np.uint64(fnv1a64(REAL_WIDTH_SALT + "/" + name))
+    i = np.arange(1, n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = seed + i * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    k = (z >> np.uint64(64 - bits)).astype(np.int64) - (1 << (bits - 1))
+    return (base + k.astype(np.float64) * 2.0 ** -shift).astype(np.float32)
+
+
+def recipe(name, shape):
+    """(base, bits, shift) for one tensor: norm gains near 1, weight-norm gains near 2, biases
+    within +-1/8, matrices uniform with std about 1/sqrt(fan_in)."""
+    if name.endswith(("original0", "weight_g")):
+        return (2.0, 5, 6)
+    if len(shape) == 1:
+        if name.endswith("weight") and any(s in name for s in ("norm", "ln_pre", "ln_post")):
+            return (1.0, 5, 7)
+        return (0.0, 8, 10)
+    fan_in = int(np.prod(shape[1:]))
+    return (0.0, 8, int(round(np.log2(73.9 * fan_in**0.5))))
+
+
+def long_clip(folder):
+    """test16 + 0.4 s silence + test6 + 0.4 s silence + test16, resampled to 16 kHz by sox."""
+    import subprocess
+    import tempfile
+    import wave
+
+    src = os.path.join(OUT, "..", "audio", "tincans")
+    out = os.path.join(folder, "long.wav")
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = []
+        for i, name in enumerate(["test16", "test6", "test16"]):
+            p = os.path.join(tmp, f"{i}.wav")
+            pad = [] if i == 2 else ["pad", "0", "0.4"]
+            subprocess.run(["sox", os.path.join(src, name + ".wav"), "-r", "16000", "-c", "1",
+                            "-b", "16", p] + pad, check=True)
+            parts.append(p)
+        subprocess.run(["sox"] + parts + [out], check=True)
+    with wave.open(out) as w:
+        assert w.getframerate() == 16000 and w.getsampwidth() == 2 and w.getnchannels() == 1
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    return pcm.astype(np.float32) / 32768.0
+
+
+def real_width_model(GazelleConfig, GazelleForConditionalGeneration, sliding_window):
+    from transformers import MistralConfig, Wav2Vec2Config
+
+    audio = Wav2Vec2Config(num_hidden_layers=2)  # everything else is wav2vec2-base-960h's
+    text = MistralConfig(
+        vocab_size=32001, hidden_size=512, intermediate_size=1792, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=32768,
+        rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=sliding_window,
+    )
+    cfg = GazelleConfig(audio_config=audio, text_config=text, audio_token_index=32000,
+                        vocab_size=32001, stack_factor=8, attn_implementation="eager")
+    model = GazelleForConditionalGeneration(cfg).eval()
+    params = dict(model.named_parameters())
+    assert set(params) == set(model.state_dict()), "every saved tensor must be a parameter"
+    recipes = {}
+    with torch.no_grad():
+        for name, p in params.items():
+            r = recipe(name, tuple(p.shape))
+            recipes[name] = r
+            p.copy_(torch.from_numpy(generated(name, p.numel(), *r)).view(p.shape))
+    return model, recipes
+
+
+def greedy(model, ids, audio_values, steps):
+    """The tincans forward (its own splice) for the prompt, then the language model with the
+    cache. Returns the prompt's last logits, the tokens and the smallest top-2 gap."""
+    with torch.no_grad():
+        out = model(input_ids=ids, audio_values=audio_values,
+                    attention_mask=torch.ones_like(ids), use_cache=True)
+        first = out.logits[0, -1].float()
+        last, past, tokens, gaps = out.logits[:, -1], out.past_key_values, [], []
+        for _ in range(steps):
+            top2 = last[0].float().topk(2).values
+            gaps.append(float(top2[0] - top2[1]))
+            nxt = int(last.argmax(-1)[0])
+            tokens.append(nxt)
+            o = model.language_model(input_ids=torch.tensor([[nxt]]), past_key_values=past,
+                                     use_cache=True)
+            past, last = o.past_key_values, o.logits[:, -1]
+    return first, tokens, min(gaps)
+
+
+def build_real_width(tincans_dir):
+    import hashlib
+    import shutil
+    import tempfile
+
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, tincans_dir)
+    from gazelle import GazelleConfig, GazelleForConditionalGeneration
+
+    folder = os.path.join(OUT, "real-width")
+    os.makedirs(folder, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(os.path.join(OUT, "mistral-v1-tokenizer"))
+    messages = [{"role": "user", "content": LONG_INSTRUCTIONS + "\n<|audio|>"}]
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = torch.tensor([list(ids)], dtype=torch.long)
+    audio = long_clip(folder)
+    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True,
+                                  return_attention_mask=False)
+    audio_values = fe(audio, sampling_rate=16000, return_tensors="pt").input_values.float()
+
+    refs, shard_hashes, tmp = {}, None, tempfile.mkdtemp()
+    for variant, window in (("full", None), ("sliding", SLIDING_WINDOW)):
+        model, recipes = real_width_model(GazelleConfig, GazelleForConditionalGeneration, window)
+        saved = os.path.join(tmp, variant)
+        copy.deepcopy(model).to(torch.bfloat16).save_pretrained(
+            saved, max_shard_size=SHARD_SIZE, safe_serialization=True)
+        shards = sorted(f for f in os.listdir(saved) if f.endswith(".safetensors"))
+        hashes = {}
+        for f in shards:
+            data = open(os.path.join(saved, f), "rb").read()
+            hashes[f] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            with safe_open(os.path.join(saved, f), "pt") as st:
+                for k in st.keys():
+                    t = st.get_tensor(k)
+                    assert t.dtype == torch.bfloat16, (k, t.dtype)
+                    want = torch.from_numpy(generated(k, t.numel(), *recipes[k])).view(t.shape)
+                    assert torch.equal(t.float(), want), f"{k} is not exact in bf16"
+        if shard_hashes is None:
+            shard_hashes = hashes
+            for f in shards:
+                data = open(os.path.join(saved, f), "rb").read()
+                n = int.from_bytes(data[:8], "little")
+                with open(os.path.join(folder, f + ".header"), "wb") as h:
+                    h.write(data[: 8 + n])
+            shutil.copy(os.path.join(saved, "model.safetensors.index.json"), folder)
+            shutil.copy(os.path.join(saved, "config.json"), os.path.join(folder, "config.json"))
+            with open(os.path.join(folder, "shards.json"), "w") as f:
+                json.dump({"salt": REAL_WIDTH_SALT, "shards": hashes,
+                           "tensors": {k: list(v) for k, v in sorted(recipes.items())}},
+                          f, indent=1)
+            with torch.no_grad():
+                enc = model.audio_tower(audio_values).last_hidden_state
+                proj = model.multi_modal_projector(enc)
+            frames = enc.shape[1]
+            refs["encoder_rows"] = enc[0, [0, frames // 2, frames - 1]].contiguous()
+            refs["projector_output"] = proj[0].contiguous()
+            refs["prompt_ids"] = ids[0]
+            refs["frames"] = torch.tensor([frames])
+        else:
+            assert hashes == shard_hashes, "the two variants must share their shards"
+            shutil.copy(os.path.join(saved, "config.json"),
+                        os.path.join(folder, "config.sliding-window.json"))
+        logits, tokens, gap = greedy(model, ids, audio_values, REAL_WIDTH_STEPS)
+        bf = copy.deepcopy(model).to(torch.bfloat16)
+        logits16, tokens16, _ = greedy(bf, ids, audio_values.to(torch.bfloat16), REAL_WIDTH_STEPS)
+        refs[f"{variant}.last_logits"] = logits
+        refs[f"{variant}.greedy_tokens"] = torch.tensor(tokens)
+        refs[f"{variant}.bf16.last_logits"] = logits16
+        refs[f"{variant}.bf16.greedy_tokens"] = torch.tensor(tokens16)
+        err = float((logits16 - logits).abs().max() / logits.abs().max())
+        same = next((i for i, (a, b) in enumerate(zip(tokens, tokens16)) if a != b), len(tokens))
+        positions = ids.shape[1] - 1 + proj.shape[1]
+        print(f"{variant}: samples {len(audio)} frames {frames} audio tokens {proj.shape[1]} "
+              f"prompt ids {ids.shape[1]} positions {positions} min top-2 gap {gap:.4f}\n"
+              f"  tokens {tokens}\n  torch bf16 vs f32 last logits max-rel {err:.4f}, "
+              f"first {same} of {len(tokens)} greedy tokens equal")
+    d = float((refs["full.last_logits"] - refs["sliding.last_logits"]).abs().max())
+    print(f"sliding vs full last logits: max |diff| {d:.4f}")
+    save_file({k: v.contiguous() for k, v in refs.items()},
+              os.path.join(folder, "reference.safetensors"))
+    with open(os.path.join(folder, "prompt.json"), "w") as f:
+        json.dump({"messages": messages, "steps": REAL_WIDTH_STEPS}, f, indent=1)
+    shutil.rmtree(tmp)
+
+
 def main():
+    if sys.argv[1:2] == ["real-width"]:
+        build_real_width(sys.argv[2])
+        return
     torch.manual_seed(0)
     only = sys.argv[1:]
     for name, spec in VARIANTS.items():

@@ -31,4 +31,6 @@ mod cuda_tests;
 #[cfg(test)]
 pub(crate) mod parity_tests;
 #[cfg(test)]
+mod real_width_tests;
+#[cfg(test)]
 pub(crate) mod session_tests;
