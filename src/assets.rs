@@ -1,5 +1,5 @@
-//! Finding the runtime files cargo cannot provide: the ONNX Runtime library, the Silero model and
-//! the espeak-ng voice. Each is looked up from an explicit flag, then an environment variable,
+//! Finding the runtime files cargo cannot provide: the ONNX Runtime library, the Silero model, the
+//! Smart Turn end-of-turn model and the espeak-ng voice. Each is looked up from an explicit flag, then an environment variable,
 //! then the project cache that `scripts/setup` fills; a miss says how to get it.
 
 use std::path::{Path, PathBuf};
@@ -104,6 +104,20 @@ pub fn vad_model(explicit: Option<&Path>) -> Result<PathBuf, AssetError> {
             flag: "--vad-model",
             env: &["GAZELLE_VAD_MODEL"],
             cached: |dir| Some(dir.join("silero_vad.onnx")),
+            want_dir: false,
+        },
+        explicit,
+    )
+}
+
+/// The Smart Turn v3.2 end-of-turn ONNX model.
+pub fn turn_model(explicit: Option<&Path>) -> Result<PathBuf, AssetError> {
+    find(
+        &Lookup {
+            what: "the Smart Turn end-of-turn model",
+            flag: "--turn-model",
+            env: &["GAZELLE_TURN_MODEL"],
+            cached: |dir| Some(dir.join("smart-turn-v3.2-cpu.onnx")),
             want_dir: false,
         },
         explicit,

@@ -170,6 +170,8 @@ impl ServerConfig {
 pub struct AssetConfig {
     pub ort_lib: Option<PathBuf>,
     pub vad_model: Option<PathBuf>,
+    /// The end-of-turn model (the smart turn policy).
+    pub turn_model: Option<PathBuf>,
     pub espeak_dir: Option<PathBuf>,
 }
 

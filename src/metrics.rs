@@ -306,6 +306,14 @@ pub struct Metrics {
     pub engine_waiting_turns: IntGauge,
     /// Replies generating.
     pub engine_running: IntGauge,
+    /// Seconds per end-of-turn model inference (one batch of turns).
+    pub end_of_turn_seconds: Histogram,
+    /// End-of-turn decisions at a pause: `complete` (the turn ended there) or `incomplete`.
+    pub end_of_turn_decisions: IntCounterVec,
+    /// Preemptive replies by outcome: `started`, `committed`, `discarded`.
+    pub preemptive_replies: IntCounterVec,
+    /// Seconds discarded preemptive replies ran before they were taken back.
+    pub preemptive_wasted_seconds: Counter,
 }
 
 impl Metrics {
@@ -434,8 +442,43 @@ impl Metrics {
         );
         let engine_waiting_turns = gauge("engine_waiting_turns", "Turns waiting for admission");
         let engine_running = gauge("engine_running", "Replies generating");
+        let end_of_turn_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "end_of_turn_seconds",
+                "Seconds per end-of-turn model inference (one batch)",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+            ]),
+        )
+        .expect("valid metric");
+        let end_of_turn_decisions = IntCounterVec::new(
+            Opts::new(
+                "end_of_turn_decisions_total",
+                "End-of-turn model decisions at a pause",
+            ),
+            &["decision"],
+        )
+        .expect("valid metric");
+        let preemptive_replies = IntCounterVec::new(
+            Opts::new(
+                "preemptive_replies_total",
+                "Replies started at a pause, by outcome (started, committed, discarded)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let preemptive_wasted_seconds = Counter::new(
+            "preemptive_wasted_seconds_total",
+            "Seconds discarded preemptive replies ran before they were taken back",
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(engine_batch_size.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(end_of_turn_seconds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(end_of_turn_decisions.clone()),
+            Box::new(preemptive_replies.clone()),
+            Box::new(preemptive_wasted_seconds.clone()),
+            Box::new(engine_batch_size.clone()),
             Box::new(engine_step_seconds.clone()),
             Box::new(engine_queue_wait_seconds.clone()),
             Box::new(engine_first_token_seconds.clone()),
@@ -484,6 +527,24 @@ impl Metrics {
             engine_parked,
             engine_waiting_turns,
             engine_running,
+            end_of_turn_seconds,
+            end_of_turn_decisions,
+            preemptive_replies,
+            preemptive_wasted_seconds,
+        }
+    }
+
+    /// What the end-of-turn model said at a pause.
+    pub(crate) fn end_of_turn(&self, complete: bool) {
+        let label = if complete { "complete" } else { "incomplete" };
+        self.end_of_turn_decisions.with_label_values(&[label]).inc();
+    }
+
+    /// A preemptive reply was started, committed or discarded (after running `wasted`).
+    pub(crate) fn preemptive(&self, outcome: &str, wasted: Option<Duration>) {
+        self.preemptive_replies.with_label_values(&[outcome]).inc();
+        if let Some(w) = wasted {
+            self.preemptive_wasted_seconds.inc_by(w.as_secs_f64());
         }
     }
 

@@ -1,6 +1,8 @@
-//! Audio formats and conversions: PCM sample formats, G.711 µ-law, WAV files and streams, and
-//! streaming resampling. Everything here is synchronous and free of IO.
+//! Audio formats and conversions: PCM sample formats, G.711 µ-law, WAV files and streams,
+//! streaming resampling, and Whisper log-mel features. Everything here is synchronous and free of
+//! IO.
 
+pub mod mel;
 pub mod mulaw;
 pub mod pcm;
 pub mod resample;

@@ -78,22 +78,17 @@ pub(crate) trait SlmSession: Send + 'static {
     /// keeps the turns before it). Generation stops between two tokens once `cancel` fires.
     fn respond(&mut self, turn: UserTurn, cancel: CancellationToken) -> TokenStream;
 
-    /// Starts a reply to a turn that may still grow. The reply is generated as usual, but its
-    /// tokens are withheld until [`Self::commit`]; [`Self::discard`] takes the turn back as if it
-    /// never happened. The next `respond` or `begin_tentative` waits until one of the two.
-    // The turn-taking stage is their caller (not yet built); both models implement them and the
-    // engine's and scripted model's tests drive them.
-    #[allow(dead_code)]
+    /// Starts a reply to a turn that may still grow (preemptive generation at a pause). Its
+    /// tokens stream as usual, and the caller keeps them from the user until it decides:
+    /// [`Self::commit`] makes the turn final, [`Self::discard`] takes it back as if it never
+    /// happened. The next `respond` or `begin_tentative` waits until one of the two.
     fn begin_tentative(&mut self, turn: UserTurn, cancel: CancellationToken) -> TokenStream;
 
-    /// Makes the tentative turn final: the tokens produced so far are released at once, and the
-    /// rest stream as they come.
-    #[allow(dead_code)]
+    /// Makes the tentative turn final; its reply goes on streaming.
     fn commit(&mut self);
 
-    /// Takes the tentative turn back: its reply stops (its stream ends without the withheld
-    /// tokens) and the model forgets the turn.
-    #[allow(dead_code)]
+    /// Takes the tentative turn back: its reply stops where it stands and the model forgets the
+    /// turn and everything generated for it.
     fn discard(&mut self);
 
     /// The last reply was cut off: only `spoken` reached the user, and the model should continue

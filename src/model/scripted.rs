@@ -68,10 +68,11 @@ impl ScriptedSession {
         let (tx, rx) = mpsc::channel(TOKEN_QUEUE);
         let tokens = self.model.tokens();
         let delay = self.model.token_delay;
-        let (decide, mut decided) = watch::channel(if tentative { None } else { Some(true) });
+        // A tentative reply streams like any other (the call holds it back from the user); a
+        // discard ends it where it stands.
+        let (decide, decided) = watch::channel(None);
         self.decision = tentative.then_some(decide);
         tokio::spawn(async move {
-            let mut held = Vec::new();
             for t in tokens {
                 if !delay.is_zero() {
                     tokio::select! {
@@ -79,24 +80,12 @@ impl ScriptedSession {
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
-                if cancel.is_cancelled() {
+                if cancel.is_cancelled() || *decided.borrow() == Some(false) {
                     return;
                 }
-                held.push(t);
-                let decision = *decided.borrow();
-                match decision {
-                    Some(false) => return,
-                    Some(true) if !release(&tx, &mut held).await => return,
-                    _ => {}
+                if tx.send(Ok(t)).await.is_err() {
+                    return;
                 }
-            }
-            // The whole reply is ready; a tentative one waits for its decision.
-            let commit = tokio::select! {
-                _ = cancel.cancelled() => return,
-                d = decided.wait_for(Option::is_some) => d.map(|d| *d == Some(true)).unwrap_or(false),
-            };
-            if commit {
-                release(&tx, &mut held).await;
             }
         });
         rx
@@ -107,19 +96,6 @@ impl ScriptedSession {
             let _ = d.send(Some(commit));
         }
     }
-}
-
-/// Sends the tokens held so far; false if the reply's reader is gone.
-async fn release(
-    tx: &mpsc::Sender<Result<String, super::SlmError>>,
-    held: &mut Vec<String>,
-) -> bool {
-    for t in held.drain(..) {
-        if tx.send(Ok(t)).await.is_err() {
-            return false;
-        }
-    }
-    true
 }
 
 impl SlmSession for ScriptedSession {
@@ -186,32 +162,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_tentative_reply_is_withheld_until_commit() {
-        let model = ScriptedModel::new("one two three", Duration::from_millis(5));
-        let mut s = model.open_session(None).unwrap();
-        let mut rx = s.begin_tentative(turn(), CancellationToken::new());
-        tokio::time::sleep(Duration::from_millis(40)).await;
-        assert!(rx.try_recv().is_err(), "nothing before the commit");
-        s.commit();
-        assert_eq!(text_of(rx).await, "one two three");
-
-        // Committed part-way: what was produced comes at once, the rest as it comes.
+    async fn a_tentative_reply_streams_and_a_commit_keeps_it_whole() {
         let model = ScriptedModel::new("a b c d e f", Duration::from_millis(20));
         let mut s = model.open_session(None).unwrap();
-        let rx = s.begin_tentative(turn(), CancellationToken::new());
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut rx = s.begin_tentative(turn(), CancellationToken::new());
+        let first = rx.recv().await.unwrap().unwrap();
+        assert_eq!(first, "a", "tokens stream before the commit");
         s.commit();
-        assert_eq!(text_of(rx).await, "a b c d e f");
+        assert_eq!(format!("{first}{}", text_of(rx).await), "a b c d e f");
     }
 
     #[tokio::test]
-    async fn a_discarded_reply_ends_without_its_tokens() {
-        let model = ScriptedModel::new("one two three", Duration::from_millis(5));
+    async fn a_discarded_reply_ends_where_it_stands() {
+        let model = ScriptedModel::new("one two three four five", Duration::from_millis(20));
         let mut s = model.open_session(None).unwrap();
         let mut rx = s.begin_tentative(turn(), CancellationToken::new());
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(rx.recv().await.unwrap().unwrap(), "one");
         s.discard();
-        assert!(rx.recv().await.is_none());
+        let mut rest = 0;
+        while rx.recv().await.is_some() {
+            rest += 1;
+        }
+        assert!(
+            rest < 4,
+            "the reply stopped at the discard ({rest} more tokens)"
+        );
         // The session goes on with an ordinary reply.
         let mut rx = s.respond(turn(), CancellationToken::new());
         assert_eq!(rx.recv().await.unwrap().unwrap(), "one");

@@ -1,8 +1,12 @@
 //! The listening stages of a call: `ingest` converts the caller's audio to 16 kHz, and `detect`
 //! runs it through the shared VAD worker and the turn detector, keeps the audio of the turn in
-//! progress, and reports turn events with the wall-clock time of the true end of speech.
+//! progress, and reports turn events with the wall-clock time of the true end of speech. Under
+//! the smart turn policy it reports each pause with the turn so far, asks the shared end-of-turn
+//! model about it, and ends the turn there when the model says it is complete.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use crate::audio::{resample::StreamResampler, MODEL_RATE};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::vad::silero::frame_len;
-use crate::vad::{SileroState, TurnDetector, TurnEvent, TurnSettings, VadHandle};
+use crate::vad::smart_turn::SmartTurnHandle;
+use crate::vad::{SileroState, TurnEvent, TurnPolicy, TurnSettings, VadError, VadHandle};
 
 /// Caller audio on its way to the resampler, with its share of the call's input budget.
 pub(crate) type AudioIn = (Vec<f32>, super::limits::BudgetPermit);
@@ -32,6 +37,17 @@ pub(crate) enum VadEvent {
     SpeechStart,
     /// The user has talked over the bot for `min_interruption_ms`.
     Interruption,
+    /// The user has paused (smart policy): `audio` is the turn so far, exactly what a
+    /// `SpeechEnd` at this pause would carry.
+    Pause {
+        audio: Arc<[f32]>,
+        /// When the last sample of speech (before the pad) arrived.
+        true_end: Instant,
+        /// When the pause was noticed.
+        detected: Instant,
+    },
+    /// Speech again after a pause: the turn goes on.
+    Resume,
     /// A finished user turn.
     SpeechEnd {
         audio: Arc<[f32]>,
@@ -40,10 +56,31 @@ pub(crate) enum VadEvent {
         /// When the detector decided the turn was over.
         detected: Instant,
         forced: bool,
+        /// The pause it ended at, if one was reported (smart policy).
+        pause: Option<PauseSeen>,
     },
     /// The VAD failed; the call cannot hear any more.
     Failed(String),
 }
+
+/// What the smart policy saw of the pause a turn ended at.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct PauseSeen {
+    /// When the pause was noticed.
+    pub at: Instant,
+    /// The end-of-turn model's probability that the turn was complete, if it answered.
+    pub probability: Option<f32>,
+}
+
+/// How `detect` ends turns: the policy, and the end-of-turn model it asks at a pause.
+#[derive(Clone)]
+pub(crate) struct TurnTaking {
+    pub vad: TurnSettings,
+    pub policy: TurnPolicy,
+    pub model: Option<SmartTurnHandle>,
+}
+
+type Judgement = Pin<Box<dyn Future<Output = Result<f32, VadError>> + Send>>;
 
 /// Resamples the caller's audio to 16 kHz. Ends when the input closes or the call ends.
 pub(crate) async fn ingest(
@@ -133,16 +170,18 @@ impl AudioWindow {
 /// Runs the VAD over the call's 16 kHz audio and reports turn events.
 pub(crate) async fn detect(
     vad: VadHandle,
-    settings: TurnSettings,
+    turns: TurnTaking,
     mut input: mpsc::Receiver<Heard>,
     events: mpsc::Sender<VadEvent>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
+    let settings = turns.vad;
     let flen = frame_len(MODEL_RATE);
     let pad = settings.speech_pad_ms as u64 * MODEL_RATE as u64 / 1000;
     let max_turn = settings.max_turn_ms as u64 * MODEL_RATE as u64 / 1000;
-    let mut detector = TurnDetector::new(settings, MODEL_RATE);
+    let mut detector = turns.policy.detector(settings, MODEL_RATE);
+    let smart = turns.policy.smart();
     let mut state = Some(SileroState::new(MODEL_RATE).expect("16 kHz is supported"));
     let mut window = AudioWindow {
         start: 0,
@@ -153,11 +192,41 @@ pub(crate) async fn detect(
     let mut analysed: u64 = 0;
     // Where the turn in progress (or a candidate) started, if any.
     let mut turn_start: Option<u64> = None;
+    // The pause in progress, and the end-of-turn model's answer about it, once asked.
+    let mut pause: Option<PauseSeen> = None;
+    let mut judging: Option<Judgement> = None;
     let mut out = Vec::new();
     loop {
         let heard = tokio::select! {
             _ = cancel.cancelled() => return,
             h = input.recv() => match h { Some(h) => h, None => return },
+            judged = async { judging.as_mut().expect("guarded").await }, if judging.is_some() => {
+                judging = None;
+                let p = match judged {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // The turn still ends at max_silence_ms.
+                        metrics.error(ErrorKind::Vad);
+                        tracing::warn!(error = %e, "the end-of-turn model failed; waiting for silence");
+                        continue;
+                    }
+                };
+                let complete = p >= turns.policy.complete_threshold;
+                metrics.end_of_turn(complete);
+                tracing::debug!(probability = p, complete, "end-of-turn decision");
+                if let Some(seen) = pause.as_mut() {
+                    seen.probability = Some(p);
+                }
+                if complete {
+                    if let Some(ev) = detector.end_now() {
+                        out.push(ev);
+                    }
+                }
+                if !emit(&mut out, &window, pad, &mut turn_start, &mut pause, &events).await {
+                    return;
+                }
+                continue;
+            }
         };
         window.push(&heard);
         tracing::trace!(n = heard.samples.len(), end = window.end(), "heard");
@@ -191,36 +260,21 @@ pub(crate) async fn detect(
             if turn_start.is_none() && p >= settings.start_threshold {
                 turn_start = Some(a.saturating_sub(pad));
             }
-            for ev in out.drain(..) {
-                tracing::debug!(
-                    ?ev,
-                    analysed,
-                    end = window.end(),
-                    start = window.start,
-                    "turn event"
-                );
-                let now = Instant::now();
-                let msg = match ev {
-                    TurnEvent::SpeechStart { start } => {
-                        turn_start = Some(start);
-                        VadEvent::SpeechStart
+            for ev in &out {
+                match ev {
+                    // A new pause: ask the model about the turn so far.
+                    TurnEvent::Pause { start, end } if smart => {
+                        judging = turns.model.clone().map(|m| {
+                            let audio: Arc<[f32]> = window.slice(*start, *end).into();
+                            Box::pin(async move { m.predict(audio).await }) as Judgement
+                        });
                     }
-                    TurnEvent::Interruption { .. } => VadEvent::Interruption,
-                    TurnEvent::SpeechEnd { start, end, forced } => {
-                        let speech_end = if forced { end } else { end.saturating_sub(pad) };
-                        let audio: Arc<[f32]> = window.slice(start, end).into();
-                        turn_start = None;
-                        VadEvent::SpeechEnd {
-                            audio,
-                            true_end: window.arrival(speech_end),
-                            detected: now,
-                            forced,
-                        }
-                    }
-                };
-                if events.send(msg).await.is_err() {
-                    return;
+                    TurnEvent::Resume | TurnEvent::SpeechEnd { .. } => judging = None,
+                    _ => {}
                 }
+            }
+            if !emit(&mut out, &window, pad, &mut turn_start, &mut pause, &events).await {
+                return;
             }
             if !detector.in_speech() && p < settings.end_threshold {
                 turn_start = None;
@@ -233,6 +287,59 @@ pub(crate) async fn detect(
         };
         window.trim(keep);
     }
+}
+
+/// Sends the detector's events as the call sees them. False once the call is gone.
+async fn emit(
+    out: &mut Vec<TurnEvent>,
+    window: &AudioWindow,
+    pad: u64,
+    turn_start: &mut Option<u64>,
+    pause: &mut Option<PauseSeen>,
+    events: &mpsc::Sender<VadEvent>,
+) -> bool {
+    for ev in out.drain(..) {
+        tracing::debug!(?ev, end = window.end(), start = window.start, "turn event");
+        let now = Instant::now();
+        let msg = match ev {
+            TurnEvent::SpeechStart { start } => {
+                *turn_start = Some(start);
+                VadEvent::SpeechStart
+            }
+            TurnEvent::Interruption { .. } => VadEvent::Interruption,
+            TurnEvent::Pause { start, end } => {
+                *pause = Some(PauseSeen {
+                    at: now,
+                    probability: None,
+                });
+                VadEvent::Pause {
+                    audio: window.slice(start, end).into(),
+                    true_end: window.arrival(end.saturating_sub(pad)),
+                    detected: now,
+                }
+            }
+            TurnEvent::Resume => {
+                *pause = None;
+                VadEvent::Resume
+            }
+            TurnEvent::SpeechEnd { start, end, forced } => {
+                let speech_end = if forced { end } else { end.saturating_sub(pad) };
+                let audio: Arc<[f32]> = window.slice(start, end).into();
+                *turn_start = None;
+                VadEvent::SpeechEnd {
+                    audio,
+                    true_end: window.arrival(speech_end),
+                    detected: now,
+                    forced,
+                    pause: pause.take(),
+                }
+            }
+        };
+        if events.send(msg).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::vad::TurnSettings;
+use crate::vad::{TurnPolicy, TurnSettings};
 
 /// What a call sends towards its transport. The transport encodes it for its wire protocol.
 #[derive(Debug, Clone)]
@@ -64,6 +64,14 @@ pub(crate) struct Timeline {
     pub first_unit_ms: Option<f64>,
     pub first_synth_byte_ms: Option<f64>,
     pub first_audio_sent_ms: Option<f64>,
+    /// When the pause the turn ended at was noticed (smart policy).
+    pub pause_ms: Option<f64>,
+    /// The end-of-turn model's probability that the turn was complete, at that pause.
+    pub end_of_turn_probability: Option<f32>,
+    /// When the reply was started preemptively, at the pause, and when it was committed (the
+    /// turn was over; its audio could go out).
+    pub preemptive_start_ms: Option<f64>,
+    pub commit_ms: Option<f64>,
 }
 
 impl Timeline {
@@ -77,6 +85,8 @@ impl Timeline {
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineSettings {
     pub vad: TurnSettings,
+    /// How a turn ends (`[pipeline.turn]`).
+    pub turn: TurnPolicy,
     /// How far ahead of real time audio may be sent; bounds how long a barge-in takes to silence
     /// the client.
     pub output_lead_ms: u32,
@@ -96,6 +106,7 @@ impl Default for PipelineSettings {
     fn default() -> Self {
         PipelineSettings {
             vad: TurnSettings::default(),
+            turn: TurnPolicy::default(),
             output_lead_ms: 300,
             output_frame_ms: 20,
             first_clause_words: 4,
@@ -113,6 +124,7 @@ impl PipelineSettings {
 
     pub(crate) fn validate(&self) -> Result<(), String> {
         self.vad.validate()?;
+        self.turn.validate()?;
         if !(5..=200).contains(&self.output_frame_ms) {
             return Err("output_frame_ms must be within 5..=200".into());
         }

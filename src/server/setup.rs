@@ -59,6 +59,17 @@ pub fn services(config: &Config) -> Result<(Services, ModelLoad), SetupError> {
     let env = vad::silero::init_runtime(&ort_lib)?;
     let model = vad::SileroModel::load(env, &vad_model)?;
     let vad = vad::VadHandle::spawn(model, metrics.clone());
+    let turn_model = if config.pipeline.turn.smart() {
+        let path = assets::turn_model(config.assets.turn_model.as_deref())?;
+        let model = vad::smart_turn::SmartTurnModel::load(env, &path)?;
+        tracing::info!(model = %path.display(), "end-of-turn model ready");
+        Some(vad::smart_turn::SmartTurnHandle::spawn(
+            model,
+            metrics.clone(),
+        ))
+    } else {
+        None
+    };
     let mut tts = synthesizer(config, config.tts.provider, &espeak_dir, &metrics)?;
     if let Some(second) = config.tts.fallback {
         let second = synthesizer(config, second, &espeak_dir, &metrics)?;
@@ -89,6 +100,7 @@ pub fn services(config: &Config) -> Result<(Services, ModelLoad), SetupError> {
     };
     tracing::info!(slm = slm.name(), tts = tts.name(), vad = %vad_model.display(), "services ready");
     let services = Services {
+        turn_model,
         slm,
         tts,
         vad,

@@ -39,7 +39,7 @@ pub fn segments(
                     open = None;
                     out.push(Segment { start, end });
                 }
-                TurnEvent::Interruption { .. } => {}
+                TurnEvent::Interruption { .. } | TurnEvent::Pause { .. } | TurnEvent::Resume => {}
             }
         }
     }

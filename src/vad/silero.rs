@@ -12,8 +12,12 @@ use ort::value::Tensor;
 pub enum VadError {
     #[error("could not load ONNX Runtime from {path}: {reason}")]
     Runtime { path: String, reason: String },
-    #[error("could not load the Silero VAD model from {path}: {reason}")]
-    Model { path: String, reason: String },
+    #[error("could not load the {what} model from {path}: {reason}")]
+    Model {
+        what: &'static str,
+        path: String,
+        reason: String,
+    },
     #[error("Silero VAD inference failed: {0}")]
     Inference(String),
     #[error("Silero VAD runs at 8000 or 16000 Hz, not {0}")]
@@ -91,6 +95,7 @@ impl SileroModel {
     /// Loads the model into a session of the given runtime environment.
     pub fn load(env: &Environment, model: &Path) -> Result<Self, VadError> {
         let err = |e: String| VadError::Model {
+            what: "Silero VAD",
             path: model.display().to_string(),
             reason: e,
         };

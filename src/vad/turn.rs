@@ -1,7 +1,10 @@
 //! The turn detector: a pure state machine from per-frame speech probabilities to turn events.
 //! Start and end thresholds give hysteresis; `min_speech_ms` confirms a start, `min_silence_ms` of
 //! quiet ends a turn, `speech_pad_ms` widens both edges, `max_turn_ms` cuts a monologue, and
-//! `min_interruption_ms` of speech raises a barge-in. Timestamps are sample indices of the stream.
+//! `min_interruption_ms` of speech raises a barge-in. With a pause length set
+//! ([`TurnDetector::with_pause`]), a shorter silence reports a pause (where a turn may have ended)
+//! and speech after it a resume; [`TurnDetector::end_now`] ends a paused turn on the end-of-turn
+//! model's word. Timestamps are sample indices of the stream.
 
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +60,78 @@ impl TurnSettings {
     }
 }
 
+/// How a turn ends: `[pipeline.turn]`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnPolicy {
+    /// `smart`: at a short pause, ask the end-of-turn model; `silence`: a fixed silence
+    /// (`[pipeline.vad] min_silence_ms`) ends every turn.
+    pub policy: PolicyKind,
+    /// Silence before the end-of-turn model is asked (smart).
+    pub pause_ms: u32,
+    /// Silence that ends a turn whatever the model said (smart).
+    pub max_silence_ms: u32,
+    /// The model's probability at or above which a turn ends at the pause (smart).
+    pub complete_threshold: f32,
+    /// Start the reply at each pause, and send it only once the turn ends (smart): a turn that
+    /// ends at the pause gets its reply with no wait for the model, and one that goes on has
+    /// its reply taken back unheard.
+    pub preemptive: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    Smart,
+    Silence,
+}
+
+impl Default for TurnPolicy {
+    fn default() -> Self {
+        TurnPolicy {
+            policy: PolicyKind::Smart,
+            pause_ms: 200,
+            max_silence_ms: 1_500,
+            complete_threshold: 0.5,
+            preemptive: true,
+        }
+    }
+}
+
+impl TurnPolicy {
+    pub(crate) fn smart(&self) -> bool {
+        self.policy == PolicyKind::Smart
+    }
+
+    /// The detector settings this policy runs with: under `smart`, `max_silence_ms` ends turns.
+    pub(crate) fn detector(&self, vad: TurnSettings, rate: u32) -> TurnDetector {
+        if !self.smart() {
+            return TurnDetector::new(vad, rate);
+        }
+        let vad = TurnSettings {
+            min_silence_ms: self.max_silence_ms,
+            ..vad
+        };
+        TurnDetector::new(vad, rate).with_pause(self.pause_ms)
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.complete_threshold) {
+            return Err("pipeline.turn.complete_threshold must lie in [0, 1]".into());
+        }
+        if self.smart() && !(32..=2_000).contains(&self.pause_ms) {
+            return Err("pipeline.turn.pause_ms must be within 32..=2000".into());
+        }
+        if self.smart() && self.max_silence_ms <= self.pause_ms {
+            return Err(format!(
+                "pipeline.turn.max_silence_ms ({}) must exceed pause_ms ({})",
+                self.max_silence_ms, self.pause_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TurnEvent {
     /// Speech confirmed; `start` is the first speech sample minus the pad.
@@ -66,6 +141,12 @@ pub enum TurnEvent {
     /// The turn is over: samples `start..end` hold it, pads included. `forced` when cut by
     /// `max_turn_ms`.
     SpeechEnd { start: u64, end: u64, forced: bool },
+    /// The speaker has been quiet for the pause length: the turn so far is `start..end`, pads
+    /// included, exactly what a [`TurnEvent::SpeechEnd`] at this silence would hold. Raised once
+    /// per silence.
+    Pause { start: u64, end: u64 },
+    /// Speech again after a pause: the turn goes on.
+    Resume,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,11 +161,13 @@ enum State {
         quiet: Option<u64>,
         interrupted: bool,
     },
-    /// In a turn that started at `since` (unpadded); `quiet` is where the current silence began.
+    /// In a turn that started at `since` (unpadded); `quiet` is where the current silence began,
+    /// and `paused` says a pause was reported for it.
     Speaking {
         since: u64,
         quiet: Option<u64>,
         interrupted: bool,
+        paused: bool,
     },
 }
 
@@ -93,6 +176,8 @@ pub struct TurnDetector {
     settings: TurnSettings,
     rate: u32,
     state: State,
+    /// Silence that reports a pause, in samples; none without an end-of-turn model.
+    pause: Option<u64>,
 }
 
 impl TurnDetector {
@@ -101,7 +186,36 @@ impl TurnDetector {
             settings,
             rate,
             state: State::Idle,
+            pause: None,
         }
+    }
+
+    /// Reports a pause after `pause_ms` of silence (shorter than `min_silence_ms`, which still
+    /// ends the turn whatever happens at the pause).
+    pub(crate) fn with_pause(mut self, pause_ms: u32) -> Self {
+        self.pause = Some(self.samples(pause_ms));
+        self
+    }
+
+    /// Ends the turn at the pause in progress, as `min_silence_ms` of silence would have. None
+    /// (and nothing changes) unless a pause was reported and no speech has come since.
+    pub(crate) fn end_now(&mut self) -> Option<TurnEvent> {
+        let State::Speaking {
+            since,
+            quiet: Some(q),
+            paused: true,
+            ..
+        } = self.state
+        else {
+            return None;
+        };
+        let pad = self.samples(self.settings.speech_pad_ms);
+        self.state = State::Idle;
+        Some(TurnEvent::SpeechEnd {
+            start: since.saturating_sub(pad),
+            end: q + pad,
+            forced: false,
+        })
     }
 
     fn samples(&self, ms: u32) -> u64 {
@@ -138,6 +252,7 @@ impl TurnDetector {
                 since,
                 quiet,
                 mut interrupted,
+                mut paused,
             } => {
                 let padded = since.saturating_sub(pad);
                 if !interrupted && end - since >= interrupt_after {
@@ -151,7 +266,28 @@ impl TurnDetector {
                 } else {
                     quiet
                 };
+                if paused && quiet.is_none() {
+                    paused = false;
+                    out.push(TurnEvent::Resume);
+                }
                 match quiet {
+                    Some(q)
+                        if !paused
+                            && end - q < min_silence
+                            && self.pause.is_some_and(|p| end - q >= p) =>
+                    {
+                        paused = true;
+                        out.push(TurnEvent::Pause {
+                            start: padded,
+                            end: q + pad,
+                        });
+                        State::Speaking {
+                            since,
+                            quiet,
+                            interrupted,
+                            paused,
+                        }
+                    }
                     Some(q) if end - q >= min_silence => {
                         out.push(TurnEvent::SpeechEnd {
                             start: padded,
@@ -181,6 +317,7 @@ impl TurnDetector {
                         since,
                         quiet,
                         interrupted,
+                        paused,
                     },
                 }
             }
@@ -235,6 +372,7 @@ impl TurnDetector {
                 since,
                 quiet,
                 interrupted,
+                paused: false,
             }
         } else {
             State::Pending {
@@ -384,6 +522,60 @@ mod tests {
             events.iter().all(|(_, e)| !matches!(e, SpeechStart { .. })),
             "{events:?}"
         );
+    }
+
+    /// Pauses at 40 ms of silence, ends at 100 ms: a pause, a resume when speech comes back, a
+    /// second pause, and `end_now` ending the turn where a full silence would have.
+    #[test]
+    fn pauses_resume_and_end_now() {
+        use TurnEvent::*;
+        let mut det = TurnDetector::new(settings(), 1_000).with_pause(40);
+        let probs = seq(&[(0.9, 10), (0.0, 6), (0.9, 10), (0.0, 5)]);
+        let mut events = Vec::new();
+        for (k, &p) in probs.iter().enumerate() {
+            let mut out = Vec::new();
+            det.push(10 * k as u64, 10 * (k as u64 + 1), p, &mut out);
+            events.extend(out.into_iter().map(|e| (k, e)));
+        }
+        assert_eq!(
+            events,
+            vec![
+                (2, Interruption { start: 0 }),
+                (4, SpeechStart { start: 0 }),
+                (13, Pause { start: 0, end: 120 }),
+                (16, Resume),
+                (29, Pause { start: 0, end: 280 }),
+            ]
+        );
+        assert_eq!(
+            det.end_now(),
+            Some(SpeechEnd {
+                start: 0,
+                end: 280,
+                forced: false
+            }),
+            "the same turn a full silence would have ended"
+        );
+        assert_eq!(det.end_now(), None, "idle now");
+        // Without a pause reported, end_now does nothing; silence still ends the turn.
+        let mut det = TurnDetector::new(settings(), 1_000).with_pause(40);
+        let mut out = Vec::new();
+        for k in 0..12u64 {
+            det.push(10 * k, 10 * (k + 1), 0.9, &mut out);
+        }
+        assert_eq!(det.end_now(), None);
+        for k in 12..30u64 {
+            det.push(10 * k, 10 * (k + 1), 0.0, &mut out);
+        }
+        assert_eq!(
+            out.last(),
+            Some(&SpeechEnd {
+                start: 0,
+                end: 140,
+                forced: false
+            })
+        );
+        assert_eq!(out.iter().filter(|e| matches!(e, Pause { .. })).count(), 1);
     }
 
     #[test]

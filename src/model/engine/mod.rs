@@ -32,10 +32,10 @@
 //! Tokens are handed over with `try_send` only. A call whose channel is full is **parked**: it
 //! leaves the batch until the call takes its tokens, while the others go on.
 //!
-//! A **tentative** turn ([`SlmSession::begin_tentative`]) runs like any other, but its tokens are
-//! withheld: a commit releases those already produced at once and the rest as they come; a
-//! discard ends the reply and restores the call's state exactly as before the turn. An ordinary
-//! turn takes no snapshot and pays nothing for this.
+//! A **tentative** turn ([`SlmSession::begin_tentative`]) runs and streams like any other (the
+//! call keeps its reply from the user), but it stays open until the call decides: a commit makes
+//! it final, and a discard ends the reply and restores the call's state exactly as before the
+//! turn. An ordinary turn takes no snapshot and pays nothing for this.
 //!
 //! The same code runs on the CPU and on CUDA; only the tensors' device differs.
 

@@ -104,23 +104,21 @@ impl Job {
 /// A reply's way to its call.
 struct Outbox {
     tokens: TokenSender,
-    /// Tokens are withheld until the turn is committed.
-    withheld: bool,
-    /// Pieces the call has not taken yet (withheld, or waiting for room in its channel).
+    /// The turn is tentative: its tokens stream (the call holds them back from the user), but
+    /// the job stays until the call commits or discards it.
+    tentative: bool,
+    /// Pieces the call has not taken yet (waiting for room in its channel).
     undelivered: VecDeque<Result<String, SlmError>>,
 }
 
 impl Outbox {
     /// Waiting for its call to take tokens before it may go on.
     fn parked(&self) -> bool {
-        !self.withheld && !self.undelivered.is_empty()
+        !self.undelivered.is_empty()
     }
 
     /// Hands over what the channel has room for, never waiting. False if the call is gone.
     fn deliver(&mut self) -> bool {
-        if self.withheld {
-            return true;
-        }
         while let Some(piece) = self.undelivered.pop_front() {
             match self.tokens.try_send(piece) {
                 Ok(()) => {}
@@ -307,10 +305,7 @@ impl Scheduler {
                 };
                 call.session.commit_turn();
                 if let Some(job) = call.job.as_mut() {
-                    job.out.withheld = false;
-                    if !job.out.deliver() {
-                        job.cancel.cancel();
-                    }
+                    job.out.tentative = false;
                 }
                 self.settle(id);
             }
@@ -379,7 +374,7 @@ impl Scheduler {
             phase: Phase::Waiting(turn.audio),
             out: Outbox {
                 tokens: turn.tokens,
-                withheld: turn.tentative,
+                tentative: turn.tentative,
                 undelivered: VecDeque::new(),
             },
             cancel: turn.cancel,
@@ -472,7 +467,7 @@ impl Scheduler {
             };
             if let Some(job) = &call.job {
                 let finished = matches!(job.phase, Phase::Done) && job.out.undelivered.is_empty();
-                if !finished || job.out.withheld {
+                if !finished || job.out.tentative {
                     return;
                 }
                 // Dropping the sender ends the call's token stream.
@@ -510,7 +505,7 @@ impl Scheduler {
             let job = call.job.as_mut().expect("a queued call has a job");
             if let Phase::Waiting(audio) = &job.phase {
                 let audio = audio.clone();
-                match call.session.begin_turn(&audio, "", job.out.withheld) {
+                match call.session.begin_turn(&audio, "", job.out.tentative) {
                     Ok(p) => job.phase = Phase::Planned(p),
                     Err(e) => {
                         self.fail(id, e);
@@ -839,7 +834,7 @@ impl Scheduler {
         let Some(mut job) = call.job.take() else {
             return;
         };
-        let tentative = job.out.withheld;
+        let tentative = job.out.tentative;
         end_phase(
             &mut call.session,
             std::mem::replace(&mut job.phase, Phase::Done),
@@ -850,7 +845,7 @@ impl Scheduler {
                 tracing::warn!(error = %e, "could not take back a failed tentative turn");
             }
         }
-        job.out.withheld = false;
+        job.out.tentative = false;
         job.out.undelivered.push_back(Err(e));
         if !job.out.deliver() {
             job.out.undelivered.clear();

@@ -477,8 +477,9 @@ fn a_full_channel_parks_only_its_call() {
     assert_eq!(s.session(0).unwrap().ids(), solo.ids());
 }
 
-/// A tentative turn withholds its tokens; a discard leaves the call exactly as if the turn had
-/// never happened (cache contents compared by equality), and a commit releases the reply.
+/// A tentative turn streams its reply; a discard stops it and leaves the call exactly as if the
+/// turn had never happened (cache contents compared by equality), and a committed one ends up
+/// the same as an ordinary turn.
 #[test]
 fn a_discarded_tentative_turn_leaves_no_trace() {
     let (engine, a0, a1) = engine_with("mistral", usize::MAX);
@@ -508,10 +509,10 @@ fn a_discarded_tentative_turn_leaves_no_trace() {
         s.step();
     }
     assert!(s.trace[&0].len() > s.trace[&1].len(), "it generated");
-    assert_eq!(
-        drain(&mut rx),
-        (String::new(), false),
-        "but withheld every token"
+    let (streamed, ended) = drain(&mut rx);
+    assert!(
+        !streamed.is_empty() && !ended,
+        "its tokens stream while it is open"
     );
     s.command(Command::Discard { id: 0 });
     s.step();
@@ -523,27 +524,23 @@ fn a_discarded_tentative_turn_leaves_no_trace() {
     // And it matches the other call, which never began a second turn, up to batching noise.
     assert_eq!(a.ids(), s.session(1).unwrap().ids());
 
-    // Now a tentative turn that is committed part-way: its withheld tokens come at once, and
-    // the reply equals an ordinary one.
+    // Now a tentative turn that is committed part-way: the reply and the session end up equal
+    // to an ordinary turn's.
     let (mut t0, _c0) = ask(&mut s, 0, &a1, true, 256);
     let (mut t1, _c1) = ask(&mut s, 1, &a1, false, 256);
+    let mut texts = [String::new(), String::new()];
     for _ in 0..4 {
         s.step();
+        texts[0].push_str(&drain(&mut t0).0);
+        texts[1].push_str(&drain(&mut t1).0);
     }
-    let (before, _) = drain(&mut t0);
-    assert!(before.is_empty());
     s.command(Command::Commit { id: 0 });
-    let (released, _) = drain(&mut t0);
-    assert!(
-        !released.is_empty(),
-        "the commit released the tokens so far at once"
-    );
-    let mut texts = [released, String::new()];
     for _ in 0..30 {
         s.step();
         texts[0].push_str(&drain(&mut t0).0);
         texts[1].push_str(&drain(&mut t1).0);
     }
+    assert!(!texts[0].is_empty());
     assert_eq!(texts[0], texts[1]);
     assert_eq!(s.session(0).unwrap().ids(), s.session(1).unwrap().ids());
 }

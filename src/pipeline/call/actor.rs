@@ -2,7 +2,10 @@
 //! reply in flight. It turns the listening stage's turn events into replies (one set of speaking
 //! stages per reply: sentence stage → synthesizer → pacer) and on barge-in cancels the reply,
 //! drops its queued audio and tells the client to clear, in one step, keeping in the history only
-//! what was heard. It takes its inputs as channels, so tests drive it with synthetic turn events.
+//! what was heard. At a pause (smart turn policy) it starts the reply preemptively with its audio
+//! held: the end of the turn commits it and lets the audio out, and speech after the pause
+//! discards it unheard, from the model's cache too. It takes its inputs as channels, so tests
+//! drive it with synthetic turn events.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,14 +15,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::handle::CallCommand;
-use super::reply::{next_reply_event, Heard, Reply, ReplyEvent, TurnEnd};
+use super::reply::{next_reply_event, Heard, Reply, ReplyEvent, Tentative, TurnEnd};
 use super::Registration;
 use crate::audio::MODEL_RATE;
 use crate::metrics::{BargeIn, ErrorKind, Metrics, TurnStage, UnderrunCause};
 use crate::model::{SlmError, SlmSession, TokenStream, UserTurn};
 use crate::pipeline::conversation::{Conversation, Turn};
 use crate::pipeline::limits::Limits;
-use crate::pipeline::listen::VadEvent;
+use crate::pipeline::listen::{PauseSeen, VadEvent};
 use crate::pipeline::pacer::{self, PacerEvent, PacerSettings, Playout};
 use crate::pipeline::sentence::stage::{accumulate, TextEvent};
 use crate::pipeline::sentence::SentenceSettings;
@@ -109,7 +112,7 @@ impl Actor {
         if let Some(text) = self.conversation.first_message.clone() {
             let (tx, rx) = mpsc::channel(1);
             let _ = tx.try_send(Ok(text));
-            self.start_reply(rx, self.cancel.child_token(), None);
+            self.start_reply(rx, self.cancel.child_token(), None, None);
         }
         loop {
             let plays_until = self.reply.as_ref().and_then(|r| r.plays_until);
@@ -152,21 +155,67 @@ impl Actor {
         match ev {
             VadEvent::SpeechStart => {}
             VadEvent::Interruption => self.barge_in(BargeIn::Interruption).await,
+            VadEvent::Pause {
+                audio,
+                true_end,
+                detected,
+            } => {
+                // Only when nothing else is in flight: a pause while the bot talks belongs to a
+                // barge-in, which the turn's end handles.
+                if !self.cfg.settings.turn.preemptive || self.reply.is_some() {
+                    return;
+                }
+                let duration_ms = audio.len() as u64 * 1000 / MODEL_RATE as u64;
+                let turn_samples = audio.len();
+                let cancel = self.cancel.child_token();
+                let tokens = self
+                    .session
+                    .begin_tentative(UserTurn { audio }, cancel.clone());
+                let tentative = Tentative {
+                    turn_samples,
+                    started: now(),
+                    held: Vec::new(),
+                };
+                self.start_reply(
+                    tokens,
+                    cancel,
+                    Some((true_end, detected, duration_ms as f64)),
+                    Some(tentative),
+                );
+                self.cfg.metrics.preemptive("started", None);
+                tracing::debug!(duration_ms, "preemptive reply at a pause");
+            }
+            VadEvent::Resume => self.discard_tentative(),
             VadEvent::SpeechEnd {
                 audio,
                 true_end,
                 detected,
                 forced,
+                pause,
             } => {
+                let duration_ms = audio.len() as u64 * 1000 / MODEL_RATE as u64;
+                let answers = |r: &Reply| {
+                    r.tentative
+                        .as_ref()
+                        .is_some_and(|t| t.turn_samples == audio.len())
+                        && r.true_end() == Some(true_end)
+                };
+                if self.reply.as_ref().is_some_and(answers) {
+                    self.commit(detected, duration_ms, pause).await;
+                    return;
+                }
+                self.discard_tentative();
                 // A turn that ends while the bot still talks interrupts it too.
                 self.barge_in(BargeIn::Turn).await;
-                let duration_ms = audio.len() as u64 * 1000 / MODEL_RATE as u64;
                 tracing::debug!(duration_ms, forced, "user turn");
                 let cancel = self.cancel.child_token();
                 let tokens = self.session.respond(UserTurn { audio }, cancel.clone());
                 self.conversation.push(Turn::User { duration_ms });
                 let turn_end = (true_end, detected, duration_ms as f64);
-                self.start_reply(tokens, cancel, Some(turn_end));
+                self.start_reply(tokens, cancel, Some(turn_end), None);
+                if let Some(r) = self.reply.as_mut() {
+                    note_pause(r, pause);
+                }
             }
             VadEvent::Failed(e) => {
                 tracing::error!(error = %e, "VAD failed; the call can no longer hear");
@@ -182,12 +231,56 @@ impl Actor {
         }
     }
 
+    /// The turn ended where the preemptive reply began: it becomes the reply, and its audio and
+    /// held messages go out now.
+    async fn commit(&mut self, detected: Instant, duration_ms: u64, pause: Option<PauseSeen>) {
+        let Some(r) = self.reply.as_mut() else { return };
+        self.session.commit();
+        let held = r.commit(now(), detected);
+        note_pause(r, pause);
+        self.conversation.push(Turn::User { duration_ms });
+        self.cfg.metrics.preemptive("committed", None);
+        tracing::debug!(duration_ms, "preemptive reply committed");
+        for msg in held {
+            if self.out.send(msg).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The user went on after the pause: the preemptive reply is taken back unheard. The model
+    /// forgets the turn before the reply is cancelled, so nothing of it is kept.
+    fn discard_tentative(&mut self) {
+        if !self.reply.as_ref().is_some_and(|r| r.tentative.is_some()) {
+            return;
+        }
+        let r = self.reply.take().expect("checked");
+        self.session.discard();
+        r.cancel.cancel();
+        let ran = r
+            .tentative
+            .as_ref()
+            .map(|t| now().saturating_duration_since(t.started));
+        self.cfg.metrics.preemptive("discarded", ran);
+        tracing::debug!(?ran, "preemptive reply discarded");
+    }
+
+    /// A message for the client, held with a preemptive reply until it is committed.
+    async fn send(&mut self, msg: Outbound) {
+        if let Some(t) = self.reply.as_mut().and_then(|r| r.tentative.as_mut()) {
+            t.held.push(msg);
+            return;
+        }
+        let _ = self.out.send(msg).await;
+    }
+
     /// Starts the speaking stages for one reply.
     fn start_reply(
         &mut self,
         tokens: TokenStream,
         cancel: CancellationToken,
         turn_end: Option<TurnEnd>,
+        tentative: Option<Tentative>,
     ) {
         let id = self.next_reply;
         self.next_reply += 1;
@@ -200,6 +293,7 @@ impl Actor {
         let (text_tx, text_rx) = mpsc::channel(REPLY_EVENT_QUEUE);
         let (pacer_tx, pacer_rx) = mpsc::channel(REPLY_EVENT_QUEUE);
         let (ledger_tx, ledger_rx) = watch::channel(Playout::default());
+        let (hold_tx, hold_rx) = watch::channel(tentative.is_some());
         // Tasks of earlier replies have ended; forget them so a long call does not pile them up.
         while self.tasks.try_join_next().is_some() {}
         self.tasks.spawn(accumulate(
@@ -224,10 +318,11 @@ impl Actor {
             self.out.clone(),
             pacer_tx,
             ledger_tx,
+            hold_rx,
             cancel.clone(),
         ));
         self.reply = Some(Reply::new(
-            id, cancel, turn_end, text_rx, pacer_rx, ledger_rx,
+            id, cancel, turn_end, text_rx, pacer_rx, ledger_rx, hold_tx, tentative,
         ));
     }
 
@@ -246,7 +341,7 @@ impl Actor {
                 r.units.push(text.clone());
                 let reply = r.id;
                 if self.cfg.subscribe_transcript {
-                    let _ = self.out.send(Outbound::Transcript { reply, text }).await;
+                    self.send(Outbound::Transcript { reply, text }).await;
                 }
             }
             TextEvent::Done => {
@@ -268,13 +363,11 @@ impl Actor {
                     self.cfg.metrics.error(kind);
                 }
                 tracing::warn!(error = %e, "the model failed on a turn");
-                let _ = self
-                    .out
-                    .send(Outbound::Error {
-                        kind,
-                        message: format!("the model failed: {e}"),
-                    })
-                    .await;
+                self.send(Outbound::Error {
+                    kind,
+                    message: format!("the model failed: {e}"),
+                })
+                .await;
             }
         }
     }
@@ -303,13 +396,11 @@ impl Actor {
             }
             PacerEvent::Failed => {
                 self.cfg.metrics.error(ErrorKind::Tts);
-                let _ = self
-                    .out
-                    .send(Outbound::Error {
-                        kind: ErrorKind::Tts,
-                        message: "speech synthesis failed".into(),
-                    })
-                    .await;
+                self.send(Outbound::Error {
+                    kind: ErrorKind::Tts,
+                    message: "speech synthesis failed".into(),
+                })
+                .await;
             }
         }
     }
@@ -347,6 +438,8 @@ impl Actor {
     /// Stops the reply in flight, if the bot is generating or speaking: cancels generation and
     /// synthesis, drops queued audio, tells the client to clear, and keeps what was heard.
     async fn barge_in(&mut self, during: BargeIn) {
+        // Nothing of a preemptive reply was heard: it is simply taken back.
+        self.discard_tentative();
         let Some(r) = self.reply.take() else { return };
         r.cancel.cancel();
         // Tokio's clock, which the pacer's ledger uses too (and tests can pause).
@@ -376,4 +469,18 @@ impl Actor {
             });
         }
     }
+}
+
+/// Tokio's clock, which the pacer uses too (and tests can pause).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Records the pause a turn ended at in its reply's timeline.
+fn note_pause(r: &mut Reply, pause: Option<PauseSeen>) {
+    let (Some(p), Some(true_end)) = (pause, r.true_end()) else {
+        return;
+    };
+    r.timeline.pause_ms = Some(crate::pipeline::Timeline::offset(true_end, p.at));
+    r.timeline.end_of_turn_probability = p.probability;
 }

@@ -106,6 +106,33 @@ impl Call {
             true_end: now,
             detected: now,
             forced: false,
+            pause: None,
+        };
+        self.vad.send(ev).await.unwrap();
+    }
+
+    /// The user paused after `samples` of speech that ended at `true_end`.
+    async fn pause(&self, samples: usize, true_end: std::time::Instant) {
+        let ev = VadEvent::Pause {
+            audio: Arc::from(vec![0.0f32; samples]),
+            true_end,
+            detected: tokio::time::Instant::now().into_std(),
+        };
+        self.vad.send(ev).await.unwrap();
+    }
+
+    /// The turn ended at the pause (same audio, same true end).
+    async fn end_at_pause(&self, samples: usize, true_end: std::time::Instant, p: f32) {
+        let now = tokio::time::Instant::now().into_std();
+        let ev = VadEvent::SpeechEnd {
+            audio: Arc::from(vec![0.0f32; samples]),
+            true_end,
+            detected: now,
+            forced: false,
+            pause: Some(crate::pipeline::listen::PauseSeen {
+                at: now,
+                probability: Some(p),
+            }),
         };
         self.vad.send(ev).await.unwrap();
     }
@@ -302,5 +329,78 @@ async fn a_new_turn_while_the_bot_speaks_cuts_the_reply_and_starts_another() {
             Turn::User { duration_ms: 1_000 },
             bot(REPLY, false),
         ]
+    );
+}
+
+/// A reply started at a pause synthesizes but sends nothing; when the turn ends there, it is
+/// committed and its audio goes out at once, with the history as for an ordinary turn and the
+/// pause, the model's probability and the commit in the timeline.
+#[tokio::test(start_paused = true)]
+async fn a_preemptive_reply_is_held_until_the_turn_ends_then_sent_at_once() {
+    let mut c = call(0, None, false);
+    let true_end = tokio::time::Instant::now().into_std();
+    c.wait(Duration::from_millis(200)).await;
+    c.pause(RATE as usize, true_end).await;
+    c.wait(Duration::from_millis(300)).await;
+    assert!(
+        c.seen.is_empty(),
+        "nothing reaches the client before the turn ends: {:?}",
+        c.seen
+    );
+    c.end_at_pause(RATE as usize, true_end, 0.9).await;
+    let committed = tokio::time::Instant::now();
+    let first = c.first_audio().await;
+    assert_eq!(
+        first, committed,
+        "audio was ready: it goes out at the commit"
+    );
+    c.wait(Duration::from_secs(3)).await;
+    let h = c.history().await;
+    assert_eq!(
+        h.turns,
+        [Turn::User { duration_ms: 1_000 }, bot(REPLY, false)]
+    );
+    let t = c
+        .seen
+        .iter()
+        .find_map(|(_, m)| match m {
+            Outbound::Timeline(t) => Some(t.clone()),
+            _ => None,
+        })
+        .expect("a timeline");
+    assert_eq!(t.end_of_turn_probability, Some(0.9));
+    assert_eq!(t.preemptive_start_ms, Some(200.0));
+    assert_eq!(t.commit_ms, Some(500.0));
+    assert_eq!(t.first_audio_sent_ms, Some(500.0));
+    assert!(t.first_token_ms.unwrap() <= 200.0, "{t:?}");
+    let transcripts = c
+        .seen
+        .iter()
+        .filter(|(_, m)| matches!(m, Outbound::Transcript { .. }))
+        .count();
+    assert_eq!(transcripts, 2, "the held transcript went out at the commit");
+}
+
+/// Speech after the pause takes the preemptive reply back: nothing is sent, nothing is kept,
+/// and the longer turn is then answered whole.
+#[tokio::test(start_paused = true)]
+async fn speech_after_a_pause_discards_the_preemptive_reply_unheard() {
+    let mut c = call(0, None, false);
+    let true_end = tokio::time::Instant::now().into_std();
+    c.pause(RATE as usize, true_end).await;
+    c.wait(Duration::from_millis(300)).await;
+    c.vad.send(VadEvent::Resume).await.unwrap();
+    c.wait(Duration::from_millis(500)).await;
+    assert!(c.seen.is_empty(), "{:?}", c.seen);
+    assert_eq!(c.history().await.turns, []);
+    // The turn goes on and ends later, with more audio: an ordinary reply.
+    let later = tokio::time::Instant::now().into_std();
+    c.end_at_pause(2 * RATE as usize, later, 0.8).await;
+    c.first_audio().await;
+    c.wait(Duration::from_secs(3)).await;
+    assert!(c.clears().is_empty());
+    assert_eq!(
+        c.history().await.turns,
+        [Turn::User { duration_ms: 2_000 }, bot(REPLY, false)]
     );
 }

@@ -28,6 +28,7 @@ use crate::audio::{resample::StreamResampler, MODEL_RATE};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::model::SpeechLanguageModel;
 use crate::tts::{OutputHint, Synthesizer};
+use crate::vad::smart_turn::SmartTurnHandle;
 use crate::vad::VadHandle;
 use actor::{Actor, ActorConfig, Keep};
 
@@ -78,6 +79,8 @@ pub struct Services {
     pub(crate) slm: Arc<dyn SpeechLanguageModel>,
     pub(crate) tts: Arc<dyn Synthesizer>,
     pub(crate) vad: VadHandle,
+    /// The end-of-turn model; `None` under the silence policy.
+    pub(crate) turn_model: Option<SmartTurnHandle>,
     pub metrics: Arc<Metrics>,
     pub(crate) settings: Arc<PipelineSettings>,
     /// What one caller may send and make the server hold.
@@ -151,7 +154,11 @@ pub(crate) fn start(
     ));
     tasks.spawn(listen::detect(
         services.vad.clone(),
-        services.settings.vad,
+        listen::TurnTaking {
+            vad: services.settings.vad,
+            policy: services.settings.turn,
+            model: services.turn_model.clone(),
+        },
         heard_rx,
         vad_tx,
         services.metrics.clone(),

@@ -1,6 +1,7 @@
 //! The bookkeeping of one reply in flight: its cancellation token, its latency timeline, the
-//! units it spoke, what the client acknowledged, the milestones its stages report, and the
-//! playout ledger from which the call learns how much of it was heard.
+//! units it spoke, what the client acknowledged, the milestones its stages report, the playout
+//! ledger from which the call learns how much of it was heard, and, for a preemptive reply, the
+//! gate that holds its audio and the messages held with it until its turn is final.
 
 use std::time::Instant;
 
@@ -9,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::pacer::{self, PacerEvent, Playout};
 use crate::pipeline::sentence::stage::TextEvent;
-use crate::pipeline::Timeline;
+use crate::pipeline::{Outbound, Timeline};
 
 /// When the user's turn ended (the true end of speech, the VAD's decision) and how long it was,
 /// in milliseconds.
@@ -31,6 +32,19 @@ pub(super) struct Reply {
     pub text_done: bool,
     /// When the client finishes playing the reply, once all audio is out.
     pub plays_until: Option<Instant>,
+    /// Holds the pacer's output while true.
+    hold: watch::Sender<bool>,
+    /// Set while the reply is preemptive: its turn may still grow.
+    pub tentative: Option<Tentative>,
+}
+
+/// A preemptive reply, started at a pause before the turn was known to be over.
+pub(super) struct Tentative {
+    /// The turn it answers, in samples: a turn that ends with the same audio commits it.
+    pub turn_samples: usize,
+    pub started: Instant,
+    /// Messages for the client, sent only if the reply is committed.
+    pub held: Vec<Outbound>,
 }
 
 /// What the client heard of a reply that is being stopped.
@@ -50,6 +64,8 @@ impl Reply {
         text_events: mpsc::Receiver<TextEvent>,
         pacer_events: mpsc::Receiver<PacerEvent>,
         ledger: watch::Receiver<Playout>,
+        hold: watch::Sender<bool>,
+        tentative: Option<Tentative>,
     ) -> Self {
         let mut timeline = Timeline {
             reply: id,
@@ -72,7 +88,30 @@ impl Reply {
             ledger,
             text_done: false,
             plays_until: None,
+            hold,
+            tentative,
         }
+    }
+
+    /// The turn is over and this preemptive reply answers it: its audio may go out now. Returns
+    /// the messages held until now, in order.
+    pub(crate) fn commit(&mut self, at: Instant, detected: Instant) -> Vec<Outbound> {
+        let Some(t) = self.tentative.take() else {
+            return Vec::new();
+        };
+        let _ = self.hold.send(false);
+        if let Some((true_end, _, ms)) = self.turn_end {
+            self.turn_end = Some((true_end, detected, ms));
+            self.timeline.vad_end_ms = Some(Timeline::offset(true_end, detected));
+            self.timeline.commit_ms = Some(Timeline::offset(true_end, at));
+            self.timeline.preemptive_start_ms = Some(Timeline::offset(true_end, t.started));
+        }
+        t.held
+    }
+
+    /// When the turn it answers ended, if it answers one.
+    pub(crate) fn true_end(&self) -> Option<Instant> {
+        self.turn_end.map(|(t, _, _)| t)
     }
 
     /// Records when a stage of the timeline was reached (the first time only); the first

@@ -107,13 +107,17 @@ pub(crate) async fn run(
     send: mpsc::Sender<Outbound>,
     events: mpsc::Sender<PacerEvent>,
     ledger: watch::Sender<Playout>,
+    mut hold: watch::Receiver<bool>,
     cancel: CancellationToken,
 ) {
     let mut p = Pacer::new(settings, ledger);
     let mut input_open = true;
     loop {
-        let sendable = p.queue.sendable(p.frame_len, input_open);
-        if !sendable && !input_open {
+        // A held reply (a preemptive one, before its turn is final) synthesizes up to
+        // `max_ahead` but sends nothing.
+        let held = *hold.borrow_and_update();
+        let sendable = !held && p.queue.sendable(p.frame_len, input_open);
+        if !held && !sendable && !input_open {
             let _ = events
                 .send(PacerEvent::Finished {
                     plays_until: p.plays_until,
@@ -141,6 +145,12 @@ pub(crate) async fn run(
                 }
                 None => input_open = false,
             },
+            released = hold.changed(), if held => {
+                // The call dropped its gate without releasing it: the reply is gone.
+                if released.is_err() {
+                    return;
+                }
+            }
             _ = tokio::time::sleep_until(send_at.into()), if sendable => {
                 if p.send_frame(&send, &events, &cancel).await.is_err() {
                     return;
@@ -330,6 +340,59 @@ mod tests {
         }
     }
 
+    /// A gate that is open from the start.
+    fn released() -> watch::Receiver<bool> {
+        watch::channel(false).1
+    }
+
+    /// A held reply synthesizes (its first audio is reported) but sends nothing until released;
+    /// then it goes out as usual, from its first sample.
+    #[tokio::test(start_paused = true)]
+    async fn a_held_reply_sends_nothing_until_released() {
+        let (atx, arx) = mpsc::channel(8);
+        let (ftx, mut frx) = mpsc::channel(1024);
+        let (etx, mut erx) = mpsc::channel(16);
+        let (ltx, _lrx) = watch::channel(Playout::default());
+        let (hold, gate) = watch::channel(true);
+        let settings = PacerSettings {
+            reply: 1,
+            output_rate: 16_000,
+            frame_ms: 20,
+            lead: Duration::from_millis(100),
+            max_ahead: Duration::from_secs(10),
+        };
+        let task = tokio::spawn(run(
+            settings,
+            arx,
+            ftx,
+            etx,
+            ltx,
+            gate,
+            CancellationToken::new(),
+        ));
+        atx.send(Ok(chunk(0, 0.5, 16_000, true))).await.unwrap();
+        drop(atx);
+        assert!(matches!(
+            erx.recv().await,
+            Some(PacerEvent::FirstSynthAudio(_))
+        ));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(frx.try_recv().is_err(), "nothing was sent while held");
+        let released_at = now();
+        hold.send(false).unwrap();
+        let mut got = 0;
+        let mut first = None;
+        while let Some(out) = frx.recv().await {
+            if let Outbound::Audio { samples, .. } = out {
+                first.get_or_insert(now());
+                got += samples.len();
+            }
+        }
+        task.await.unwrap();
+        assert_eq!(got, 8_000, "all of it, once");
+        assert_eq!(first, Some(released_at), "at once on release");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn holds_output_to_the_lead_and_fills_the_ledger() {
         let (atx, arx) = mpsc::channel(8);
@@ -344,7 +407,15 @@ mod tests {
             max_ahead: Duration::from_secs(10),
         };
         let started = now();
-        let task = tokio::spawn(run(settings, arx, ftx, etx, ltx, CancellationToken::new()));
+        let task = tokio::spawn(run(
+            settings,
+            arx,
+            ftx,
+            etx,
+            ltx,
+            released(),
+            CancellationToken::new(),
+        ));
         atx.send(Ok(chunk(0, 1.0, 16_000, true))).await.unwrap();
         atx.send(Ok(chunk(1, 0.5, 22_050, true))).await.unwrap();
         drop(atx);
@@ -405,7 +476,15 @@ mod tests {
             lead: Duration::from_millis(100),
             max_ahead: Duration::from_secs(10),
         };
-        let task = tokio::spawn(run(settings, arx, ftx, etx, ltx, CancellationToken::new()));
+        let task = tokio::spawn(run(
+            settings,
+            arx,
+            ftx,
+            etx,
+            ltx,
+            released(),
+            CancellationToken::new(),
+        ));
         // 0.5 s of audio, then the next unit only 0.8 s later: 0.3 s of silence for the caller.
         atx.send(Ok(chunk(0, 0.5, 8_000, true))).await.unwrap();
         tokio::time::sleep(Duration::from_millis(800)).await;
@@ -442,7 +521,15 @@ mod tests {
             lead: Duration::from_millis(100),
             max_ahead: Duration::from_secs(3),
         };
-        let task = tokio::spawn(run(settings, arx, ftx, etx, ltx, cancel.clone()));
+        let task = tokio::spawn(run(
+            settings,
+            arx,
+            ftx,
+            etx,
+            ltx,
+            released(),
+            cancel.clone(),
+        ));
         let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = taken.clone();
         tokio::spawn(async move {
@@ -475,7 +562,15 @@ mod tests {
             lead: Duration::from_millis(200),
             max_ahead: Duration::from_secs(10),
         };
-        let task = tokio::spawn(run(settings, arx, ftx, etx, ltx, cancel.clone()));
+        let task = tokio::spawn(run(
+            settings,
+            arx,
+            ftx,
+            etx,
+            ltx,
+            released(),
+            cancel.clone(),
+        ));
         atx.send(Ok(chunk(0, 5.0, 8_000, true))).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
         cancel.cancel();
