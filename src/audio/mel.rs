@@ -18,8 +18,8 @@ const BINS: usize = N_FFT / 2 + 1;
 pub struct LogMel {
     fft: Arc<dyn RealToComplex<f64>>,
     window: Vec<f64>,
-    /// [N_MELS][BINS], row-major.
-    filters: Vec<f64>,
+    /// Each mel filter as its first nonzero bin and its weights from there.
+    filters: Vec<(usize, Vec<f64>)>,
 }
 
 impl Default for LogMel {
@@ -33,56 +33,56 @@ impl LogMel {
         let window = (0..N_FFT)
             .map(|n| 0.5 - 0.5 * (2.0 * std::f64::consts::PI * n as f64 / N_FFT as f64).cos())
             .collect();
+        let dense = slaney_filters();
+        let filters = dense
+            .chunks_exact(BINS)
+            .map(|row| {
+                let first = row.iter().position(|&w| w > 0.0).unwrap_or(0);
+                let last = row.iter().rposition(|&w| w > 0.0).unwrap_or(0);
+                (first, row[first..=last].to_vec())
+            })
+            .collect();
         LogMel {
             fft: RealFftPlanner::<f64>::new().plan_fft_forward(N_FFT),
             window,
-            filters: slaney_filters(),
+            filters,
         }
     }
 
     /// Features of `audio` (16 kHz): `[N_MELS, audio.len() / HOP]` row-major, one column per hop.
     pub fn compute(&self, audio: &[f32]) -> Vec<f32> {
-        let len = audio.len();
-        let frames = 1 + len / HOP;
         let half = N_FFT / 2;
-        // Reflect padding (numpy's "reflect": the edge sample is not repeated).
-        let at = |i: isize| -> f64 {
-            let n = len as isize;
+        // Centred frames: reflect-pad half a window on each side (numpy's "reflect", which does
+        // not repeat the edge sample).
+        let n = audio.len() as isize;
+        let reflect = |i: isize| -> f64 {
             let mut j = i;
-            if n == 1 {
-                return audio[0] as f64;
+            while n > 1 && (j < 0 || j >= n) {
+                j = if j < 0 { -j } else { 2 * (n - 1) - j };
             }
-            while j < 0 || j >= n {
-                if j < 0 {
-                    j = -j;
-                }
-                if j >= n {
-                    j = 2 * (n - 1) - j;
-                }
-            }
-            audio[j as usize] as f64
+            audio[j.clamp(0, n - 1) as usize] as f64
         };
+        let padded: Vec<f64> = (-(half as isize)..n + half as isize).map(reflect).collect();
+        // One frame per hop plus one, the last dropped as Whisper does.
+        let kept = audio.len() / HOP;
         let mut input = self.fft.make_input_vec();
         let mut spectrum = self.fft.make_output_vec();
         let mut scratch = self.fft.make_scratch_vec();
-        let mut power = vec![0f64; BINS];
-        // The last frame is dropped, as Whisper does.
-        let kept = frames - 1;
         let mut logmel = vec![0f64; N_MELS * kept];
         for f in 0..kept {
-            let start = (f * HOP) as isize - half as isize;
-            for (k, x) in input.iter_mut().enumerate() {
-                *x = at(start + k as isize) * self.window[k];
+            let frame = &padded[f * HOP..f * HOP + N_FFT];
+            for ((x, &s), &w) in input.iter_mut().zip(frame).zip(&self.window) {
+                *x = s * w;
             }
             self.fft
                 .process_with_scratch(&mut input, &mut spectrum, &mut scratch)
                 .expect("buffers come from the plan");
-            for (p, c) in power.iter_mut().zip(&spectrum) {
-                *p = c.norm_sqr();
-            }
-            for m in 0..N_MELS {
-                let row = &self.filters[m * BINS..(m + 1) * BINS];
-                let e: f64 = row.iter().zip(&power).map(|(w, p)| w * p).sum();
+            for (m, (first, weights)) in self.filters.iter().enumerate() {
+                let e: f64 = weights
+                    .iter()
+                    .zip(&spectrum[*first..])
+                    .map(|(w, c)| w * c.norm_sqr())
+                    .sum();
                 logmel[m * kept + f] = e.max(1e-10).log10();
             }
         }

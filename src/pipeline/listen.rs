@@ -262,10 +262,11 @@ pub(crate) async fn detect(
             }
             for ev in &out {
                 match ev {
-                    // A new pause: ask the model about the turn so far.
-                    TurnEvent::Pause { start, end } if smart => {
+                    // A new pause: ask the model about the turn so far, with the silence
+                    // heard since, as pipecat feeds it.
+                    TurnEvent::Pause { start, .. } if smart => {
                         judging = turns.model.clone().map(|m| {
-                            let audio: Arc<[f32]> = window.slice(*start, *end).into();
+                            let audio: Arc<[f32]> = window.slice(*start, b).into();
                             Box::pin(async move { m.predict(audio).await }) as Judgement
                         });
                     }

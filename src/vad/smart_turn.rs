@@ -29,14 +29,48 @@ pub(crate) fn features(mel: &LogMel, turn: &[f32]) -> Vec<f32> {
     let tail = &turn[turn.len().saturating_sub(WINDOW_SAMPLES)..];
     let mut x = vec![0f32; WINDOW_SAMPLES - tail.len()];
     x.extend_from_slice(tail);
-    let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    let scale = 1.0 / (var + 1e-7).sqrt();
-    for v in &mut x {
-        *v = ((*v as f64 - mean) * scale) as f32;
-    }
+    normalize(&mut x);
     mel.compute(&x)
+}
+
+/// Zero mean and unit variance, in f32 arithmetic as numpy does it for pipecat (pairwise sums,
+/// `(x - mean) / sqrt(var + 1e-7)`): the model is sensitive enough that f64 statistics move its
+/// output by a few hundredths on some turns.
+fn normalize(x: &mut [f32]) {
+    let n = x.len() as f32;
+    let mean = pairwise_sum(x) / n;
+    let squares: Vec<f32> = x.iter().map(|&v| (v - mean) * (v - mean)).collect();
+    let var = pairwise_sum(&squares) / n;
+    let std = (var + 1e-7).sqrt();
+    for v in x {
+        *v = (*v - mean) / std;
+    }
+}
+
+/// numpy's float32 summation: blocks of up to 128 summed in 8 lanes, halves added pairwise.
+fn pairwise_sum(a: &[f32]) -> f32 {
+    let n = a.len();
+    if n < 8 {
+        return a.iter().fold(0.0, |s, &v| s + v);
+    }
+    if n <= 128 {
+        let mut r = [0f32; 8];
+        r.copy_from_slice(&a[..8]);
+        let whole = n - n % 8;
+        for block in a[8..whole].chunks_exact(8) {
+            for (acc, &v) in r.iter_mut().zip(block) {
+                *acc += v;
+            }
+        }
+        let mut res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for &v in &a[whole..] {
+            res += v;
+        }
+        return res;
+    }
+    let mut half = n / 2;
+    half -= half % 8;
+    pairwise_sum(&a[..half]) + pairwise_sum(&a[half..])
 }
 
 /// One ORT session of the model.
@@ -161,6 +195,105 @@ fn run(mut model: SmartTurnModel, mut rx: mpsc::Receiver<Job>, metrics: Arc<Metr
                     let _ = job.reply.send(Err(VadError::Inference(e.to_string())));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/smart-turn")
+            .join(name)
+    }
+
+    fn model() -> SmartTurnModel {
+        let lib = crate::assets::ort_lib(None).expect("ONNX Runtime (run scripts/setup)");
+        let env = crate::vad::silero::init_runtime(&lib).unwrap();
+        let path =
+            crate::assets::turn_model(None).expect("the Smart Turn model (run scripts/setup)");
+        SmartTurnModel::load(env, &path).unwrap()
+    }
+
+    fn clip(name: &str) -> Vec<f32> {
+        let wav = crate::audio::wav::read(&std::fs::read(fixture(name)).unwrap()).unwrap();
+        assert_eq!(wav.sample_rate, SAMPLE_RATE);
+        wav.samples
+    }
+
+    /// Our features equal transformers' `WhisperFeatureExtractor` on a recorded clip (the whole
+    /// [80, 800] matrix), and our probabilities equal the Python onnxruntime run of the same
+    /// model on every reference case (`scripts/make_smart_turn_fixtures.py`): alone and batched,
+    /// including one past 8 s whose start is dropped.
+    #[test]
+    fn features_and_probabilities_match_the_python_reference() {
+        let reference: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixture("reference.json")).unwrap()).unwrap();
+        let mut m = model();
+        let want: Vec<f32> = std::fs::read(fixture("features.f32"))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let ours = features(
+            &m.mel,
+            &clip(reference["features_f32"]["clip"].as_str().unwrap()),
+        );
+        assert_eq!(ours.len(), want.len());
+        let worst = ours
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-4, "features differ by up to {worst}");
+
+        let cases = reference["cases"].as_array().unwrap();
+        let turns: Vec<Vec<f32>> = cases
+            .iter()
+            .map(|c| {
+                c["files"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|f| clip(f.as_str().unwrap()))
+                    .collect()
+            })
+            .collect();
+        assert!(
+            turns.iter().any(|t| t.len() > WINDOW_SAMPLES),
+            "a case past 8 s"
+        );
+        let refs: Vec<&[f32]> = turns.iter().map(Vec::as_slice).collect();
+        let batched = m.predict(&refs).unwrap();
+        for ((c, turn), b) in cases.iter().zip(&turns).zip(&batched) {
+            let p = m.predict(&[turn]).unwrap()[0];
+            let expected = c["probability"].as_f64().unwrap() as f32;
+            eprintln!("{}: ours {p:.6} python {expected:.6}", c["files"]);
+            assert!(
+                (p - expected).abs() < 1e-3,
+                "{}: {p} vs {expected}",
+                c["files"]
+            );
+            assert!((b - p).abs() < 1e-5, "batched {b} vs alone {p}");
+        }
+    }
+
+    /// The decisions the turn policy relies on: finished sentences and questions are judged
+    /// complete, phrases cut at a word boundary incomplete.
+    #[test]
+    fn finished_sentences_are_complete_and_cut_phrases_are_not() {
+        let mut m = model();
+        for (name, complete) in [
+            ("goforward.wav", true),
+            ("vm-savefolder.wav", true),
+            ("agent-pass.wav", true),
+            ("sense-0890-cut.wav", false),
+            ("sense-0920-cut.wav", false),
+        ] {
+            let p = m.predict(&[&clip(name)]).unwrap()[0];
+            assert_eq!(p >= 0.5, complete, "{name}: {p}");
         }
     }
 }
