@@ -7,9 +7,10 @@
 //! - **paused** utterances: an unfinished phrase, a silence of 0.3–1.0 s, then more speech.
 //!
 //! For a complete utterance it measures the dead air: from the true end of speech (the last
-//! 10 ms frame whose RMS is within 26 dB of the clip's loudest, as sent in real time) to the
-//! first bot audio the caller receives. A paused utterance is a false cut-off when any bot audio
-//! arrives before its true end. Prints a table per policy and source; `--json FILE` writes it.
+//! 10 ms frame whose RMS is within 26 dB of the clip's loudest, as sent in real time;
+//! `gazelle::audio::level`) to the first bot audio the caller receives, negative when the reply
+//! starts during the last, fading sound. A paused utterance is a false cut-off when bot audio
+//! arrives more than 250 ms before its true end. Prints a table per policy and source; `--json FILE` writes it.
 
 #[path = "load/mod.rs"]
 mod load;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use gazelle::audio::level::speech_span;
 use gazelle::audio::resample::resample_all;
 use gazelle::transport::vocode::client::{ClientConfig, EventKind, VocodeClient};
 use gazelle::tts::espeak::{Espeak, EspeakConfig};
@@ -44,6 +46,15 @@ struct Args {
         default_value = "silence-500,smart,smart-preemptive"
     )]
     policies: Vec<String>,
+    /// Override `[pipeline.turn] pause_ms` for the smart policies.
+    #[arg(long)]
+    pause_ms: Option<u32>,
+    /// Override `[pipeline.turn] complete_threshold` for the smart policies.
+    #[arg(long)]
+    threshold: Option<f32>,
+    /// The scripted model's delay per token, standing in for a slower model.
+    #[arg(long, default_value_t = 0)]
+    token_delay_ms: u64,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -81,6 +92,9 @@ const PAUSES_MS: [u64; 4] = [300, 500, 700, 1_000];
 /// Silence before each utterance, and after it while the caller waits for the reply.
 const LEAD_MS: u64 = 300;
 const TAIL_MS: u64 = 3_000;
+/// A reply that starts this long before the true end of an utterance cut the speaker off; one
+/// that starts within it overlaps the last, fading sound of a finished utterance.
+const CUT_OFF_MS: f64 = 250.0;
 
 #[derive(Clone)]
 struct Utterance {
@@ -92,8 +106,20 @@ struct Utterance {
     true_end: usize,
 }
 
+/// Medians of the server's timeline for complete utterances, ms after the true end of speech
+/// as the server saw it.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct ServerStages {
+    pause_ms: f64,
+    turn_end_ms: f64,
+    first_token_ms: f64,
+    first_synth_byte_ms: f64,
+    first_audio_sent_ms: f64,
+}
+
 #[derive(Debug, Default, Clone, serde::Serialize)]
 struct Row {
+    server: ServerStages,
     policy: String,
     source: String,
     complete_runs: usize,
@@ -110,16 +136,14 @@ fn main() -> anyhow::Result<()> {
     load::block_on(run(Args::parse()))
 }
 
-/// The sample just past the last 10 ms frame within 26 dB of the loudest frame.
+/// The first sample of speech (see `gazelle::audio::level`).
+fn speech_start(x: &[f32]) -> usize {
+    speech_span(x, RATE).map_or(0, |(s, _)| s)
+}
+
+/// The sample just past the end of speech.
 fn speech_end(x: &[f32]) -> usize {
-    let frame = RATE as usize / 100;
-    let rms: Vec<f32> = x
-        .chunks(frame)
-        .map(|c| (c.iter().map(|v| v * v).sum::<f32>() / c.len() as f32).sqrt())
-        .collect();
-    let peak = rms.iter().copied().fold(0.0, f32::max);
-    let last = rms.iter().rposition(|&r| r > peak * 0.05).unwrap_or(0);
-    ((last + 1) * frame).min(x.len())
+    speech_span(x, RATE).map_or(x.len(), |(_, e)| e)
 }
 
 fn clip(name: &str) -> anyhow::Result<Vec<f32>> {
@@ -172,6 +196,8 @@ async fn labelled_set(repeat: usize) -> anyhow::Result<Vec<Utterance>> {
         }
     }
     let ending = clip(REAL_ENDING)?;
+    // The pause is the silence between the words: no leading silence of the second part.
+    let ending = &ending[speech_start(&ending)..];
     for pause in PAUSES_MS {
         for name in REAL_UNFINISHED {
             let head = clip(name)?;
@@ -180,16 +206,17 @@ async fn labelled_set(repeat: usize) -> anyhow::Result<Vec<Utterance>> {
                 format!("{name} +{pause} ms+ {REAL_ENDING}"),
                 "recorded",
                 false,
-                joined(head, pause, &ending),
+                joined(head, pause, ending),
             );
         }
         for (a, b) in ESPEAK_PAUSED {
             let (head, tail) = (speak(&voice, a).await?, speak(&voice, b).await?);
+            let tail = &tail[speech_start(&tail)..];
             push(
                 format!("{a} +{pause} ms+ {b}"),
                 "espeak-ng",
                 false,
-                joined(&head, pause, &tail),
+                joined(&head, pause, tail),
             );
         }
     }
@@ -201,6 +228,8 @@ async fn labelled_set(repeat: usize) -> anyhow::Result<Vec<Utterance>> {
 struct Outcome {
     dead_air_ms: Option<f64>,
     cut_off: bool,
+    /// The server's timeline of the reply (ms after the true end of speech it saw).
+    timeline: Option<serde_json::Value>,
 }
 
 async fn caller(url: String, u: Arc<Utterance>) -> anyhow::Result<Outcome> {
@@ -216,36 +245,40 @@ async fn caller(url: String, u: Arc<Utterance>) -> anyhow::Result<Outcome> {
     let started = tokio::time::Instant::now();
     let mut end_sent: Option<Instant> = None;
     let mut first_audio: Option<Instant> = None;
+    let mut timeline = None;
     for (k, c) in audio.chunks(chunk).enumerate() {
         client.send_text(&load::message(c)).await?;
         if end_sent.is_none() && (k + 1) * chunk >= true_end {
             end_sent = Some(Instant::now());
         }
         while let Ok(ev) = client.events.try_recv() {
-            if let EventKind::Audio { .. } = ev.kind {
-                first_audio.get_or_insert(ev.at);
+            match ev.kind {
+                EventKind::Audio { .. } => {
+                    first_audio.get_or_insert(ev.at);
+                }
+                EventKind::Timeline(t) => timeline = Some(t),
+                _ => {}
             }
         }
-        if first_audio.is_some() && end_sent.is_some() {
+        if first_audio.is_some() && end_sent.is_some() && timeline.is_some() {
             break;
         }
         tokio::time::sleep_until(started + tick * (k as u32 + 1)).await;
     }
     let _ = client.stop().await;
     let end_sent = end_sent.expect("the whole utterance was sent");
-    Ok(match first_audio {
-        Some(at) if at < end_sent => Outcome {
-            dead_air_ms: None,
-            cut_off: true,
-        },
-        Some(at) => Outcome {
-            dead_air_ms: Some((at - end_sent).as_secs_f64() * 1e3),
-            cut_off: false,
-        },
-        None => Outcome {
-            dead_air_ms: None,
-            cut_off: false,
-        },
+    // Signed: a reply that starts during the last, fading sound counts as negative dead air.
+    let dead_air_ms = first_audio.map(|at| {
+        if at >= end_sent {
+            (at - end_sent).as_secs_f64() * 1e3
+        } else {
+            -(end_sent - at).as_secs_f64() * 1e3
+        }
+    });
+    Ok(Outcome {
+        dead_air_ms,
+        cut_off: dead_air_ms.is_some_and(|d| d < -CUT_OFF_MS),
+        timeline,
     })
 }
 
@@ -282,12 +315,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     for (i, policy) in args.policies.iter().enumerate() {
         let config = dir.path().join(format!("{policy}.toml"));
+        let mut turn = policy_config(policy)?.to_string();
+        if policy.starts_with("smart") {
+            if let Some(p) = args.pause_ms {
+                turn.push_str(&format!("pause_ms = {p}\n"));
+            }
+            if let Some(t) = args.threshold {
+                turn.push_str(&format!("complete_threshold = {t}\n"));
+            }
+        }
         std::fs::write(
             &config,
             format!(
                 "[slm]\nkind = \"scripted\"\nreply = \"Sure, I can help with that.\"\n\
-                 token_delay_ms = 0\n{}",
-                policy_config(policy)?
+                 token_delay_ms = {}\n{turn}",
+                args.token_delay_ms
             ),
         )?;
         let port = args.port + i as u16;
@@ -333,7 +375,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     eprintln!("{policy}: cut off: {}", u.name);
                 }
             }
+            for (u, o) in mine.iter().filter(|(u, _)| u.complete) {
+                let t = o.timeline.as_ref();
+                let ms = |k: &str| t.and_then(|t| t.get(k)?.as_f64()).unwrap_or(f64::NAN);
+                eprintln!(
+                    "{policy}: {}: dead air {:.0} ms; server: pause {:.0}, p {:?}, turn end {:.0}, \
+                     first audio sent {:.0} ms",
+                    u.name,
+                    o.dead_air_ms.unwrap_or(f64::NAN),
+                    ms("pause_ms"),
+                    t.and_then(|t| t.get("end_of_turn_probability")?.as_f64()),
+                    ms("vad_end_ms"),
+                    ms("first_audio_sent_ms"),
+                );
+            }
+            let stage = |k: &str| {
+                let mut v: Vec<f64> = mine
+                    .iter()
+                    .filter(|(u, o)| u.complete && !o.cut_off)
+                    .filter_map(|(_, o)| o.timeline.as_ref()?.get(k)?.as_f64())
+                    .collect();
+                v.sort_by(f64::total_cmp);
+                load::quantile(&v, 0.5)
+            };
+            let server = ServerStages {
+                pause_ms: stage("pause_ms"),
+                turn_end_ms: stage("vad_end_ms"),
+                first_token_ms: stage("first_token_ms"),
+                first_synth_byte_ms: stage("first_synth_byte_ms"),
+                first_audio_sent_ms: stage("first_audio_sent_ms"),
+            };
+            eprintln!("{policy} {source}: server medians {server:?}");
             let row = Row {
+                server,
                 policy: policy.clone(),
                 source: source.into(),
                 complete_runs: complete,
@@ -362,6 +436,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = args.json {
         let stamp = serde_json::json!({
             "benchmark": "bench-turns",
+            "pause_ms": args.pause_ms,
+            "token_delay_ms": args.token_delay_ms,
+            "complete_threshold": args.threshold,
             "lead_ms": LEAD_MS,
             "pauses_ms": PAUSES_MS,
             "rows": rows,

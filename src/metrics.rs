@@ -308,7 +308,8 @@ pub struct Metrics {
     pub engine_running: IntGauge,
     /// Seconds per end-of-turn model inference (one batch of turns).
     pub end_of_turn_seconds: Histogram,
-    /// End-of-turn decisions at a pause: `complete` (the turn ended there) or `incomplete`.
+    /// End-of-turn decisions at a pause: `complete` (the turn ended there), `likely` (it ends
+    /// after a shorter silence) or `incomplete`.
     pub end_of_turn_decisions: IntCounterVec,
     /// Preemptive replies by outcome: `started`, `committed`, `discarded`.
     pub preemptive_replies: IntCounterVec,
@@ -534,10 +535,11 @@ impl Metrics {
         }
     }
 
-    /// What the end-of-turn model said at a pause.
-    pub(crate) fn end_of_turn(&self, complete: bool) {
-        let label = if complete { "complete" } else { "incomplete" };
-        self.end_of_turn_decisions.with_label_values(&[label]).inc();
+    /// What the end-of-turn model said at a pause: `complete`, `likely` or `incomplete`.
+    pub(crate) fn end_of_turn(&self, decision: &str) {
+        self.end_of_turn_decisions
+            .with_label_values(&[decision])
+            .inc();
     }
 
     /// A preemptive reply was started, committed or discarded (after running `wasted`).

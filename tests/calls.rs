@@ -5,6 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use gazelle::audio::level::speech_span;
 use gazelle::audio::{resample::resample_all, Encoding};
 use gazelle::config::Config;
 use gazelle::transport::vocode::client::{ClientConfig, Event, EventKind, VocodeClient};
@@ -244,12 +245,21 @@ async fn barge_in_stops_audio_and_keeps_only_what_was_heard() {
         delay <= Duration::from_millis(300),
         "clear came {delay:?} after speech began"
     );
-    // No audio of the cut reply after the clear (the next reply can only start after the
-    // interrupting turn ends).
+    // No audio of the cut reply after the clear: none until the next reply's first text (the
+    // smart turn policy may end the interrupting turn at its own pause, "Wait, stop,"), or
+    // until the interrupting speech ended.
+    let next_reply = events
+        .iter()
+        .find_map(|e| match &e.kind {
+            EventKind::Transcript { reply, .. } if *reply != cut_reply => Some(e.at),
+            _ => None,
+        })
+        .unwrap_or(speech_ended)
+        .min(speech_ended);
     let late = events
         .iter()
         .filter(|e| matches!(e.kind, EventKind::Audio { .. }))
-        .filter(|e| e.at > cleared_at && e.at < speech_ended)
+        .filter(|e| e.at > cleared_at && e.at < next_reply)
         .count();
     assert_eq!(late, 0, "{late} audio messages after the clear");
 
@@ -452,4 +462,118 @@ async fn http_get(server: &common::TestServer, path: &str) -> String {
         "{body}"
     );
     body
+}
+
+/// A recorded clip from tests/fixtures/smart-turn (16 kHz), cut to its speech.
+fn recorded(name: &str) -> Vec<f32> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/smart-turn")
+        .join(name);
+    let wav = gazelle::audio::wav::read(&std::fs::read(path).unwrap()).unwrap();
+    assert_eq!(wav.sample_rate, 16_000);
+    let (start, end) = speech_span(&wav.samples, 16_000).unwrap();
+    wav.samples[start..end].to_vec()
+}
+
+/// Streams 300 ms of silence, `speech`, then `tail_ms` of silence in real time. Returns the
+/// events and when the last sample of speech was sent.
+async fn say(client: &mut VocodeClient, speech: &[f32], tail_ms: u32) -> (Vec<Event>, Instant) {
+    let lead = common::silence(300, 16_000);
+    let mut all = lead.clone();
+    all.extend_from_slice(speech);
+    let sent = Instant::now();
+    let events = talk(client, &all, 16_000, tail_ms).await;
+    let true_end = sent + Duration::from_secs_f64(all.len() as f64 / 16_000.0);
+    (events, true_end)
+}
+
+/// Bot audio that starts this long before the end of the speech (by loudness) cut the speaker
+/// off; within it, it overlaps the fading last sound of a finished utterance.
+const CUT_OFF_MS: f64 = 250.0;
+
+/// `a - b` in milliseconds, negative when `a` came first.
+fn signed_ms(a: Instant, b: Instant) -> f64 {
+    if a >= b {
+        (a - b).as_secs_f64() * 1e3
+    } else {
+        -(b - a).as_secs_f64() * 1e3
+    }
+}
+
+fn first_audio(events: &[Event]) -> Option<Instant> {
+    events
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::Audio { .. }))
+        .map(|e| e.at)
+}
+
+/// Recorded questions and commands, each a complete turn: the first bot audio arrives within
+/// 350 ms of the true end of speech (median of three; the end by loudness,
+/// `gazelle::audio::level`), under the default smart turn policy with preemptive replies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_utterance_is_answered_within_350_ms_of_its_end() {
+    let server = common::start_server(config("Sure.")).await;
+    let mut dead_air = Vec::new();
+    for name in ["vm-savefolder.wav", "goforward.wav", "agent-pass.wav"] {
+        let cc = ClientConfig::new(16_000, Encoding::Linear16);
+        let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
+        let (events, true_end) = say(&mut client, &recorded(name), 2_000).await;
+        let first = first_audio(&events).unwrap_or_else(|| panic!("{name}: no reply"));
+        let ms = signed_ms(first, true_end);
+        assert!(
+            ms > -CUT_OFF_MS,
+            "{name}: the bot spoke {ms:.0} ms before the end"
+        );
+        eprintln!("{name}: first audio {ms:.0} ms after the end of speech");
+        dead_air.push(ms);
+        client.stop().await.unwrap();
+    }
+    dead_air.sort_by(f64::total_cmp);
+    let eot = common::metric(&server, "gazelle_end_of_turn_seconds_sum").await
+        / common::metric(&server, "gazelle_end_of_turn_seconds_count").await;
+    eprintln!("end-of-turn inference {:.1} ms on average", eot * 1e3);
+    assert!(dead_air[1] <= 350.0, "median dead air {dead_air:?} ms");
+    server.shutdown().await;
+}
+
+/// "Unless to be rather cold hearted and" … 700 ms … "go forward ten meters": the model judges
+/// the pause incomplete, so no bot audio comes before the speaker's true end (up to the fading
+/// last sound, `CUT_OFF_MS`). The reply started
+/// preemptively at the pause is discarded unheard: the history holds one user turn (the whole
+/// utterance) and one reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mid_sentence_pause_is_not_a_turn_end_and_leaves_no_trace() {
+    let server = common::start_server(config("Sure.")).await;
+    let cc = ClientConfig::new(16_000, Encoding::Linear16);
+    let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
+    let head = recorded("sense-0890-cut.wav");
+    let tail = recorded("goforward.wav");
+    let mut speech = head.clone();
+    speech.extend(common::silence(700, 16_000));
+    speech.extend_from_slice(&tail);
+    let (events, true_end) = say(&mut client, &speech, 2_500).await;
+    let first = first_audio(&events).expect("a reply");
+    let ms = signed_ms(first, true_end);
+    assert!(ms > -CUT_OFF_MS, "bot audio {ms:.0} ms after the true end");
+    let history = history(&mut client).await;
+    let turns = history["turns"].as_array().unwrap();
+    assert_eq!(turns.len(), 2, "{history}");
+    assert_eq!(turns[0]["role"], "user");
+    // Both parts are in it (the VAD's edges differ from the loudness span by a few frames).
+    let heard_ms = turns[0]["duration_ms"].as_f64().unwrap();
+    let spoken_ms = speech.len() as f64 / 16.0;
+    assert!(
+        (heard_ms - spoken_ms).abs() < 300.0,
+        "the turn holds {heard_ms} ms of the {spoken_ms} ms utterance"
+    );
+    assert_eq!(turns[1]["role"], "bot");
+    assert_eq!(turns[1]["text"], "Sure.");
+    let discarded = common::metric(
+        &server,
+        "gazelle_preemptive_replies_total{outcome=\"discarded\"}",
+    )
+    .await;
+    assert!(discarded >= 1.0, "no preemptive reply was discarded");
+    client.stop().await.unwrap();
+    server.shutdown().await;
 }

@@ -63,7 +63,7 @@ async fn two_spoken_turns_through_gazelle() {
     let mut transcripts = Vec::new();
     let mut audio_seconds = 0.0;
     for question in [
-        "Hello, what is the weather like today?",
+        "What is the weather like today?",
         "And what about tomorrow?",
     ] {
         let mut clip = common::silence(300, rate);
@@ -101,21 +101,30 @@ async fn two_spoken_turns_through_gazelle() {
     );
     eprintln!("gazelle said {transcripts:?}; timelines {timelines:?}");
 
-    // The history holds both user turns and both replies, as spoken.
-    client.request_history().await.unwrap();
-    let history = loop {
-        let e = client.events.recv().await.expect("connection open");
-        if let EventKind::History(h) = e.kind {
-            break h;
+    // The history holds both user turns and both replies, as spoken (once the second reply has
+    // played out: a reply joins the history when it ends).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        client.request_history().await.unwrap();
+        let history = loop {
+            let e = client.events.recv().await.expect("connection open");
+            if let EventKind::History(h) = e.kind {
+                break h;
+            }
+        };
+        let roles: Vec<String> = history["turns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["role"].as_str().unwrap().to_string())
+            .collect();
+        if roles.len() < 4 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
         }
-    };
-    let roles: Vec<&str> = history["turns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["role"].as_str().unwrap())
-        .collect();
-    assert_eq!(roles, ["user", "bot", "user", "bot"], "{history}");
+        assert_eq!(roles, ["user", "bot", "user", "bot"], "{history}");
+        break;
+    }
     client.stop().await.unwrap();
     server.shutdown().await;
 }
@@ -251,7 +260,7 @@ async fn sixteen_concurrent_calls_share_one_engine() {
     // Two turns whose greedy replies on this fixture run long (dozens of tokens), so that a
     // serial model's wait is long enough to measure against.
     let mut clips = Vec::new();
-    for question in ["And tomorrow?", "Hello, what is the weather like today?"] {
+    for question in ["And tomorrow?", "What is the weather like today?"] {
         let mut clip = common::silence(300, 16_000);
         clip.extend(common::speech(question, 16_000).await);
         clip.extend(common::silence(1_000, 16_000));

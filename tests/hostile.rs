@@ -139,7 +139,8 @@ async fn still_answers(server: &common::TestServer) {
     .expect("a new call is accepted");
     let mut clip = common::silence(300, 16_000);
     clip.extend(common::speech("Are you still there?", 16_000).await);
-    clip.extend(common::silence(1_500, 16_000));
+    // Past [pipeline.turn] max_silence_ms (1.5 s): the turn ends whatever the model judges.
+    clip.extend(common::silence(2_000, 16_000));
     client.stream_realtime(&clip, 20).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -447,7 +448,7 @@ async fn f4_replies_in_any_script_are_spoken_whole() {
     .unwrap();
     let mut clip = common::silence(300, 16_000);
     clip.extend(common::speech("Say something in other languages.", 16_000).await);
-    clip.extend(common::silence(600, 16_000));
+    clip.extend(common::silence(2_000, 16_000));
     client.stream_realtime(&clip, 20).await.unwrap();
     let mut units: Vec<String> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(8);

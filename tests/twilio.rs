@@ -25,10 +25,17 @@ const FRAME: usize = 160; // 20 ms at 8 kHz
 
 #[derive(Debug, Clone)]
 enum Log {
-    Media { bytes: Vec<u8>, at: Instant },
+    Media {
+        bytes: Vec<u8>,
+        at: Instant,
+    },
     MarkReceived(String),
-    MarkPlayed { name: String, at: Instant },
-    Clear { at: Instant },
+    MarkPlayed(String),
+    /// `played`: samples of bot audio the phone had played when the clear came.
+    Clear {
+        at: Instant,
+        played: usize,
+    },
 }
 
 enum Queued {
@@ -77,6 +84,7 @@ impl Caller {
         let (lg, echo) = (log.clone(), out.clone());
         tokio::spawn(async move {
             let mut buffer: VecDeque<Queued> = VecDeque::new();
+            let mut played = 0usize;
             let mut tick = tokio::time::interval(Duration::from_millis(20));
             let echo_mark = |name: &str| {
                 let m = serde_json::json!({"event":"mark","streamSid":"MZ1","mark":{"name":name}});
@@ -104,7 +112,7 @@ impl Caller {
                                 buffer.push_back(Queued::Mark(name));
                             }
                             "clear" => {
-                                lg.lock().unwrap().push(Log::Clear { at: now });
+                                lg.lock().unwrap().push(Log::Clear { at: now, played });
                                 for q in buffer.drain(..) {
                                     if let Queued::Mark(name) = q {
                                         echo_mark(&name);
@@ -122,14 +130,14 @@ impl Caller {
                                     let name = name.clone();
                                     buffer.pop_front();
                                     echo_mark(&name);
-                                    let at = Instant::now();
-                                    lg.lock().unwrap().push(Log::MarkPlayed { name, at });
+                                    lg.lock().unwrap().push(Log::MarkPlayed(name));
                                 }
                                 Queued::Audio(b) if left == 0 => { let _ = b; break; }
                                 Queued::Audio(b) => {
                                     let take = left.min(b.len());
                                     b.drain(..take);
                                     left -= take;
+                                    played += take;
                                     if b.is_empty() {
                                         buffer.pop_front();
                                     }
@@ -260,12 +268,20 @@ async fn a_full_phone_turn_with_marks() {
     let played: Vec<String> = log
         .iter()
         .filter_map(|l| match l {
-            Log::MarkPlayed { name, .. } => Some(name.clone()),
+            Log::MarkPlayed(name) => Some(name.clone()),
             _ => None,
         })
         .collect();
+    // The reply's number (a reply started preemptively at a pause and taken back used one).
+    let reply_id = log
+        .iter()
+        .find_map(|l| match l {
+            Log::MarkReceived(name) => protocol::parse_mark_name(name).map(|(r, _, _)| r),
+            _ => None,
+        })
+        .expect("marks");
     let want: Vec<String> = (0..units.len())
-        .map(|u| protocol::mark_name(0, u))
+        .map(|u| protocol::mark_name(reply_id, u, None))
         .collect();
     let sent: Vec<String> = log
         .iter()
@@ -274,8 +290,30 @@ async fn a_full_phone_turn_with_marks() {
             _ => None,
         })
         .collect();
-    assert_eq!(sent, want, "one mark after each unit, in order");
-    assert_eq!(played, want, "every mark echoed once played");
+    let unit_ends = |names: &[String]| -> Vec<String> {
+        names
+            .iter()
+            .filter(|n| matches!(protocol::parse_mark_name(n), Some((_, _, None))))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(unit_ends(&sent), want, "one mark after each unit, in order");
+    assert_eq!(played, sent, "every mark echoed once played, in order");
+    // Marks inside the units too, every 250 ms of audio (not at a unit's end), in order.
+    let inside: Vec<(usize, u64)> = sent
+        .iter()
+        .filter_map(|n| match protocol::parse_mark_name(n) {
+            Some((_, u, Some(s))) => Some((u, s)),
+            _ => None,
+        })
+        .collect();
+    let secs = audio.len() as f32 / RATE as f32;
+    assert!(
+        inside.len() as f32 >= secs * 4.0 - 2.0 * units.len() as f32,
+        "{} marks inside units over {secs:.1} s",
+        inside.len()
+    );
+    assert!(inside.windows(2).all(|w| w[0] < w[1]), "{inside:?}");
 
     let h = history(&server, "CA100").await;
     assert_eq!(h["system_prompt"], "Be brief.");
@@ -286,6 +324,27 @@ async fn a_full_phone_turn_with_marks() {
     server.shutdown().await;
 }
 
+/// How many of `unit`'s words had played after `played` of its `len` samples in the stream: the
+/// longest prefix of its words whose own espeak-ng rendering, scaled to the unit's length,
+/// fits.
+async fn words_played(unit: &str, played: usize, len: usize) -> usize {
+    let voice = common::espeak();
+    let full = voice.speak(unit).await.unwrap().len() as f64;
+    let words: Vec<&str> = unit.split_whitespace().collect();
+    let mut k = 0;
+    for n in 1..=words.len() {
+        let prefix = voice.speak(&words[..n].join(" ")).await.unwrap().len() as f64;
+        if prefix / full * len as f64 <= played as f64 {
+            k = n;
+        } else {
+            break;
+        }
+    }
+    k
+}
+
+/// A barge-in mid-sentence: Twilio is cleared at once, and the history keeps the words the
+/// caller heard, within one, from the marks the phone echoed (one every 250 ms of audio).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn barge_in_clears_twilio_and_keeps_only_marked_text() {
     let reply = "Thanks for calling. Our store opens at nine in the morning. It closes at six \
@@ -319,7 +378,7 @@ async fn barge_in_clears_twilio_and_keeps_only_marked_text() {
     let cleared = log
         .iter()
         .find_map(|l| match l {
-            Log::Clear { at } => Some(*at),
+            Log::Clear { at, .. } => Some(*at),
             _ => None,
         })
         .expect("a clear event");
@@ -329,19 +388,42 @@ async fn barge_in_clears_twilio_and_keeps_only_marked_text() {
         delay <= Duration::from_millis(300),
         "clear came {delay:?} after speech began"
     );
-    // Marks played before the clear are what the caller heard.
-    let heard: Vec<usize> = log
+    // What the caller really heard: the audio the phone had played at the clear, laid over
+    // the units (each ends where its end mark sits in the stream); in the unit it was cut in,
+    // the words whose own audio fits in the part that played.
+    let played = log
         .iter()
-        .filter_map(|l| match l {
-            Log::MarkPlayed { name, at } if *at < cleared => protocol::parse_mark_name(name),
+        .find_map(|l| match l {
+            Log::Clear { played, .. } => Some(*played),
             _ => None,
         })
-        .map(|(_, u)| u)
-        .collect();
-    assert!(
-        !heard.is_empty() && heard.len() < units.len(),
-        "heard units {heard:?}"
-    );
+        .unwrap();
+    let mut unit_start = 0usize;
+    let mut received = 0usize;
+    let mut truth = None;
+    for l in &log {
+        match l {
+            Log::Media { bytes, .. } => received += bytes.len(),
+            Log::MarkReceived(name) => {
+                let Some((_, u, None)) = protocol::parse_mark_name(name) else {
+                    continue;
+                };
+                if received > played {
+                    let k =
+                        words_played(&units[u], played - unit_start, received - unit_start).await;
+                    let before: usize = units[..u]
+                        .iter()
+                        .map(|t| t.split_whitespace().count())
+                        .sum();
+                    truth = Some(before + k);
+                    break;
+                }
+                unit_start = received;
+            }
+            _ => {}
+        }
+    }
+    let truth = truth.expect("the clear came inside a unit");
     // No audio of the cut reply after the clear until the caller's new turn is answered.
     let late = log
         .iter()
@@ -352,10 +434,21 @@ async fn barge_in_clears_twilio_and_keeps_only_marked_text() {
     let h = history(&server, "CA200").await;
     let bot = &h["turns"][1];
     assert_eq!(bot["interrupted"], true);
+    let kept: Vec<&str> = bot["text"].as_str().unwrap().split_whitespace().collect();
+    let all: Vec<&str> = reply.split_whitespace().collect();
     assert_eq!(
-        bot["text"],
-        units[..heard.len()].join(" "),
-        "history must hold only marked text"
+        kept,
+        all[..kept.len()],
+        "the history holds a prefix of the reply"
+    );
+    eprintln!(
+        "heard {truth} words; the history keeps {}: {kept:?}",
+        kept.len()
+    );
+    assert!(
+        kept.len().abs_diff(truth) <= 1,
+        "the history keeps {} words, the caller heard {truth}",
+        kept.len()
     );
     assert_eq!(h["turns"][2]["role"], "user");
     caller.hang_up();

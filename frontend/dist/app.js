@@ -132,15 +132,29 @@ var Player = class {
 
 // src/waterfall.ts
 function stages(t, playedMs) {
-  return [
-    { key: "end_of_speech", label: "end of speech", ms: 0 },
-    { key: "vad_end", label: "VAD end", ms: t.vad_end_ms },
+  const p = t.end_of_turn_probability;
+  const decision = p === null || p === void 0 ? "turn end" : `turn end (p=${p.toFixed(2)})`;
+  const rows = [{ key: "end_of_speech", label: "end of speech", ms: 0 }];
+  if (t.pause_ms !== void 0 && t.pause_ms !== null) {
+    rows.push({ key: "pause", label: "pause noticed", ms: t.pause_ms });
+  }
+  if (t.preemptive_start_ms !== void 0 && t.preemptive_start_ms !== null) {
+    rows.push({ key: "preemptive_start", label: "preemptive start", ms: t.preemptive_start_ms });
+  }
+  rows.push(
     { key: "first_token", label: "first token", ms: t.first_token_ms },
     { key: "first_unit", label: "first text unit", ms: t.first_unit_ms },
     { key: "first_synth_byte", label: "first TTS byte", ms: t.first_synth_byte_ms },
+    { key: "vad_end", label: decision, ms: t.vad_end_ms }
+  );
+  if (t.commit_ms !== void 0 && t.commit_ms !== null) {
+    rows.push({ key: "commit", label: "commit", ms: t.commit_ms });
+  }
+  rows.push(
     { key: "first_audio_sent", label: "first audio sent", ms: t.first_audio_sent_ms },
     { key: "first_audio_played", label: "first audio played", ms: playedMs }
-  ];
+  );
+  return rows;
 }
 var SVG = "http://www.w3.org/2000/svg";
 var ROW = 16;

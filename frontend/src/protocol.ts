@@ -9,6 +9,13 @@ export interface Timeline {
   first_unit_ms: number | null;
   first_synth_byte_ms: number | null;
   first_audio_sent_ms: number | null;
+  /** Smart turn policy: when the pause the turn ended at was noticed, and the end-of-turn
+   * model's probability that the turn was complete there. */
+  pause_ms?: number | null;
+  end_of_turn_probability?: number | null;
+  /** Preemptive replies: started at the pause, committed when the turn was over. */
+  preemptive_start_ms?: number | null;
+  commit_ms?: number | null;
 }
 
 export type ServerMessage =

@@ -11,15 +11,30 @@ export interface Stage {
 }
 
 export function stages(t: Timeline, playedMs: number | null): Stage[] {
-  return [
-    { key: "end_of_speech", label: "end of speech", ms: 0 },
-    { key: "vad_end", label: "VAD end", ms: t.vad_end_ms },
+  const p = t.end_of_turn_probability;
+  const decision = p === null || p === undefined ? "turn end" : `turn end (p=${p.toFixed(2)})`;
+  const rows: Stage[] = [{ key: "end_of_speech", label: "end of speech", ms: 0 }];
+  // The smart turn policy's pause, and a reply started there, come only when they happened.
+  if (t.pause_ms !== undefined && t.pause_ms !== null) {
+    rows.push({ key: "pause", label: "pause noticed", ms: t.pause_ms });
+  }
+  if (t.preemptive_start_ms !== undefined && t.preemptive_start_ms !== null) {
+    rows.push({ key: "preemptive_start", label: "preemptive start", ms: t.preemptive_start_ms });
+  }
+  rows.push(
     { key: "first_token", label: "first token", ms: t.first_token_ms },
     { key: "first_unit", label: "first text unit", ms: t.first_unit_ms },
     { key: "first_synth_byte", label: "first TTS byte", ms: t.first_synth_byte_ms },
+    { key: "vad_end", label: decision, ms: t.vad_end_ms },
+  );
+  if (t.commit_ms !== undefined && t.commit_ms !== null) {
+    rows.push({ key: "commit", label: "commit", ms: t.commit_ms });
+  }
+  rows.push(
     { key: "first_audio_sent", label: "first audio sent", ms: t.first_audio_sent_ms },
     { key: "first_audio_played", label: "first audio played", ms: playedMs },
-  ];
+  );
+  return rows;
 }
 
 const SVG = "http://www.w3.org/2000/svg";

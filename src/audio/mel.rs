@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use ndarray::Array2;
 use realfft::{RealFftPlanner, RealToComplex};
 
 pub const SAMPLE_RATE: u32 = 16_000;
@@ -18,8 +19,8 @@ const BINS: usize = N_FFT / 2 + 1;
 pub struct LogMel {
     fft: Arc<dyn RealToComplex<f64>>,
     window: Vec<f64>,
-    /// Each mel filter as its first nonzero bin and its weights from there.
-    filters: Vec<(usize, Vec<f64>)>,
+    /// [BINS, N_MELS]: the power spectrum's rows times this are the mel energies.
+    filters: Array2<f64>,
 }
 
 impl Default for LogMel {
@@ -33,15 +34,11 @@ impl LogMel {
         let window = (0..N_FFT)
             .map(|n| 0.5 - 0.5 * (2.0 * std::f64::consts::PI * n as f64 / N_FFT as f64).cos())
             .collect();
-        let dense = slaney_filters();
-        let filters = dense
-            .chunks_exact(BINS)
-            .map(|row| {
-                let first = row.iter().position(|&w| w > 0.0).unwrap_or(0);
-                let last = row.iter().rposition(|&w| w > 0.0).unwrap_or(0);
-                (first, row[first..=last].to_vec())
-            })
-            .collect();
+        let filters = Array2::from_shape_vec((N_MELS, BINS), slaney_filters())
+            .expect("N_MELS x BINS filters")
+            .reversed_axes()
+            .as_standard_layout()
+            .into_owned();
         LogMel {
             fft: RealFftPlanner::<f64>::new().plan_fft_forward(N_FFT),
             window,
@@ -50,48 +47,74 @@ impl LogMel {
     }
 
     /// Features of `audio` (16 kHz): `[N_MELS, audio.len() / HOP]` row-major, one column per hop.
+    /// The loops are plain indexing and the filter bank one matrix product, so this stays fast
+    /// in unoptimised builds too.
     pub fn compute(&self, audio: &[f32]) -> Vec<f32> {
         let half = N_FFT / 2;
-        // Centred frames: reflect-pad half a window on each side (numpy's "reflect", which does
-        // not repeat the edge sample).
-        let n = audio.len() as isize;
-        let reflect = |i: isize| -> f64 {
-            let mut j = i;
-            while n > 1 && (j < 0 || j >= n) {
-                j = if j < 0 { -j } else { 2 * (n - 1) - j };
-            }
-            audio[j.clamp(0, n - 1) as usize] as f64
-        };
-        let padded: Vec<f64> = (-(half as isize)..n + half as isize).map(reflect).collect();
+        let padded = reflect_pad(audio, half);
         // One frame per hop plus one, the last dropped as Whisper does.
         let kept = audio.len() / HOP;
         let mut input = self.fft.make_input_vec();
         let mut spectrum = self.fft.make_output_vec();
         let mut scratch = self.fft.make_scratch_vec();
-        let mut logmel = vec![0f64; N_MELS * kept];
+        let mut power = vec![0f64; kept * BINS];
         for f in 0..kept {
             let frame = &padded[f * HOP..f * HOP + N_FFT];
-            for ((x, &s), &w) in input.iter_mut().zip(frame).zip(&self.window) {
-                *x = s * w;
+            for k in 0..N_FFT {
+                input[k] = frame[k] * self.window[k];
             }
             self.fft
                 .process_with_scratch(&mut input, &mut spectrum, &mut scratch)
                 .expect("buffers come from the plan");
-            for (m, (first, weights)) in self.filters.iter().enumerate() {
-                let e: f64 = weights
-                    .iter()
-                    .zip(&spectrum[*first..])
-                    .map(|(w, c)| w * c.norm_sqr())
-                    .sum();
-                logmel[m * kept + f] = e.max(1e-10).log10();
+            let row = &mut power[f * BINS..(f + 1) * BINS];
+            for b in 0..BINS {
+                row[b] = spectrum[b].norm_sqr();
             }
         }
-        let peak = logmel.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        logmel
-            .iter()
-            .map(|&x| ((x.max(peak - 8.0) + 4.0) / 4.0) as f32)
-            .collect()
+        let power = Array2::from_shape_vec((kept, BINS), power).expect("kept x BINS");
+        // [kept, N_MELS], through matrixmultiply's optimised kernel.
+        let mel = power.dot(&self.filters);
+        let mel = mel.as_slice().expect("a fresh product is contiguous");
+        let mut logmel = vec![0f64; N_MELS * kept];
+        let mut peak = f64::NEG_INFINITY;
+        for f in 0..kept {
+            for m in 0..N_MELS {
+                let v = mel[f * N_MELS + m].max(1e-10).log10();
+                peak = peak.max(v);
+                logmel[m * kept + f] = v;
+            }
+        }
+        let floor = peak - 8.0;
+        let mut out = vec![0f32; logmel.len()];
+        for i in 0..logmel.len() {
+            out[i] = ((logmel[i].max(floor) + 4.0) / 4.0) as f32;
+        }
+        out
     }
+}
+
+/// `audio` with `pad` samples mirrored onto each end (numpy's "reflect": the edge sample is not
+/// repeated), as f64.
+fn reflect_pad(audio: &[f32], pad: usize) -> Vec<f64> {
+    let n = audio.len();
+    let at = |i: isize| -> f64 {
+        let mut j = i;
+        while n > 1 && (j < 0 || j >= n as isize) {
+            j = if j < 0 { -j } else { 2 * (n as isize - 1) - j };
+        }
+        audio[j.clamp(0, n.saturating_sub(1) as isize) as usize] as f64
+    };
+    let mut out = Vec::with_capacity(n + 2 * pad);
+    for i in 0..pad {
+        out.push(at(i as isize - pad as isize));
+    }
+    for &x in audio {
+        out.push(x as f64);
+    }
+    for i in 0..pad {
+        out.push(at((n + i) as isize));
+    }
+    out
 }
 
 fn hz_to_mel(f: f64) -> f64 {

@@ -1,7 +1,8 @@
 //! Audio formats and conversions: PCM sample formats, G.711 µ-law, WAV files and streams,
-//! streaming resampling, and Whisper log-mel features. Everything here is synchronous and free of
+//! streaming resampling, Whisper log-mel features, and loudness-based speech spans. Everything here is synchronous and free of
 //! IO.
 
+pub mod level;
 pub mod mel;
 pub mod mulaw;
 pub mod pcm;

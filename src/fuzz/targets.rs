@@ -156,9 +156,9 @@ fn twilio_events(input: &[u8]) -> Result<bool, String> {
                 }
             }
             twilio::Event::Mark { mark } => {
-                if let Some((r, u)) = twilio::parse_mark_name(&mark.name) {
-                    let again = twilio::parse_mark_name(&twilio::mark_name(r, u));
-                    if again != Some((r, u)) {
+                if let Some((r, u, w)) = twilio::parse_mark_name(&mark.name) {
+                    let again = twilio::parse_mark_name(&twilio::mark_name(r, u, w));
+                    if again != Some((r, u, w)) {
                         return Err(format!("mark {r}.{u} does not round-trip"));
                     }
                 }

@@ -211,16 +211,23 @@ pub(crate) async fn detect(
                         continue;
                     }
                 };
-                let complete = p >= turns.policy.complete_threshold;
-                metrics.end_of_turn(complete);
-                tracing::debug!(probability = p, complete, "end-of-turn decision");
+                let policy = &turns.policy;
+                let decision = if p >= policy.confident_threshold {
+                    "complete"
+                } else if p >= policy.complete_threshold {
+                    "likely"
+                } else {
+                    "incomplete"
+                };
+                metrics.end_of_turn(decision);
+                tracing::debug!(probability = p, decision, "end-of-turn decision");
                 if let Some(seen) = pause.as_mut() {
                     seen.probability = Some(p);
                 }
-                if complete {
-                    if let Some(ev) = detector.end_now() {
-                        out.push(ev);
-                    }
+                match decision {
+                    "complete" => out.extend(detector.end_now()),
+                    "likely" => detector.end_after(policy.likely_silence_ms),
+                    _ => {}
                 }
                 if !emit(&mut out, &window, pad, &mut turn_start, &mut pause, &events).await {
                     return;
@@ -309,7 +316,9 @@ async fn emit(
             }
             TurnEvent::Interruption { .. } => VadEvent::Interruption,
             TurnEvent::Pause { start, end } => {
-                *pause = Some(PauseSeen {
+                // The first pause of a silence is when the pause was noticed; a later one asks
+                // the model again.
+                pause.get_or_insert(PauseSeen {
                     at: now,
                     probability: None,
                 });

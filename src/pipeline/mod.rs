@@ -32,12 +32,14 @@ pub(crate) enum Outbound {
         reply: CancellationToken,
         due: Option<std::time::Instant>,
     },
-    /// All audio of unit `unit` of reply `reply` has been handed over (after its last `Audio`).
-    /// Transports that can learn when playback reaches a point (Twilio marks) place one there
-    /// and report it back with `CallHandle::played`.
+    /// Audio of unit `unit` of reply `reply` has been handed over up to here: all of it when
+    /// `within` is `None` (after the unit's last `Audio`), else its first `within` samples (sent
+    /// every ~250 ms of audio). Transports that can learn when playback reaches a point (Twilio
+    /// marks) place one there and report it back with `CallHandle::played`.
     UnitSent {
         reply: u64,
         unit: usize,
+        within: Option<u64>,
         token: CancellationToken,
     },
     /// A unit of bot text of reply `reply` as it goes to the synthesizer.

@@ -69,10 +69,18 @@ pub struct TurnPolicy {
     pub policy: PolicyKind,
     /// Silence before the end-of-turn model is asked (smart).
     pub pause_ms: u32,
+    /// A longer silence at which it is asked again, unless it was sure the first time (smart):
+    /// a finished turn's probability rises as its trailing silence grows.
+    pub recheck_ms: u32,
     /// Silence that ends a turn whatever the model said (smart).
     pub max_silence_ms: u32,
-    /// The model's probability at or above which a turn ends at the pause (smart).
+    /// The model's probability at or above which a turn may end early (smart): after
+    /// `likely_silence_ms` of silence, or at once from `confident_threshold` up.
     pub complete_threshold: f32,
+    /// The probability from which a turn ends at the pause itself (smart).
+    pub confident_threshold: f32,
+    /// Silence that ends a turn the model judged likely but not surely complete (smart).
+    pub likely_silence_ms: u32,
     /// Start the reply at each pause, and send it only once the turn ends (smart): a turn that
     /// ends at the pause gets its reply with no wait for the model, and one that goes on has
     /// its reply taken back unheard.
@@ -90,9 +98,12 @@ impl Default for TurnPolicy {
     fn default() -> Self {
         TurnPolicy {
             policy: PolicyKind::Smart,
-            pause_ms: 200,
+            pause_ms: 64,
+            recheck_ms: 200,
             max_silence_ms: 1_500,
             complete_threshold: 0.5,
+            confident_threshold: 0.9,
+            likely_silence_ms: 800,
             preemptive: true,
         }
     }
@@ -112,12 +123,29 @@ impl TurnPolicy {
             min_silence_ms: self.max_silence_ms,
             ..vad
         };
-        TurnDetector::new(vad, rate).with_pause(self.pause_ms)
+        TurnDetector::new(vad, rate).with_pauses(&[self.pause_ms, self.recheck_ms])
     }
 
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if !(0.0..=1.0).contains(&self.complete_threshold) {
-            return Err("pipeline.turn.complete_threshold must lie in [0, 1]".into());
+        let unit = |x: f32| (0.0..=1.0).contains(&x);
+        if !unit(self.complete_threshold) || !unit(self.confident_threshold) {
+            return Err("pipeline.turn thresholds must lie in [0, 1]".into());
+        }
+        if self.confident_threshold < self.complete_threshold {
+            return Err(
+                "pipeline.turn.confident_threshold must not be below complete_threshold".into(),
+            );
+        }
+        if self.smart()
+            && !(self.pause_ms < self.recheck_ms
+                && self.recheck_ms < self.likely_silence_ms
+                && self.likely_silence_ms <= self.max_silence_ms)
+        {
+            return Err(
+                "pipeline.turn needs pause_ms < recheck_ms < likely_silence_ms \
+                        <= max_silence_ms"
+                    .into(),
+            );
         }
         if self.smart() && !(32..=2_000).contains(&self.pause_ms) {
             return Err("pipeline.turn.pause_ms must be within 32..=2000".into());
@@ -162,12 +190,12 @@ enum State {
         interrupted: bool,
     },
     /// In a turn that started at `since` (unpadded); `quiet` is where the current silence began,
-    /// and `paused` says a pause was reported for it.
+    /// and `paused` counts the pause lengths reported for it.
     Speaking {
         since: u64,
         quiet: Option<u64>,
         interrupted: bool,
-        paused: bool,
+        paused: u8,
     },
 }
 
@@ -176,8 +204,11 @@ pub struct TurnDetector {
     settings: TurnSettings,
     rate: u32,
     state: State,
-    /// Silence that reports a pause, in samples; none without an end-of-turn model.
-    pause: Option<u64>,
+    /// Silences that report a pause, shortest first, in samples; none without an end-of-turn
+    /// model.
+    pauses: Vec<u64>,
+    /// A shorter silence that ends the paused turn ([`TurnDetector::end_after`]), in samples.
+    silence_cap: Option<u64>,
 }
 
 impl TurnDetector {
@@ -186,15 +217,29 @@ impl TurnDetector {
             settings,
             rate,
             state: State::Idle,
-            pause: None,
+            pauses: Vec::new(),
+            silence_cap: None,
         }
     }
 
-    /// Reports a pause after `pause_ms` of silence (shorter than `min_silence_ms`, which still
-    /// ends the turn whatever happens at the pause).
-    pub(crate) fn with_pause(mut self, pause_ms: u32) -> Self {
-        self.pause = Some(self.samples(pause_ms));
+    /// Reports a pause after each of `pauses_ms` of silence (shorter than `min_silence_ms`,
+    /// which still ends the turn whatever happens at a pause).
+    pub(crate) fn with_pauses(mut self, pauses_ms: &[u32]) -> Self {
+        self.pauses = pauses_ms.iter().map(|&ms| self.samples(ms)).collect();
+        self.pauses.sort_unstable();
         self
+    }
+
+    fn is_paused(&self) -> bool {
+        matches!(self.state, State::Speaking { paused, .. } if paused > 0)
+    }
+
+    /// Lets the pause in progress end the turn after `silence_ms` of silence in all, sooner
+    /// than `min_silence_ms`. Forgotten if speech resumes.
+    pub(crate) fn end_after(&mut self, silence_ms: u32) {
+        if self.is_paused() {
+            self.silence_cap = Some(self.samples(silence_ms));
+        }
     }
 
     /// Ends the turn at the pause in progress, as `min_silence_ms` of silence would have. None
@@ -203,7 +248,7 @@ impl TurnDetector {
         let State::Speaking {
             since,
             quiet: Some(q),
-            paused: true,
+            paused: 1..,
             ..
         } = self.state
         else {
@@ -228,12 +273,21 @@ impl TurnDetector {
 
     /// Feeds one frame that covers samples `start..end` with speech probability `p`.
     pub(crate) fn push(&mut self, start: u64, end: u64, p: f32, out: &mut Vec<TurnEvent>) {
+        self.step(start, end, p, out);
+        // A shortened silence holds only for the pause it was given at.
+        if !self.is_paused() {
+            self.silence_cap = None;
+        }
+    }
+
+    fn step(&mut self, start: u64, end: u64, p: f32, out: &mut Vec<TurnEvent>) {
         let s = self.settings;
         let pad = self.samples(s.speech_pad_ms);
         let speech = p >= s.start_threshold;
         let silence = p < s.end_threshold;
         let interrupt_after = self.samples(s.min_interruption_ms);
         let min_silence = self.samples(s.min_silence_ms);
+        let end_silence = self.silence_cap.map_or(min_silence, |c| c.min(min_silence));
         self.state = match self.state {
             State::Idle if speech => {
                 let state = State::Pending {
@@ -266,17 +320,20 @@ impl TurnDetector {
                 } else {
                     quiet
                 };
-                if paused && quiet.is_none() {
-                    paused = false;
+                if paused > 0 && quiet.is_none() {
+                    paused = 0;
                     out.push(TurnEvent::Resume);
                 }
                 match quiet {
                     Some(q)
-                        if !paused
-                            && end - q < min_silence
-                            && self.pause.is_some_and(|p| end - q >= p) =>
+                        if end - q < min_silence
+                            && end - q < end_silence
+                            && self
+                                .pauses
+                                .get(paused as usize)
+                                .is_some_and(|&p| end - q >= p) =>
                     {
-                        paused = true;
+                        paused += 1;
                         out.push(TurnEvent::Pause {
                             start: padded,
                             end: q + pad,
@@ -288,7 +345,7 @@ impl TurnDetector {
                             paused,
                         }
                     }
-                    Some(q) if end - q >= min_silence => {
+                    Some(q) if end - q >= end_silence => {
                         out.push(TurnEvent::SpeechEnd {
                             start: padded,
                             end: q + pad,
@@ -372,7 +429,7 @@ impl TurnDetector {
                 since,
                 quiet,
                 interrupted,
-                paused: false,
+                paused: 0,
             }
         } else {
             State::Pending {
@@ -529,7 +586,7 @@ mod tests {
     #[test]
     fn pauses_resume_and_end_now() {
         use TurnEvent::*;
-        let mut det = TurnDetector::new(settings(), 1_000).with_pause(40);
+        let mut det = TurnDetector::new(settings(), 1_000).with_pauses(&[40]);
         let probs = seq(&[(0.9, 10), (0.0, 6), (0.9, 10), (0.0, 5)]);
         let mut events = Vec::new();
         for (k, &p) in probs.iter().enumerate() {
@@ -558,7 +615,7 @@ mod tests {
         );
         assert_eq!(det.end_now(), None, "idle now");
         // Without a pause reported, end_now does nothing; silence still ends the turn.
-        let mut det = TurnDetector::new(settings(), 1_000).with_pause(40);
+        let mut det = TurnDetector::new(settings(), 1_000).with_pauses(&[40]);
         let mut out = Vec::new();
         for k in 0..12u64 {
             det.push(10 * k, 10 * (k + 1), 0.9, &mut out);
@@ -576,6 +633,64 @@ mod tests {
             })
         );
         assert_eq!(out.iter().filter(|e| matches!(e, Pause { .. })).count(), 1);
+    }
+
+    /// With two pause lengths, one silence reports a pause at each, with the same turn.
+    #[test]
+    fn a_longer_silence_reports_a_second_pause() {
+        let mut det = TurnDetector::new(settings(), 1_000).with_pauses(&[40, 70]);
+        let mut out = Vec::new();
+        for k in 0..22u64 {
+            let p = if k < 10 { 0.9 } else { 0.0 };
+            det.push(10 * k, 10 * (k + 1), p, &mut out);
+        }
+        let pauses: Vec<&TurnEvent> = out
+            .iter()
+            .filter(|e| matches!(e, TurnEvent::Pause { .. }))
+            .collect();
+        assert_eq!(
+            pauses,
+            [&TurnEvent::Pause { start: 0, end: 120 }; 2],
+            "{out:?}"
+        );
+    }
+
+    /// `end_after` ends a paused turn at a shorter silence; after a resume it no longer holds.
+    #[test]
+    fn end_after_shortens_the_silence_for_this_pause_only() {
+        use TurnEvent::*;
+        let mut det = TurnDetector::new(settings(), 1_000).with_pauses(&[40]);
+        let mut out = Vec::new();
+        let mut k = 0u64;
+        let mut feed = |det: &mut TurnDetector, p: f32, n: u64, out: &mut Vec<TurnEvent>| {
+            for _ in 0..n {
+                det.push(10 * k, 10 * (k + 1), p, out);
+                k += 1;
+            }
+        };
+        feed(&mut det, 0.9, 10, &mut out);
+        feed(&mut det, 0.0, 5, &mut out);
+        assert!(matches!(out.last(), Some(Pause { .. })));
+        det.end_after(60);
+        feed(&mut det, 0.9, 5, &mut out);
+        assert_eq!(out.last(), Some(&Resume));
+        // A new pause: the old 60 ms no longer applies (60 ms of silence end nothing).
+        feed(&mut det, 0.0, 6, &mut out);
+        assert!(
+            !out.iter().any(|e| matches!(e, SpeechEnd { .. })),
+            "{out:?}"
+        );
+        // Given again, it ends the turn at once (70 ms of silence so far).
+        det.end_after(60);
+        feed(&mut det, 0.0, 1, &mut out);
+        assert_eq!(
+            out.last(),
+            Some(&SpeechEnd {
+                start: 0,
+                end: 220,
+                forced: false
+            })
+        );
     }
 
     #[test]

@@ -133,9 +133,9 @@ impl Actor {
                     Some(CallCommand::History(tx)) => {
                         let _ = tx.send(self.conversation.clone());
                     }
-                    Some(CallCommand::Played { reply, unit }) => {
+                    Some(CallCommand::Played { reply, unit, within }) => {
                         if let Some(r) = self.reply.as_mut().filter(|r| r.id == reply) {
-                            r.acknowledge(unit);
+                            r.acknowledge(unit, within);
                         }
                     }
                     None => break,
@@ -171,16 +171,11 @@ impl Actor {
                 let tokens = self
                     .session
                     .begin_tentative(UserTurn { audio }, cancel.clone());
-                let tentative = Tentative {
-                    turn_samples,
-                    started: now(),
-                    held: Vec::new(),
-                };
                 self.start_reply(
                     tokens,
                     cancel,
                     Some((true_end, detected, duration_ms as f64)),
-                    Some(tentative),
+                    Some(turn_samples),
                 );
                 self.cfg.metrics.preemptive("started", None);
                 tracing::debug!(duration_ms, "preemptive reply at a pause");
@@ -251,7 +246,7 @@ impl Actor {
     /// The user went on after the pause: the preemptive reply is taken back unheard. The model
     /// forgets the turn before the reply is cancelled, so nothing of it is kept.
     fn discard_tentative(&mut self) {
-        if !self.reply.as_ref().is_some_and(|r| r.tentative.is_some()) {
+        if self.reply.as_ref().is_none_or(|r| r.tentative.is_none()) {
             return;
         }
         let r = self.reply.take().expect("checked");
@@ -274,13 +269,14 @@ impl Actor {
         let _ = self.out.send(msg).await;
     }
 
-    /// Starts the speaking stages for one reply.
+    /// Starts the speaking stages for one reply; a preemptive one (answering a turn of
+    /// `tentative` samples that may still grow) with its audio held.
     fn start_reply(
         &mut self,
         tokens: TokenStream,
         cancel: CancellationToken,
         turn_end: Option<TurnEnd>,
-        tentative: Option<Tentative>,
+        tentative: Option<usize>,
     ) {
         let id = self.next_reply;
         self.next_reply += 1;
@@ -293,7 +289,13 @@ impl Actor {
         let (text_tx, text_rx) = mpsc::channel(REPLY_EVENT_QUEUE);
         let (pacer_tx, pacer_rx) = mpsc::channel(REPLY_EVENT_QUEUE);
         let (ledger_tx, ledger_rx) = watch::channel(Playout::default());
-        let (hold_tx, hold_rx) = watch::channel(tentative.is_some());
+        let (hold, hold_rx) = watch::channel(tentative.is_some());
+        let tentative = tentative.map(|turn_samples| Tentative {
+            turn_samples,
+            started: now(),
+            held: Vec::new(),
+            hold,
+        });
         // Tasks of earlier replies have ended; forget them so a long call does not pile them up.
         while self.tasks.try_join_next().is_some() {}
         self.tasks.spawn(accumulate(
@@ -322,7 +324,7 @@ impl Actor {
             cancel.clone(),
         ));
         self.reply = Some(Reply::new(
-            id, cancel, turn_end, text_rx, pacer_rx, ledger_rx, hold_tx, tentative,
+            id, cancel, turn_end, text_rx, pacer_rx, ledger_rx, tentative,
         ));
     }
 

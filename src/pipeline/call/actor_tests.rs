@@ -247,11 +247,16 @@ async fn a_reply_played_out_in_full_is_kept_whole() {
         .seen
         .iter()
         .filter_map(|(_, m)| match m {
-            Outbound::UnitSent { reply, unit, .. } => Some((*reply, *unit)),
+            Outbound::UnitSent {
+                reply,
+                unit,
+                within: None,
+                ..
+            } => Some((*reply, *unit)),
             _ => None,
         })
         .collect();
-    assert_eq!(marks, [(0, 0), (0, 1)]);
+    assert_eq!(marks, [(0, 0), (0, 1)], "one at each unit's end");
     assert!(c
         .seen
         .iter()
@@ -301,7 +306,11 @@ async fn with_playback_acks_the_history_keeps_only_acknowledged_units() {
     c.first_audio().await;
     c.wait(Duration::from_millis(1_100)).await;
     // The client reports unit 0 played; unit 1 is half played but not acknowledged.
-    let played = CallCommand::Played { reply: 0, unit: 0 };
+    let played = CallCommand::Played {
+        reply: 0,
+        unit: 0,
+        within: None,
+    };
     c.commands.send(played).await.unwrap();
     c.wait(Duration::from_millis(400)).await;
     c.interrupt().await;

@@ -16,10 +16,12 @@ use crate::pipeline::listen::AudioIn;
 #[derive(Debug)]
 pub(crate) enum CallCommand {
     History(oneshot::Sender<Conversation>),
-    /// The client has played unit `unit` of reply `reply` to its end.
+    /// The client has played unit `unit` of reply `reply` to its end (`within` is `None`), or
+    /// its first `within` samples.
     Played {
         reply: u64,
         unit: usize,
+        within: Option<u64>,
     },
 }
 
@@ -65,9 +67,19 @@ impl CallHandle {
         history(&self.commands).await
     }
 
-    /// Reports that the client played a unit to its end (for `playback_acks` calls).
-    pub(crate) async fn played(&self, reply: u64, unit: usize) -> Result<(), CallError> {
-        let cmd = CallCommand::Played { reply, unit };
+    /// Reports how far the client has played (for `playback_acks` calls): unit `unit` to its
+    /// end, or its first `within` samples.
+    pub(crate) async fn played(
+        &self,
+        reply: u64,
+        unit: usize,
+        within: Option<u64>,
+    ) -> Result<(), CallError> {
+        let cmd = CallCommand::Played {
+            reply,
+            unit,
+            within,
+        };
         self.commands.send(cmd).await.map_err(|_| CallError::Ended)
     }
 }

@@ -26,14 +26,14 @@ pub(super) struct Reply {
     pub units: Vec<String>,
     /// Units the client acknowledged as played, from the start.
     acked: usize,
+    /// How far into the next unit the client acknowledged playing: (unit, samples).
+    acked_within: Option<(usize, u64)>,
     text_events: Option<mpsc::Receiver<TextEvent>>,
     pacer_events: Option<mpsc::Receiver<PacerEvent>>,
     ledger: watch::Receiver<Playout>,
     pub text_done: bool,
     /// When the client finishes playing the reply, once all audio is out.
     pub plays_until: Option<Instant>,
-    /// Holds the pacer's output while true.
-    hold: watch::Sender<bool>,
     /// Set while the reply is preemptive: its turn may still grow.
     pub tentative: Option<Tentative>,
 }
@@ -45,6 +45,8 @@ pub(super) struct Tentative {
     pub started: Instant,
     /// Messages for the client, sent only if the reply is committed.
     pub held: Vec<Outbound>,
+    /// Holds the pacer's output until the commit sends `false`.
+    pub hold: watch::Sender<bool>,
 }
 
 /// What the client heard of a reply that is being stopped.
@@ -64,7 +66,6 @@ impl Reply {
         text_events: mpsc::Receiver<TextEvent>,
         pacer_events: mpsc::Receiver<PacerEvent>,
         ledger: watch::Receiver<Playout>,
-        hold: watch::Sender<bool>,
         tentative: Option<Tentative>,
     ) -> Self {
         let mut timeline = Timeline {
@@ -83,12 +84,12 @@ impl Reply {
             timeline_sent: false,
             units: Vec::new(),
             acked: 0,
+            acked_within: None,
             text_events: Some(text_events),
             pacer_events: Some(pacer_events),
             ledger,
             text_done: false,
             plays_until: None,
-            hold,
             tentative,
         }
     }
@@ -99,7 +100,7 @@ impl Reply {
         let Some(t) = self.tentative.take() else {
             return Vec::new();
         };
-        let _ = self.hold.send(false);
+        let _ = t.hold.send(false);
         if let Some((true_end, _, ms)) = self.turn_end {
             self.turn_end = Some((true_end, detected, ms));
             self.timeline.vad_end_ms = Some(Timeline::offset(true_end, detected));
@@ -135,9 +136,18 @@ impl Reply {
         Some(self.timeline.clone())
     }
 
-    /// The client played unit `unit` to its end.
-    pub(crate) fn acknowledge(&mut self, unit: usize) {
-        self.acked = self.acked.max(unit + 1);
+    /// The client played unit `unit` to its end (`within` is `None`), or its first `within`
+    /// samples.
+    pub(crate) fn acknowledge(&mut self, unit: usize, within: Option<u64>) {
+        match within {
+            None => self.acked = self.acked.max(unit + 1),
+            Some(n) => {
+                let further = self.acked_within.is_none_or(|(u, m)| (unit, n) > (u, m));
+                if further {
+                    self.acked_within = Some((unit, n));
+                }
+            }
+        }
     }
 
     /// What the client has heard by `now`: the acknowledged units when the transport reports
@@ -150,7 +160,12 @@ impl Reply {
             return Heard::All;
         }
         Heard::Cut(if playback_acks {
-            self.units[..self.acked.min(self.units.len())].join(" ")
+            // Acknowledged units whole, and the acknowledged share of the one after them.
+            let mut fractions = vec![1.0; self.acked.min(self.units.len())];
+            if let Some((u, n)) = self.acked_within.filter(|&(u, _)| u == self.acked) {
+                fractions.push(ledger.unit_fraction(u, n));
+            }
+            pacer::words_heard(&self.units, &fractions).0
         } else {
             pacer::spoken_text(&self.units, &ledger, now).0
         })

@@ -34,6 +34,19 @@ pub(crate) struct UnitPlayout {
 }
 
 impl Playout {
+    /// The share of unit `unit` that its first `samples` samples are (of its total once known,
+    /// else of what was sent of it).
+    pub(crate) fn unit_fraction(&self, unit: usize, samples: u64) -> f64 {
+        let Some(u) = self.units.get(unit) else {
+            return 0.0;
+        };
+        let total = u.total.unwrap_or_else(|| u.runs.iter().map(|r| r.1).sum());
+        if total == 0 {
+            return 0.0;
+        }
+        (samples as f64 / total as f64).min(1.0)
+    }
+
     /// The fraction of each unit played by `now`. A unit whose synthesis had not finished counts
     /// against the samples known so far.
     pub(crate) fn played_fraction(&self, now: Instant) -> Vec<f64> {
@@ -84,6 +97,10 @@ pub(crate) enum PacerEvent {
 }
 
 use crate::metrics::UNDERRUN_TOLERANCE;
+
+/// How often the pacer reports a point inside the unit being sent (`Outbound::UnitSent` with
+/// `within`), in audio.
+const MARK_EVERY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PacerSettings {
@@ -173,6 +190,10 @@ struct Pacer {
     first_sent: bool,
     /// When the newest synthesized audio arrived, to tell the causes of an underrun apart.
     last_input_at: Instant,
+    /// The unit being sent and how many of its samples went out so far.
+    sent_of: (usize, u64),
+    /// Samples sent since the last point reported inside a unit.
+    since_mark: usize,
 }
 
 impl Pacer {
@@ -194,6 +215,8 @@ impl Pacer {
             first_synth: true,
             first_sent: true,
             last_input_at: now(),
+            sent_of: (0, 0),
+            since_mark: 0,
         }
     }
 
@@ -249,6 +272,7 @@ impl Pacer {
         cancel: &CancellationToken,
     ) -> Result<(), ()> {
         let frame = self.queue.pop(self.frame_len);
+        let frame_samples = frame.samples.len();
         let at = now();
         if !self.first_sent && at > self.plays_until + UNDERRUN_TOLERANCE {
             let by = at - self.plays_until;
@@ -277,14 +301,39 @@ impl Pacer {
             due,
         };
         send.send(out).await.map_err(|_| ())?;
+        for &(u, _, k) in &frame.runs {
+            if self.sent_of.0 != u {
+                self.sent_of = (u, 0);
+            }
+            self.sent_of.1 += k as u64;
+        }
+        self.since_mark += frame_samples;
+        let finished = !frame.finished.is_empty();
         for unit in frame.finished {
             let token = cancel.clone();
             let done = Outbound::UnitSent {
                 reply: self.settings.reply,
                 unit,
+                within: None,
                 token,
             };
             send.send(done).await.map_err(|_| ())?;
+        }
+        // A point inside the unit being spoken, every MARK_EVERY of audio, so a transport that
+        // learns what was played learns it to within a word or two.
+        let (unit, sent) = self.sent_of;
+        let unit_open = frame.runs.last().is_some_and(|r| r.0 == unit) && sent > 0;
+        if finished {
+            self.since_mark = 0;
+        } else if unit_open && self.secs(self.since_mark) >= MARK_EVERY {
+            self.since_mark = 0;
+            let mark = Outbound::UnitSent {
+                reply: self.settings.reply,
+                unit,
+                within: Some(sent),
+                token: cancel.clone(),
+            };
+            send.send(mark).await.map_err(|_| ())?;
         }
         if self.first_sent {
             self.first_sent = false;
@@ -308,7 +357,12 @@ fn ensure_unit(l: &mut Playout, unit: usize) {
 /// The words of `units` heard by `now`: whole units played in full, then the share of the words
 /// of a partly played unit that matches the share of its audio played.
 pub(crate) fn spoken_text(units: &[String], playout: &Playout, now: Instant) -> (String, bool) {
-    let fractions = playout.played_fraction(now);
+    words_heard(units, &playout.played_fraction(now))
+}
+
+/// The words of `units` heard when `fractions[i]` of unit `i` has played (a unit's words are
+/// taken as evenly spread over its audio); also whether all of it was.
+pub(crate) fn words_heard(units: &[String], fractions: &[f64]) -> (String, bool) {
     let mut words: Vec<&str> = Vec::new();
     let mut complete = true;
     for (i, text) in units.iter().enumerate() {
@@ -422,12 +476,26 @@ mod tests {
         let mut got = 0usize;
         let mut max_ahead = Duration::ZERO;
         let mut units_sent = Vec::new();
+        let mut inside = Vec::new();
         while let Some(out) = frx.recv().await {
             let samples = match out {
                 Outbound::Audio { samples, .. } => samples,
-                Outbound::UnitSent { reply, unit, .. } => {
+                Outbound::UnitSent {
+                    reply,
+                    unit,
+                    within: None,
+                    ..
+                } => {
                     // Each unit's end follows its last sample.
                     units_sent.push((reply, unit, got));
+                    continue;
+                }
+                Outbound::UnitSent {
+                    unit,
+                    within: Some(n),
+                    ..
+                } => {
+                    inside.push((unit, n, got));
                     continue;
                 }
                 other => panic!("unexpected {other:?}"),
@@ -440,6 +508,17 @@ mod tests {
         task.await.unwrap();
         assert_eq!(got, 16_000 + 8_000);
         assert_eq!(units_sent, vec![(7, 0, 16_000), (7, 1, 24_000)]);
+        // Inside the units, at the first 20 ms frame at or past each 250 ms of audio (13 frames,
+        // 4 160 samples), counted within each unit.
+        assert_eq!(
+            inside,
+            vec![
+                (0, 4_160, 4_160),
+                (0, 8_320, 8_320),
+                (0, 12_480, 12_480),
+                (1, 4_160, 20_160)
+            ]
+        );
         assert!(
             max_ahead <= Duration::from_millis(100),
             "ran {max_ahead:?} ahead"

@@ -1,9 +1,9 @@
 //! One Twilio media stream: waits (until the start deadline) for `start`, checks the per-call
 //! token the webhook signed into the TwiML, takes a call slot and starts a call (µ-law 8 kHz both
 //! ways, playback acknowledged by marks), then runs a receive loop (media → call, marks → played
-//! units, keep-alive pings and an idle timeout) beside the shared writer (call → media frames, a
-//! mark after each unit, `clear` on barge-in). Malformed events are counted and logged (escaped,
-//! rate-limited); the call goes on.
+//! audio, keep-alive pings and an idle timeout) beside the shared writer (call → media frames, a
+//! mark after each unit and every 250 ms inside one, `clear` on barge-in). Malformed events are
+//! counted and logged (escaped, rate-limited); the call goes on.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -281,8 +281,8 @@ where
                 }
             }
             Event::Mark { mark } => match protocol::parse_mark_name(&mark.name) {
-                Some((reply, unit)) => {
-                    if call.played(reply, unit).await.is_err() {
+                Some((reply, unit, within)) => {
+                    if call.played(reply, unit, within).await.is_err() {
                         return Ending::CallEnded;
                     }
                 }
@@ -307,8 +307,13 @@ fn encode(m: Outbound, stream_sid: &str) -> Option<String> {
         Outbound::Audio { samples, reply, .. } if !reply.is_cancelled() => {
             protocol::media(stream_sid, &mulaw::encode_from_f32(&samples))
         }
-        Outbound::UnitSent { reply, unit, token } if !token.is_cancelled() => {
-            protocol::mark(stream_sid, &protocol::mark_name(reply, unit))
+        Outbound::UnitSent {
+            reply,
+            unit,
+            within,
+            token,
+        } if !token.is_cancelled() => {
+            protocol::mark(stream_sid, &protocol::mark_name(reply, unit, within))
         }
         Outbound::Clear { .. } => protocol::clear(stream_sid),
         _ => return None,

@@ -135,15 +135,23 @@ pub(crate) fn clear(stream_sid: &str) -> String {
     json!({"event": "clear", "streamSid": stream_sid}).to_string()
 }
 
-/// The name of the mark placed after unit `unit` of reply `reply`.
-pub fn mark_name(reply: u64, unit: usize) -> String {
-    format!("r{reply}.u{unit}")
+/// The name of the mark placed after unit `unit` of reply `reply` (`within` is `None`), or
+/// after its first `within` samples.
+pub fn mark_name(reply: u64, unit: usize, within: Option<u64>) -> String {
+    match within {
+        None => format!("r{reply}.u{unit}"),
+        Some(n) => format!("r{reply}.u{unit}.s{n}"),
+    }
 }
 
 /// The inverse of [`mark_name`].
-pub fn parse_mark_name(name: &str) -> Option<(u64, usize)> {
-    let (r, u) = name.strip_prefix('r')?.split_once(".u")?;
-    Some((r.parse().ok()?, u.parse().ok()?))
+pub fn parse_mark_name(name: &str) -> Option<(u64, usize, Option<u64>)> {
+    let (r, rest) = name.strip_prefix('r')?.split_once(".u")?;
+    let (u, within) = match rest.split_once(".s") {
+        Some((u, n)) => (u, Some(n.parse().ok()?)),
+        None => (rest, None),
+    };
+    Some((r.parse().ok()?, u.parse().ok()?, within))
 }
 
 fn xml_escape(s: &str) -> String {
@@ -243,7 +251,12 @@ mod tests {
         let Event::Mark { mark } = parse(mark).unwrap() else {
             panic!()
         };
-        assert_eq!(parse_mark_name(&mark.name), Some((2, 3)));
+        assert_eq!(parse_mark_name(&mark.name), Some((2, 3, None)));
+        assert_eq!(
+            parse_mark_name(&mark_name(2, 3, Some(4_000))),
+            Some((2, 3, Some(4_000)))
+        );
+        assert_eq!(parse_mark_name("r2.u3.sx"), None);
         let dtmf = r#"{"event":"dtmf","dtmf":{"track":"inbound_track","digit":"5"}}"#;
         assert!(matches!(parse(dtmf).unwrap(), Event::Dtmf { .. }));
         assert!(matches!(

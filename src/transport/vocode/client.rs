@@ -135,7 +135,8 @@ impl VocodeClient {
             })?;
             request.headers_mut().insert("authorization", value);
         }
-        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        // No Nagle: a real-time caller's 20 ms messages must not wait for the previous ACK.
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(request, None, true).await?;
         let (mut sink, mut stream) = ws.split();
         let start = serde_json::json!({
             "type": "websocket_audio_config_start",
