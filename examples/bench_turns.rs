@@ -127,6 +127,9 @@ struct Row {
     dead_air_p90_ms: f64,
     /// Complete utterances that got no reply within the tail.
     no_reply: usize,
+    /// Complete utterances the bot cut off at a pause inside them (a reply more than 250 ms
+    /// before their end); their dead air is left out of the percentiles.
+    complete_cutoffs: usize,
     paused_runs: usize,
     false_cutoffs: usize,
     false_cutoff_rate: f64,
@@ -302,13 +305,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut rows = Vec::new();
     println!(
-        "{:<18} {:<10} {:>9} {:>12} {:>12} {:>9} {:>7} {:>10} {:>12}",
+        "{:<18} {:<10} {:>9} {:>12} {:>12} {:>9} {:>9} {:>7} {:>10} {:>12}",
         "policy",
         "speech",
         "complete",
         "dead p50 ms",
         "dead p90 ms",
         "no reply",
+        "cut (c)",
         "paused",
         "cut-offs",
         "cut-off rate"
@@ -363,9 +367,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .collect();
             let mut dead: Vec<f64> = mine
                 .iter()
-                .filter(|(u, _)| u.complete)
+                .filter(|(u, o)| u.complete && !o.cut_off)
                 .filter_map(|(_, o)| o.dead_air_ms)
                 .collect();
+            let complete_cutoffs = mine.iter().filter(|(u, o)| u.complete && o.cut_off).count();
             dead.sort_by(f64::total_cmp);
             let complete = mine.iter().filter(|(u, _)| u.complete).count();
             let paused: Vec<_> = mine.iter().filter(|(u, _)| !u.complete).collect();
@@ -413,19 +418,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 complete_runs: complete,
                 dead_air_p50_ms: load::quantile(&dead, 0.5),
                 dead_air_p90_ms: load::quantile(&dead, 0.9),
-                no_reply: complete - dead.len(),
+                no_reply: complete - dead.len() - complete_cutoffs,
+                complete_cutoffs,
                 paused_runs: paused.len(),
                 false_cutoffs: cutoffs,
                 false_cutoff_rate: cutoffs as f64 / paused.len().max(1) as f64,
             };
             println!(
-                "{:<18} {:<10} {:>9} {:>12.0} {:>12.0} {:>9} {:>7} {:>10} {:>11.1}%",
+                "{:<18} {:<10} {:>9} {:>12.0} {:>12.0} {:>9} {:>9} {:>7} {:>10} {:>11.1}%",
                 row.policy,
                 row.source,
                 row.complete_runs,
                 row.dead_air_p50_ms,
                 row.dead_air_p90_ms,
                 row.no_reply,
+                row.complete_cutoffs,
                 row.paused_runs,
                 row.false_cutoffs,
                 row.false_cutoff_rate * 100.0

@@ -195,6 +195,10 @@ pub(crate) async fn detect(
     // The pause in progress, and the end-of-turn model's answer about it, once asked.
     let mut pause: Option<PauseSeen> = None;
     let mut judging: Option<Judgement> = None;
+    // The pauses of this silence the model was asked about, and whether it last judged the
+    // turn likely (not surely) complete: only then is it asked again at the longer pause.
+    let mut asked = 0usize;
+    let mut likely = false;
     let mut out = Vec::new();
     loop {
         let heard = tokio::select! {
@@ -224,6 +228,7 @@ pub(crate) async fn detect(
                 if let Some(seen) = pause.as_mut() {
                     seen.probability = Some(p);
                 }
+                likely = decision == "likely";
                 match decision {
                     "complete" => out.extend(detector.end_now()),
                     "likely" => detector.end_after(policy.likely_silence_ms),
@@ -269,15 +274,22 @@ pub(crate) async fn detect(
             }
             for ev in &out {
                 match ev {
-                    // A new pause: ask the model about the turn so far, with the silence
-                    // heard since, as pipecat feeds it.
-                    TurnEvent::Pause { start, .. } if smart => {
+                    // A pause: ask the model about the turn so far, with the silence heard
+                    // since, as pipecat feeds it. At the longer pause, only when its first
+                    // answer was "likely": trailing silence makes the model readier to call any
+                    // phrase complete, so an "incomplete" one stands.
+                    TurnEvent::Pause { start, .. } if smart && (asked == 0 || likely) => {
+                        asked += 1;
                         judging = turns.model.clone().map(|m| {
                             let audio: Arc<[f32]> = window.slice(*start, b).into();
                             Box::pin(async move { m.predict(audio).await }) as Judgement
                         });
                     }
-                    TurnEvent::Resume | TurnEvent::SpeechEnd { .. } => judging = None,
+                    TurnEvent::Resume | TurnEvent::SpeechEnd { .. } => {
+                        judging = None;
+                        asked = 0;
+                        likely = false;
+                    }
                     _ => {}
                 }
             }

@@ -69,8 +69,10 @@ pub struct TurnPolicy {
     pub policy: PolicyKind,
     /// Silence before the end-of-turn model is asked (smart).
     pub pause_ms: u32,
-    /// A longer silence at which it is asked again, unless it was sure the first time (smart):
-    /// a finished turn's probability rises as its trailing silence grows.
+    /// A longer silence at which it is asked again if it first judged the turn likely but not
+    /// surely complete (smart); 0: never. A finished turn's probability rises as its trailing
+    /// silence grows, but so does an unfinished one's: off by default, since on the bench it
+    /// cut off more speakers than it sped up (README, "Turn-taking").
     pub recheck_ms: u32,
     /// Silence that ends a turn whatever the model said (smart).
     pub max_silence_ms: u32,
@@ -99,7 +101,7 @@ impl Default for TurnPolicy {
         TurnPolicy {
             policy: PolicyKind::Smart,
             pause_ms: 64,
-            recheck_ms: 200,
+            recheck_ms: 0,
             max_silence_ms: 1_500,
             complete_threshold: 0.5,
             confident_threshold: 0.9,
@@ -123,7 +125,13 @@ impl TurnPolicy {
             min_silence_ms: self.max_silence_ms,
             ..vad
         };
-        TurnDetector::new(vad, rate).with_pauses(&[self.pause_ms, self.recheck_ms])
+        let pauses = [self.pause_ms, self.recheck_ms];
+        let pauses = if self.recheck_ms == 0 {
+            &pauses[..1]
+        } else {
+            &pauses[..]
+        };
+        TurnDetector::new(vad, rate).with_pauses(pauses)
     }
 
     pub(crate) fn validate(&self) -> Result<(), String> {
@@ -137,13 +145,14 @@ impl TurnPolicy {
             );
         }
         if self.smart()
-            && !(self.pause_ms < self.recheck_ms
+            && !((self.recheck_ms == 0 || self.pause_ms < self.recheck_ms)
                 && self.recheck_ms < self.likely_silence_ms
+                && self.pause_ms < self.likely_silence_ms
                 && self.likely_silence_ms <= self.max_silence_ms)
         {
             return Err(
-                "pipeline.turn needs pause_ms < recheck_ms < likely_silence_ms \
-                        <= max_silence_ms"
+                "pipeline.turn needs pause_ms < likely_silence_ms <= max_silence_ms, and \
+                 pause_ms < recheck_ms < likely_silence_ms unless recheck_ms is 0"
                     .into(),
             );
         }
