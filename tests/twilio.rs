@@ -324,17 +324,16 @@ async fn a_full_phone_turn_with_marks() {
     server.shutdown().await;
 }
 
-/// How many of `unit`'s words had played after `played` of its `len` samples in the stream: the
-/// longest prefix of its words whose own espeak-ng rendering, scaled to the unit's length,
-/// fits.
-async fn words_played(unit: &str, played: usize, len: usize) -> usize {
+/// How many of `unit`'s words had played after `played` samples of it at 8 kHz: the longest
+/// prefix of its words whose own espeak-ng rendering (the server's voice) is no longer.
+async fn words_played(unit: &str, played: usize) -> usize {
     let voice = common::espeak();
-    let full = voice.speak(unit).await.unwrap().len() as f64;
+    let to_8k = RATE as f64 / voice.sample_rate() as f64;
     let words: Vec<&str> = unit.split_whitespace().collect();
     let mut k = 0;
     for n in 1..=words.len() {
-        let prefix = voice.speak(&words[..n].join(" ")).await.unwrap().len() as f64;
-        if prefix / full * len as f64 <= played as f64 {
+        let prefix = voice.speak(&words[..n].join(" ")).await.unwrap().len() as f64 * to_8k;
+        if prefix <= played as f64 {
             k = n;
         } else {
             break;
@@ -368,11 +367,14 @@ async fn barge_in_clears_twilio_and_keeps_only_marked_text() {
         }
         assert!(Instant::now() < deadline, "no reply audio");
     }
-    let interrupt = common::speech("Sorry, one more question.", RATE).await;
+    // No comma: a pause inside it could end the turn there (smart turn policy) and start the
+    // next reply within the window checked below.
+    let interrupt = common::speech("I have one more question", RATE).await;
     let (onset, _) = common::active_span(&interrupt, 0.01).unwrap();
     let sent = caller.talk(&interrupt).await;
     let speech_began = sent[onset / FRAME];
-    caller.silence(1_200).await;
+    // Past [pipeline.turn] max_silence_ms (1.5 s): the interrupting turn has ended.
+    caller.silence(2_000).await;
 
     let log = caller.log();
     let cleared = log
@@ -398,32 +400,31 @@ async fn barge_in_clears_twilio_and_keeps_only_marked_text() {
             _ => None,
         })
         .unwrap();
-    let mut unit_start = 0usize;
-    let mut received = 0usize;
-    let mut truth = None;
+    // The unit being played at the clear starts after the last end mark before that point.
+    let (mut unit_start, mut received, mut unit) = (0usize, 0usize, 0usize);
     for l in &log {
         match l {
             Log::Media { bytes, .. } => received += bytes.len(),
             Log::MarkReceived(name) => {
-                let Some((_, u, None)) = protocol::parse_mark_name(name) else {
-                    continue;
-                };
-                if received > played {
-                    let k =
-                        words_played(&units[u], played - unit_start, received - unit_start).await;
-                    let before: usize = units[..u]
-                        .iter()
-                        .map(|t| t.split_whitespace().count())
-                        .sum();
-                    truth = Some(before + k);
-                    break;
+                if let Some((_, u, None)) = protocol::parse_mark_name(name) {
+                    if received > played {
+                        break;
+                    }
+                    (unit_start, unit) = (received, u + 1);
                 }
-                unit_start = received;
             }
             _ => {}
         }
     }
-    let truth = truth.expect("the clear came inside a unit");
+    assert!(
+        unit < units.len(),
+        "the clear came after the reply had played"
+    );
+    let before: usize = units[..unit]
+        .iter()
+        .map(|t| t.split_whitespace().count())
+        .sum();
+    let truth = before + words_played(&units[unit], played - unit_start).await;
     // No audio of the cut reply after the clear until the caller's new turn is answered.
     let late = log
         .iter()
