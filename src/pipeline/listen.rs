@@ -17,6 +17,7 @@ use crate::audio::{resample::StreamResampler, MODEL_RATE};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::vad::silero::frame_len;
 use crate::vad::smart_turn::SmartTurnHandle;
+use crate::vad::turn::Decision;
 use crate::vad::{SileroState, TurnEvent, TurnPolicy, TurnSettings, VadError, VadHandle};
 
 /// Caller audio on its way to the resampler, with its share of the call's input budget.
@@ -180,8 +181,8 @@ pub(crate) async fn detect(
     let flen = frame_len(MODEL_RATE);
     let pad = settings.speech_pad_ms as u64 * MODEL_RATE as u64 / 1000;
     let max_turn = settings.max_turn_ms as u64 * MODEL_RATE as u64 / 1000;
+    // Reports pauses only under the smart policy.
     let mut detector = turns.policy.detector(settings, MODEL_RATE);
-    let smart = turns.policy.smart();
     let mut state = Some(SileroState::new(MODEL_RATE).expect("16 kHz is supported"));
     let mut window = AudioWindow {
         start: 0,
@@ -216,23 +217,17 @@ pub(crate) async fn detect(
                     }
                 };
                 let policy = &turns.policy;
-                let decision = if p >= policy.confident_threshold {
-                    "complete"
-                } else if p >= policy.complete_threshold {
-                    "likely"
-                } else {
-                    "incomplete"
-                };
-                metrics.end_of_turn(decision);
-                tracing::debug!(probability = p, decision, "end-of-turn decision");
+                let decision = policy.decide(p);
+                metrics.end_of_turn(decision.as_str());
+                tracing::debug!(probability = p, decision = decision.as_str(), "end-of-turn decision");
                 if let Some(seen) = pause.as_mut() {
                     seen.probability = Some(p);
                 }
-                likely = decision == "likely";
+                likely = decision == Decision::Likely;
                 match decision {
-                    "complete" => out.extend(detector.end_now()),
-                    "likely" => detector.end_after(policy.likely_silence_ms),
-                    _ => {}
+                    Decision::Complete => out.extend(detector.end_now()),
+                    Decision::Likely => detector.end_after(policy.likely_silence_ms),
+                    Decision::Incomplete => {}
                 }
                 if !emit(&mut out, &window, pad, &mut turn_start, &mut pause, &events).await {
                     return;
@@ -278,7 +273,7 @@ pub(crate) async fn detect(
                     // since, as pipecat feeds it. At the longer pause, only when its first
                     // answer was "likely": trailing silence makes the model readier to call any
                     // phrase complete, so an "incomplete" one stands.
-                    TurnEvent::Pause { start, .. } if smart && (asked == 0 || likely) => {
+                    TurnEvent::Pause { start, .. } if asked == 0 || likely => {
                         asked += 1;
                         judging = turns.model.clone().map(|m| {
                             let audio: Arc<[f32]> = window.slice(*start, b).into();

@@ -86,6 +86,33 @@ pub fn init_runtime(lib: &Path) -> Result<&'static Environment, VadError> {
     })
 }
 
+/// A session of `model` (named `what` in errors) on one thread: its worker batches across calls
+/// instead, and the other core is needed by the sockets and the model.
+pub(crate) fn single_thread_session(
+    env: &Environment,
+    model: &Path,
+    what: &'static str,
+) -> Result<Session, VadError> {
+    let err = |e: String| VadError::Model {
+        what,
+        path: model.display().to_string(),
+        reason: e,
+    };
+    if !model.is_file() {
+        return Err(err("no such file".into()));
+    }
+    Session::builder(env)
+        .map_err(|e| err(e.to_string()))?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(|e| err(e.to_string()))?
+        .with_intra_threads(1)
+        .map_err(|e| err(e.to_string()))?
+        .with_inter_threads(1)
+        .map_err(|e| err(e.to_string()))?
+        .commit_from_file(model)
+        .map_err(|e| err(e.to_string()))
+}
+
 /// One ORT session of the Silero model.
 pub struct SileroModel {
     session: Session,
@@ -94,27 +121,9 @@ pub struct SileroModel {
 impl SileroModel {
     /// Loads the model into a session of the given runtime environment.
     pub fn load(env: &Environment, model: &Path) -> Result<Self, VadError> {
-        let err = |e: String| VadError::Model {
-            what: "Silero VAD",
-            path: model.display().to_string(),
-            reason: e,
-        };
-        if !model.is_file() {
-            return Err(err("no such file".into()));
-        }
-        let session = Session::builder(env)
-            .map_err(|e| err(e.to_string()))?
-            .with_optimization_level(GraphOptimizationLevel::Level3)
-            .map_err(|e| err(e.to_string()))?
-            // One thread: the worker batches across calls instead, and the other core is needed
-            // by the sockets and the model.
-            .with_intra_threads(1)
-            .map_err(|e| err(e.to_string()))?
-            .with_inter_threads(1)
-            .map_err(|e| err(e.to_string()))?
-            .commit_from_file(model)
-            .map_err(|e| err(e.to_string()))?;
-        Ok(SileroModel { session })
+        Ok(SileroModel {
+            session: single_thread_session(env, model, "Silero VAD")?,
+        })
     }
 
     /// Runs one frame for each stream in `streams` (all at the same rate) and returns one speech

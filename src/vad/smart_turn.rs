@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ort::environment::Environment;
-use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::session::Session;
 use ort::value::Tensor;
 use tokio::sync::{mpsc, oneshot};
 
+use super::silero::single_thread_session;
+use super::worker::next_batch;
 use super::VadError;
 use crate::audio::mel::{LogMel, HOP, N_MELS, SAMPLE_RATE};
 use crate::metrics::Metrics;
@@ -81,27 +83,8 @@ pub struct SmartTurnModel {
 
 impl SmartTurnModel {
     pub fn load(env: &Environment, model: &Path) -> Result<Self, VadError> {
-        let err = |e: String| VadError::Model {
-            what: "Smart Turn end-of-turn",
-            path: model.display().to_string(),
-            reason: e,
-        };
-        if !model.is_file() {
-            return Err(err("no such file".into()));
-        }
-        let session = Session::builder(env)
-            .map_err(|e| err(e.to_string()))?
-            .with_optimization_level(GraphOptimizationLevel::Level3)
-            .map_err(|e| err(e.to_string()))?
-            // One thread, as for the VAD: the other core serves the sockets and the model.
-            .with_intra_threads(1)
-            .map_err(|e| err(e.to_string()))?
-            .with_inter_threads(1)
-            .map_err(|e| err(e.to_string()))?
-            .commit_from_file(model)
-            .map_err(|e| err(e.to_string()))?;
         Ok(SmartTurnModel {
-            session,
+            session: single_thread_session(env, model, "Smart Turn end-of-turn")?,
             mel: LogMel::new(),
         })
     }
@@ -169,14 +152,7 @@ impl SmartTurnHandle {
 
 fn run(mut model: SmartTurnModel, mut rx: mpsc::Receiver<Job>, metrics: Arc<Metrics>) {
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        jobs.push(first);
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
+    while next_batch(&mut rx, &mut jobs, MAX_BATCH) {
         let started = Instant::now();
         let turns: Vec<&[f32]> = jobs.iter().map(|j| &j.turn[..]).collect();
         let result = model.predict(&turns);

@@ -134,6 +134,17 @@ impl TurnPolicy {
         TurnDetector::new(vad, rate).with_pauses(pauses)
     }
 
+    /// What the end-of-turn model's probability `p` at a pause means for the turn.
+    pub(crate) fn decide(&self, p: f32) -> Decision {
+        if p >= self.confident_threshold {
+            Decision::Complete
+        } else if p >= self.complete_threshold {
+            Decision::Likely
+        } else {
+            Decision::Incomplete
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<(), String> {
         let unit = |x: f32| (0.0..=1.0).contains(&x);
         if !unit(self.complete_threshold) || !unit(self.confident_threshold) {
@@ -166,6 +177,28 @@ impl TurnPolicy {
             ));
         }
         Ok(())
+    }
+}
+
+/// The end-of-turn model's verdict on a pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// The turn ends at the pause.
+    Complete,
+    /// The turn ends after `likely_silence_ms`.
+    Likely,
+    /// The turn ends after `max_silence_ms` (or goes on).
+    Incomplete,
+}
+
+impl Decision {
+    /// The `decision` label of `gazelle_end_of_turn_decisions_total`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Decision::Complete => "complete",
+            Decision::Likely => "likely",
+            Decision::Incomplete => "incomplete",
+        }
     }
 }
 

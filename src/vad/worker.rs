@@ -65,16 +65,25 @@ impl VadHandle {
     }
 }
 
+/// Waits for a request, then takes whatever else is queued, up to `max` in `jobs` (emptied by
+/// the caller after each batch). False once every sender is gone.
+pub(crate) fn next_batch<T>(rx: &mut mpsc::Receiver<T>, jobs: &mut Vec<T>, max: usize) -> bool {
+    let Some(first) = rx.blocking_recv() else {
+        return false;
+    };
+    jobs.push(first);
+    while jobs.len() < max {
+        match rx.try_recv() {
+            Ok(j) => jobs.push(j),
+            Err(_) => break,
+        }
+    }
+    true
+}
+
 fn run(mut model: SileroModel, mut rx: mpsc::Receiver<Job>, metrics: Arc<Metrics>) {
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        jobs.push(first);
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
+    while next_batch(&mut rx, &mut jobs, MAX_BATCH) {
         for rate in [16_000, 8_000] {
             let group: Vec<Job> = {
                 let (g, rest): (Vec<Job>, Vec<Job>) =

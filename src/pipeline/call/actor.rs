@@ -165,7 +165,7 @@ impl Actor {
                 if !self.cfg.settings.turn.preemptive || self.reply.is_some() {
                     return;
                 }
-                let duration_ms = audio.len() as u64 * 1000 / MODEL_RATE as u64;
+                let duration_ms = turn_ms(&audio);
                 let turn_samples = audio.len();
                 let cancel = self.cancel.child_token();
                 let tokens = self
@@ -188,7 +188,7 @@ impl Actor {
                 forced,
                 pause,
             } => {
-                let duration_ms = audio.len() as u64 * 1000 / MODEL_RATE as u64;
+                let duration_ms = turn_ms(&audio);
                 let answers = |r: &Reply| {
                     r.tentative
                         .as_ref()
@@ -471,6 +471,11 @@ impl Actor {
             });
         }
     }
+}
+
+/// A user turn's length in milliseconds.
+fn turn_ms(audio: &[f32]) -> u64 {
+    audio.len() as u64 * 1000 / MODEL_RATE as u64
 }
 
 /// Tokio's clock, which the pacer uses too (and tests can pause).
