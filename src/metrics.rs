@@ -315,6 +315,9 @@ pub struct Metrics {
     pub preemptive_replies: IntCounterVec,
     /// Seconds discarded preemptive replies ran before they were taken back.
     pub preemptive_wasted_seconds: Counter,
+    /// Replies paused by speech over them, by outcome: `resumed` (a false interruption: too
+    /// short, or no turn) or `cut` (a barge-in).
+    pub paused_replies: IntCounterVec,
 }
 
 impl Metrics {
@@ -474,8 +477,17 @@ impl Metrics {
             "Seconds discarded preemptive replies ran before they were taken back",
         )
         .expect("valid metric");
+        let paused_replies = IntCounterVec::new(
+            Opts::new(
+                "paused_replies_total",
+                "Replies paused by speech over them, by outcome (resumed, cut)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(end_of_turn_seconds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(paused_replies.clone()),
             Box::new(end_of_turn_decisions.clone()),
             Box::new(preemptive_replies.clone()),
             Box::new(preemptive_wasted_seconds.clone()),
@@ -532,6 +544,7 @@ impl Metrics {
             end_of_turn_decisions,
             preemptive_replies,
             preemptive_wasted_seconds,
+            paused_replies,
         }
     }
 
@@ -548,6 +561,11 @@ impl Metrics {
         if let Some(w) = wasted {
             self.preemptive_wasted_seconds.inc_by(w.as_secs_f64());
         }
+    }
+
+    /// A reply paused by speech over it was `resumed` or `cut`.
+    pub(crate) fn paused_reply(&self, outcome: &str) {
+        self.paused_replies.with_label_values(&[outcome]).inc();
     }
 
     /// The text exposition format.

@@ -217,7 +217,9 @@ async fn barge_in_stops_audio_and_keeps_only_what_was_heard() {
     let clear = events
         .iter()
         .find_map(|e| match &e.kind {
-            EventKind::Clear { reply, spoken_text } => Some((e.at, *reply, spoken_text.clone())),
+            EventKind::Clear {
+                reply, spoken_text, ..
+            } => Some((e.at, *reply, spoken_text.clone())),
             _ => None,
         })
         .expect("a gazelle_clear message");
@@ -576,6 +578,94 @@ async fn a_mid_sentence_pause_is_not_a_turn_end_and_leaves_no_trace() {
     )
     .await;
     assert!(discarded >= 1.0, "no preemptive reply was discarded");
+    client.stop().await.unwrap();
+    server.shutdown().await;
+}
+
+/// A short sound over the bot, 1.5 s into its reply: the first 300 ms of a recorded word
+/// (Asterisk's "agent-pass"), which the VAD takes for speech as it would a cough or an "uh-huh",
+/// but shorter than `false_interruption_ms`. The reply is paused (a `gazelle_clear` with
+/// `paused`), then plays on from where it stopped; it is never cut, the sound is not answered,
+/// and the history holds the whole reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_sound_over_the_bot_pauses_the_reply_and_it_resumes() {
+    let rate = 16_000;
+    let reply = "This is a reply that takes a few seconds to say. It goes on after the \
+                 sound and ends here.";
+    let server = common::start_server(config(reply)).await;
+    let cc = ClientConfig::new(rate, Encoding::Linear16);
+    let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
+    let mut clip = common::silence(300, rate);
+    clip.extend(common::speech("Tell me something please.", rate).await);
+    client.stream_realtime(&clip, 20).await.unwrap();
+    // Silence until 1.5 s of reply audio has arrived.
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let paced = tokio::time::Instant::now();
+    for i in 1.. {
+        client.send_audio(&common::silence(20, rate)).await.unwrap();
+        tokio::time::sleep_until(paced + Duration::from_millis(20 * i)).await;
+        events.extend(drain(&mut client));
+        if first_audio(&events).is_some_and(|t| t.elapsed() > Duration::from_millis(1_500)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reply audio");
+    }
+    let word = recorded("agent-pass.wav");
+    let mut sound = word[..rate as usize * 3 / 10].to_vec();
+    let fade = rate as usize / 50;
+    let n = sound.len();
+    for (k, x) in sound[n - fade..].iter_mut().enumerate() {
+        *x *= 1.0 - k as f32 / fade as f32;
+    }
+    let sent = client.stream_realtime(&sound, 20).await.unwrap();
+    let sound_began = sent[0];
+    // Then silence while the reply plays out.
+    let rest = talk(&mut client, &[], rate, 6_000).await;
+    events.extend(rest);
+    let clears: Vec<(Instant, bool)> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Clear { paused, .. } => Some((e.at, *paused)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(clears.len(), 1, "one clear, a pause: {clears:?}");
+    let (paused_at, paused) = clears[0];
+    assert!(paused, "the sound paused the reply rather than cutting it");
+    let delay = paused_at.saturating_duration_since(sound_began);
+    assert!(
+        delay <= Duration::from_millis(300),
+        "paused {delay:?} after the sound began"
+    );
+    let after: usize = events
+        .iter()
+        .filter(|e| e.at > paused_at)
+        .filter_map(|e| match &e.kind {
+            EventKind::Audio { samples, .. } => Some(samples.len()),
+            _ => None,
+        })
+        .sum();
+    assert!(
+        after > rate as usize,
+        "only {after} samples of the reply after the pause"
+    );
+    let resumed =
+        common::metric(&server, "gazelle_paused_replies_total{outcome=\"resumed\"}").await;
+    assert_eq!(resumed, 1.0);
+    let history = history(&mut client).await;
+    let turns = history["turns"].as_array().unwrap();
+    assert_eq!(turns.len(), 2, "the sound is no turn: {history}");
+    assert_eq!(turns[1]["role"], "bot");
+    assert_eq!(
+        turns[1]["text"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        reply.split_whitespace().collect::<Vec<_>>()
+    );
+    assert_eq!(turns[1]["interrupted"], false);
     client.stop().await.unwrap();
     server.shutdown().await;
 }

@@ -532,7 +532,7 @@ function onMessage(c, m) {
       const stopped2 = c.player.clear();
       stats.clears.push({ reply: m.reply, stopped: stopped2 });
       const bubble = c.bots.get(m.reply);
-      if (bubble) markInterrupted(bubble, m.spoken_text);
+      if (bubble && !m.paused) markInterrupted(bubble, m.spoken_text);
       break;
     }
     case "gazelle_timeline":

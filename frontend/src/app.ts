@@ -420,7 +420,8 @@ function onMessage(c: Call, m: ServerMessage): void {
       const stopped = c.player.clear();
       stats.clears.push({ reply: m.reply, stopped });
       const bubble = c.bots.get(m.reply);
-      if (bubble) markInterrupted(bubble, m.spoken_text);
+      // Only paused (a short sound over the bot): its audio may follow again.
+      if (bubble && !m.paused) markInterrupted(bubble, m.spoken_text);
       break;
     }
     case "gazelle_timeline":

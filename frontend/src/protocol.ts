@@ -23,7 +23,7 @@ export type ServerMessage =
   | { type: "websocket_audio"; data: string }
   | { type: "websocket_transcript"; text: string; sender: string; timestamp: string; reply: number }
   | { type: "websocket_stop" }
-  | { type: "gazelle_clear"; reply: number; spoken_text: string }
+  | { type: "gazelle_clear"; reply: number; spoken_text: string; paused?: boolean }
   | ({ type: "gazelle_timeline" } & Timeline)
   | { type: "gazelle_history"; conversation: unknown }
   | { type: "gazelle_error"; kind: string; message: string };

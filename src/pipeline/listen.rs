@@ -49,6 +49,8 @@ pub(crate) enum VadEvent {
     },
     /// Speech again after a pause: the turn goes on.
     Resume,
+    /// The speech that raised the last `Interruption` died away without becoming a turn.
+    Dropped,
     /// A finished user turn.
     SpeechEnd {
         audio: Arc<[f32]>,
@@ -57,6 +59,9 @@ pub(crate) enum VadEvent {
         /// When the detector decided the turn was over.
         detected: Instant,
         forced: bool,
+        /// How long the speaker spoke, from the first to the last sample of speech (pauses
+        /// inside included, pads not).
+        speech: Duration,
         /// The pause it ended at, if one was reported (smart policy).
         pause: Option<PauseSeen>,
     },
@@ -339,8 +344,10 @@ async fn emit(
                 *pause = None;
                 VadEvent::Resume
             }
+            TurnEvent::Dropped => VadEvent::Dropped,
             TurnEvent::SpeechEnd { start, end, forced } => {
                 let speech_end = if forced { end } else { end.saturating_sub(pad) };
+                let spoken = speech_end.saturating_sub(start + pad);
                 let audio: Arc<[f32]> = window.slice(start, end).into();
                 *turn_start = None;
                 VadEvent::SpeechEnd {
@@ -348,6 +355,7 @@ async fn emit(
                     true_end: window.arrival(speech_end),
                     detected: now,
                     forced,
+                    speech: Duration::from_secs_f64(spoken as f64 / MODEL_RATE as f64),
                     pause: pause.take(),
                 }
             }

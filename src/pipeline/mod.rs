@@ -44,8 +44,14 @@ pub(crate) enum Outbound {
     },
     /// A unit of bot text of reply `reply` as it goes to the synthesizer.
     Transcript { reply: u64, text: String },
-    /// Barge-in: the client must stop playback at once. `spoken` is what the user heard.
-    Clear { reply: u64, spoken: String },
+    /// Barge-in: the client must stop playback at once. `spoken` is what the user heard. When
+    /// `paused`, the reply is only held (the user made a sound over it): its audio may follow,
+    /// from where it stopped, if the sound proves no turn; if not, a final `Clear` follows.
+    Clear {
+        reply: u64,
+        spoken: String,
+        paused: bool,
+    },
     /// The latency timeline of a reply, once its first audio is out.
     Timeline(Timeline),
     /// A recoverable problem with the caller's input; the call goes on.

@@ -39,7 +39,10 @@ pub fn segments(
                     open = None;
                     out.push(Segment { start, end });
                 }
-                TurnEvent::Interruption { .. } | TurnEvent::Pause { .. } | TurnEvent::Resume => {}
+                TurnEvent::Interruption { .. }
+                | TurnEvent::Pause { .. }
+                | TurnEvent::Resume
+                | TurnEvent::Dropped => {}
             }
         }
     }

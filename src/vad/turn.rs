@@ -87,6 +87,10 @@ pub struct TurnPolicy {
     /// ends at the pause gets its reply with no wait for the model, and one that goes on has
     /// its reply taken back unheard.
     pub preemptive: bool,
+    /// Speech over the bot shorter than this (a cough, an "uh-huh", a bump) only pauses the
+    /// reply: once it is over and shorter, the reply resumes where it stopped; longer, it is a
+    /// barge-in. 0: every interruption cuts the reply at once. Either policy.
+    pub false_interruption_ms: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +111,7 @@ impl Default for TurnPolicy {
             confident_threshold: 0.9,
             likely_silence_ms: 800,
             preemptive: true,
+            false_interruption_ms: 500,
         }
     }
 }
@@ -217,6 +222,9 @@ pub enum TurnEvent {
     Pause { start: u64, end: u64 },
     /// Speech again after a pause: the turn goes on.
     Resume,
+    /// Speech that had raised an [`TurnEvent::Interruption`] died away before it lasted
+    /// `min_speech_ms`: no turn came of it.
+    Dropped,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -447,6 +455,9 @@ impl TurnDetector {
         if p < s.end_threshold {
             let q = *quiet.get_or_insert(start);
             if end - q >= self.samples(s.min_silence_ms) {
+                if interrupted {
+                    out.push(TurnEvent::Dropped);
+                }
                 return State::Idle;
             }
             return State::Pending {
@@ -543,9 +554,9 @@ mod tests {
                 ],
             ),
             (
-                "a blip shorter than min_speech is ignored",
+                "a blip shorter than min_speech is no turn, and says so",
                 seq(&[(0.9, 4), (0.0, 30)]),
-                vec![(2, Interruption { start: 0 })],
+                vec![(2, Interruption { start: 0 }), (13, Dropped)],
             ),
             (
                 "hysteresis: mid probabilities neither end nor restart a turn",

@@ -2,10 +2,12 @@
 //! reply in flight. It turns the listening stage's turn events into replies (one set of speaking
 //! stages per reply: sentence stage → synthesizer → pacer) and on barge-in cancels the reply,
 //! drops its queued audio and tells the client to clear, in one step, keeping in the history only
-//! what was heard. At a pause (smart turn policy) it starts the reply preemptively with its audio
-//! held: the end of the turn commits it and lets the audio out, and speech after the pause
-//! discards it unheard, from the model's cache too. It takes its inputs as channels, so tests
-//! drive it with synthetic turn events.
+//! what was heard. Speech over the bot first only pauses the reply (the client clears, the pacer
+//! takes back what was not played): a sound shorter than `false_interruption_ms` (a cough, an
+//! "uh-huh") lets it play on from there, and longer speech cuts it. At a pause (smart turn
+//! policy) it starts the reply preemptively with its audio held: the end of the turn commits it
+//! and lets the audio out, and speech after the pause discards it unheard, from the model's cache
+//! too. It takes its inputs as channels, so tests drive it with synthetic turn events.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +35,9 @@ use crate::tts::Voice;
 const UNIT_QUEUE: usize = 32;
 /// Reply milestones; a handful per reply.
 const REPLY_EVENT_QUEUE: usize = 64;
+/// Quiet after a short sound over a paused reply before it plays on: a word followed by more
+/// speech ("Wait, … stop, I have a question") must not let the reply out in between.
+const RESUME_AFTER: Duration = Duration::from_millis(300);
 
 /// What the actor needs to know of the server and of the caller.
 pub(crate) struct ActorConfig {
@@ -61,10 +66,21 @@ pub(crate) struct Actor {
     session: Box<dyn SlmSession>,
     voice: Box<dyn Voice>,
     reply: Option<Reply>,
+    /// Short sounds heard over the paused reply so far.
+    sounds: Option<Sounds>,
     next_reply: u64,
     /// Every task of the call; aborted when the actor ends.
     tasks: JoinSet<()>,
     _keep: Keep,
+}
+
+/// Speech over a paused reply that has ended, each part shorter than a turn so far.
+struct Sounds {
+    /// Their audio, one after the other: if more speech makes a turn of them, it is all of it.
+    audio: Vec<f32>,
+    speech: Duration,
+    /// When the reply plays on unless speech comes first.
+    resume_at: Option<Instant>,
 }
 
 /// Keeps the active-calls gauge right however the actor ends.
@@ -95,6 +111,7 @@ impl Actor {
             session,
             voice,
             reply: None,
+            sounds: None,
             next_reply: 0,
             tasks,
             _keep: keep,
@@ -116,12 +133,8 @@ impl Actor {
         }
         loop {
             let plays_until = self.reply.as_ref().and_then(|r| r.plays_until);
-            let playback_over = async move {
-                match plays_until {
-                    Some(t) => tokio::time::sleep_until(t.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let playback_over = sleep_until(plays_until);
+            let quiet_after_sound = sleep_until(self.sounds.as_ref().and_then(|s| s.resume_at));
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
                 _ = self.out.closed() => break,
@@ -134,6 +147,7 @@ impl Actor {
                         let _ = tx.send(self.conversation.clone());
                     }
                     Some(CallCommand::Played { reply, unit, within }) => {
+                        // A paused reply ignores them (`Reply::acknowledge`).
                         if let Some(r) = self.reply.as_mut().filter(|r| r.id == reply) {
                             r.acknowledge(unit, within);
                         }
@@ -145,6 +159,7 @@ impl Actor {
                     ReplyEvent::Pacer(ev) => self.on_pacer(ev).await,
                 },
                 _ = playback_over => self.finish_reply(),
+                _ = quiet_after_sound => self.resume_reply("a short sound"),
             }
         }
         self.cancel.cancel();
@@ -154,7 +169,23 @@ impl Actor {
     async fn on_vad(&mut self, ev: VadEvent) {
         match ev {
             VadEvent::SpeechStart => {}
-            VadEvent::Interruption => self.barge_in(BargeIn::Interruption).await,
+            VadEvent::Interruption => {
+                let paused = self.reply.as_ref().is_some_and(|r| r.paused.is_some());
+                let pausable = |r: &Reply| r.tentative.is_none();
+                if paused {
+                    // More speech over the paused reply: it stays paused.
+                    if let Some(s) = self.sounds.as_mut() {
+                        s.resume_at = None;
+                    }
+                } else if self.cfg.settings.turn.false_interruption_ms > 0
+                    && self.reply.as_ref().is_some_and(pausable)
+                {
+                    self.pause_reply().await;
+                } else {
+                    self.barge_in(BargeIn::Interruption).await;
+                }
+            }
+            VadEvent::Dropped => self.resume_reply("no turn"),
             VadEvent::Pause {
                 audio,
                 true_end,
@@ -186,8 +217,30 @@ impl Actor {
                 true_end,
                 detected,
                 forced,
+                speech,
                 pause,
             } => {
+                let (audio, speech) = match self.sounds.take() {
+                    // Short sounds before this speech over the same paused reply: one turn.
+                    Some(s) => {
+                        let mut all = s.audio;
+                        all.extend_from_slice(&audio);
+                        (Arc::from(all), s.speech + speech)
+                    }
+                    None => (audio, speech),
+                };
+                let short =
+                    speech.as_millis() < self.cfg.settings.turn.false_interruption_ms as u128;
+                if short && self.reply.as_ref().is_some_and(|r| r.paused.is_some()) {
+                    // A sound over the bot, not a turn: unless speech follows soon, the reply
+                    // plays on, and the sound is neither answered nor kept.
+                    self.sounds = Some(Sounds {
+                        audio: audio.to_vec(),
+                        speech,
+                        resume_at: Some(now() + RESUME_AFTER),
+                    });
+                    return;
+                }
                 let duration_ms = turn_ms(&audio);
                 let answers = |r: &Reply| {
                     r.tentative
@@ -224,6 +277,44 @@ impl Actor {
                 self.cancel.cancel();
             }
         }
+    }
+
+    /// Speech over the bot: its audio stops where the client's playback stands (the client
+    /// clears; the pacer takes back the rest), until the speech proves a turn or not.
+    async fn pause_reply(&mut self) {
+        let Some(r) = self.reply.as_mut() else { return };
+        let at = now();
+        let spoken = match r.heard(at, self.cfg.playback_acks) {
+            Heard::All => {
+                self.finish_reply();
+                return;
+            }
+            Heard::Cut(spoken) => spoken,
+        };
+        r.pause(at);
+        tracing::debug!(reply = r.id, %spoken, "speech over the reply: paused");
+        let clear = Outbound::Clear {
+            reply: r.id,
+            spoken,
+            paused: true,
+        };
+        let _ = self.out.send(clear).await;
+    }
+
+    /// The sound that paused the reply was no turn: it plays on from where it stopped.
+    fn resume_reply(&mut self, why: &str) {
+        self.sounds = None;
+        let Some(r) = self.reply.as_mut() else { return };
+        let Some(paused) = r.resume(now()) else {
+            return;
+        };
+        self.cfg.metrics.paused_reply("resumed");
+        tracing::debug!(
+            reply = r.id,
+            ?paused,
+            why,
+            "false interruption: the reply resumes"
+        );
     }
 
     /// The turn ended where the preemptive reply began: it becomes the reply, and its audio and
@@ -289,12 +380,11 @@ impl Actor {
         let (text_tx, text_rx) = mpsc::channel(REPLY_EVENT_QUEUE);
         let (pacer_tx, pacer_rx) = mpsc::channel(REPLY_EVENT_QUEUE);
         let (ledger_tx, ledger_rx) = watch::channel(Playout::default());
-        let (hold, hold_rx) = watch::channel(tentative.is_some());
+        let (gate, gate_rx) = watch::channel(tentative.is_some().then(now));
         let tentative = tentative.map(|turn_samples| Tentative {
             turn_samples,
             started: now(),
             held: Vec::new(),
-            hold,
         });
         // Tasks of earlier replies have ended; forget them so a long call does not pile them up.
         while self.tasks.try_join_next().is_some() {}
@@ -320,11 +410,11 @@ impl Actor {
             self.out.clone(),
             pacer_tx,
             ledger_tx,
-            hold_rx,
+            gate_rx,
             cancel.clone(),
         ));
         self.reply = Some(Reply::new(
-            id, cancel, turn_end, text_rx, pacer_rx, ledger_rx, tentative,
+            id, cancel, turn_end, text_rx, pacer_rx, ledger_rx, gate, tentative,
         ));
     }
 
@@ -382,7 +472,8 @@ impl Actor {
                 self.send_timeline().await;
             }
             PacerEvent::Finished { plays_until } => {
-                if let Some(r) = self.reply.as_mut() {
+                // A paused reply is finished again once it plays on.
+                if let Some(r) = self.reply.as_mut().filter(|r| r.paused.is_none()) {
                     r.plays_until = Some(plays_until);
                 }
             }
@@ -440,10 +531,19 @@ impl Actor {
     /// Stops the reply in flight, if the bot is generating or speaking: cancels generation and
     /// synthesis, drops queued audio, tells the client to clear, and keeps what was heard.
     async fn barge_in(&mut self, during: BargeIn) {
+        self.sounds = None;
         // Nothing of a preemptive reply was heard: it is simply taken back.
         self.discard_tentative();
         let Some(r) = self.reply.take() else { return };
         r.cancel.cancel();
+        // Speech that paused the reply proved a barge-in; the pacer took back what was not
+        // played by then, so the ledger says what was heard.
+        let during = if r.paused.is_some() {
+            self.cfg.metrics.paused_reply("cut");
+            BargeIn::Interruption
+        } else {
+            during
+        };
         // Tokio's clock, which the pacer's ledger uses too (and tests can pause).
         let now = tokio::time::Instant::now().into_std();
         let spoken = match r.heard(now, self.cfg.playback_acks) {
@@ -461,6 +561,7 @@ impl Actor {
             .send(Outbound::Clear {
                 reply: r.id,
                 spoken: spoken.clone(),
+                paused: false,
             })
             .await;
         self.session.reply_truncated(&spoken);
@@ -470,6 +571,14 @@ impl Actor {
                 interrupted: true,
             });
         }
+    }
+}
+
+/// Sleeps until `t`; forever if `None`.
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,7 +1,8 @@
 //! The call actor alone, on tokio's paused clock: the scripted model, a fake voice that speaks
 //! each unit as one second of audio at once, and turn events made up by the test instead of a
 //! VAD. Covers the first message, barge-in during generation and during playback, the history by
-//! acknowledgement and by the playout estimate, and a reply played out in full.
+//! acknowledgement and by the playout estimate, a reply played out in full, preemptive replies,
+//! and replies paused by a sound over them that resume or are cut.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,10 +63,27 @@ struct Call {
     _cancel: tokio_util::sync::DropGuard,
 }
 
+/// A call whose interruptions cut the reply at once (`false_interruption_ms = 0`).
 fn call(token_delay_ms: u64, first_message: Option<&str>, playback_acks: bool) -> Call {
+    let mut settings = PipelineSettings::default();
+    settings.turn.false_interruption_ms = 0;
+    call_with(settings, token_delay_ms, first_message, playback_acks)
+}
+
+/// A call with the default settings: an interruption first pauses the reply.
+fn pausing_call(playback_acks: bool) -> Call {
+    call_with(PipelineSettings::default(), 0, None, playback_acks)
+}
+
+fn call_with(
+    settings: PipelineSettings,
+    token_delay_ms: u64,
+    first_message: Option<&str>,
+    playback_acks: bool,
+) -> Call {
     let model = ScriptedModel::new(REPLY, Duration::from_millis(token_delay_ms));
     let cfg = ActorConfig {
-        settings: Arc::new(PipelineSettings::default()),
+        settings: Arc::new(settings),
         limits: Arc::new(Limits::default()),
         metrics: Arc::new(Metrics::new()),
         output_rate: RATE,
@@ -100,12 +118,18 @@ fn call(token_delay_ms: u64, first_message: Option<&str>, playback_acks: bool) -
 impl Call {
     /// The user finished a turn now.
     async fn turn(&self) {
+        self.turn_of(Duration::from_secs(1)).await;
+    }
+
+    /// The user finished a turn of `speech` now.
+    async fn turn_of(&self, speech: Duration) {
         let now = tokio::time::Instant::now().into_std();
         let ev = VadEvent::SpeechEnd {
             audio: Arc::from(vec![0.0f32; RATE as usize]),
             true_end: now,
             detected: now,
             forced: false,
+            speech,
             pause: None,
         };
         self.vad.send(ev).await.unwrap();
@@ -129,6 +153,7 @@ impl Call {
             true_end,
             detected: now,
             forced: false,
+            speech: Duration::from_secs(1),
             pause: Some(crate::pipeline::listen::PauseSeen {
                 at: now,
                 probability: Some(p),
@@ -180,10 +205,41 @@ impl Call {
         self.seen
             .iter()
             .filter_map(|(_, m)| match m {
-                Outbound::Clear { reply, spoken } => Some((*reply, spoken.clone())),
+                Outbound::Clear {
+                    reply,
+                    spoken,
+                    paused: false,
+                } => Some((*reply, spoken.clone())),
                 _ => None,
             })
             .collect()
+    }
+
+    /// The clears that only paused a reply.
+    fn pauses(&self) -> Vec<(u64, String)> {
+        self.seen
+            .iter()
+            .filter_map(|(_, m)| match m {
+                Outbound::Clear {
+                    reply,
+                    spoken,
+                    paused: true,
+                } => Some((*reply, spoken.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Samples of audio sent within `when`, whatever became of them.
+    fn samples_in(&self, when: impl std::ops::RangeBounds<tokio::time::Instant>) -> usize {
+        self.seen
+            .iter()
+            .filter(|(at, _)| when.contains(at))
+            .filter_map(|(_, m)| match m {
+                Outbound::Audio { samples, .. } => Some(samples.len()),
+                _ => None,
+            })
+            .sum()
     }
 
     /// Audio frames of a reply that was not cancelled, sent after `t`.
@@ -412,4 +468,131 @@ async fn speech_after_a_pause_discards_the_preemptive_reply_unheard() {
         c.history().await.turns,
         [Turn::User { duration_ms: 2_000 }, bot(REPLY, false)]
     );
+}
+
+/// A cough over the bot 1.5 s into its reply: the client is told to clear (the reply is only
+/// paused), nothing is sent while the sound lasts, and once it dies away with no turn the reply
+/// plays on from where it stopped: the part of unit 1 not yet played, exactly. The history holds
+/// the whole reply.
+#[tokio::test(start_paused = true)]
+async fn a_sound_that_comes_to_nothing_pauses_the_reply_and_it_resumes_where_it_stopped() {
+    let mut c = pausing_call(false);
+    c.turn().await;
+    let first = c.first_audio().await;
+    c.wait(Duration::from_millis(1_500)).await;
+    c.interrupt().await;
+    let paused = tokio::time::Instant::now();
+    let played = ((paused - first).as_secs_f64() * RATE as f64).round() as usize;
+    c.wait(Duration::from_millis(400)).await;
+    assert_eq!(c.pauses(), [(0, "One two three. Four".to_string())]);
+    let during = (
+        std::ops::Bound::Excluded(paused),
+        std::ops::Bound::Unbounded,
+    );
+    assert_eq!(c.samples_in(during), 0, "nothing sent while paused");
+    c.vad.send(VadEvent::Dropped).await.unwrap();
+    let resumed = tokio::time::Instant::now();
+    c.wait(Duration::from_secs(2)).await;
+    assert_eq!(
+        c.samples_in(resumed..),
+        2 * RATE as usize - played,
+        "the unplayed part of unit 1, once"
+    );
+    assert!(c.clears().is_empty(), "no barge-in");
+    let h = c.history().await;
+    assert_eq!(
+        h.turns,
+        [Turn::User { duration_ms: 1_000 }, bot(REPLY, false)]
+    );
+}
+
+/// A short sound that the detector ends as a turn (an "uh-huh") is no turn either: the reply
+/// resumes, and the sound is neither answered nor kept.
+#[tokio::test(start_paused = true)]
+async fn a_turn_shorter_than_false_interruption_ms_resumes_the_reply() {
+    let mut c = pausing_call(false);
+    c.turn().await;
+    c.first_audio().await;
+    c.wait(Duration::from_millis(500)).await;
+    c.interrupt().await;
+    c.wait(Duration::from_millis(300)).await;
+    c.turn_of(Duration::from_millis(250)).await;
+    c.wait(Duration::from_secs(3)).await;
+    assert_eq!(c.pauses().len(), 1);
+    assert!(c.clears().is_empty());
+    let h = c.history().await;
+    assert_eq!(
+        h.turns,
+        [Turn::User { duration_ms: 1_000 }, bot(REPLY, false)]
+    );
+}
+
+/// Speech over the bot that proves a turn cuts the reply where it was paused, not where the
+/// turn ended (by then all of it would have played), and the turn is answered. Marks the client
+/// returns while the reply is paused (Twilio echoes those it drops on a clear) do not count as
+/// heard.
+#[tokio::test(start_paused = true)]
+async fn speech_that_proves_a_turn_cuts_the_reply_where_it_was_paused() {
+    let mut c = pausing_call(true);
+    c.turn().await;
+    c.first_audio().await;
+    c.wait(Duration::from_millis(1_100)).await;
+    let played = |unit, within| CallCommand::Played {
+        reply: 0,
+        unit,
+        within,
+    };
+    c.commands.send(played(0, None)).await.unwrap();
+    c.wait(Duration::from_millis(400)).await;
+    c.interrupt().await;
+    c.wait(Duration::from_millis(50)).await;
+    // The echo of marks for audio the client dropped.
+    c.commands.send(played(1, Some(12_000))).await.unwrap();
+    c.commands.send(played(1, None)).await.unwrap();
+    c.wait(Duration::from_millis(1_000)).await;
+    c.turn_of(Duration::from_millis(900)).await;
+    c.wait(Duration::from_secs(4)).await;
+    assert_eq!(c.pauses(), [(0, "One two three.".to_string())]);
+    assert_eq!(c.clears(), [(0, "One two three.".to_string())]);
+    let h = c.history().await;
+    assert_eq!(
+        h.turns,
+        [
+            Turn::User { duration_ms: 1_000 },
+            bot("One two three.", true),
+            Turn::User { duration_ms: 1_000 },
+            bot(REPLY, false),
+        ]
+    );
+}
+
+/// "Wait," … "stop": a short sound, then more speech before the reply plays on. The reply stays
+/// paused, and when the two together make a turn it is cut where it paused and the turn answered
+/// is both of them.
+#[tokio::test(start_paused = true)]
+async fn short_sounds_that_add_up_to_a_turn_cut_the_reply_and_are_answered_together() {
+    let mut c = pausing_call(false);
+    c.turn().await;
+    let first = c.first_audio().await;
+    c.wait(Duration::from_millis(500)).await;
+    c.interrupt().await;
+    c.wait(Duration::from_millis(300)).await;
+    c.turn_of(Duration::from_millis(300)).await;
+    c.wait(Duration::from_millis(200)).await;
+    c.interrupt().await;
+    let resumed_not = tokio::time::Instant::now();
+    c.wait(Duration::from_millis(400)).await;
+    assert_eq!(
+        c.samples_in(resumed_not..),
+        0,
+        "still paused while the speech goes on"
+    );
+    c.turn_of(Duration::from_millis(300)).await;
+    c.wait(Duration::from_secs(4)).await;
+    assert!(first < resumed_not);
+    assert_eq!(c.pauses().len(), 1);
+    assert_eq!(c.clears().len(), 1, "cut once");
+    let h = c.history().await;
+    assert_eq!(h.turns[2], Turn::User { duration_ms: 2_000 }, "{h:?}");
+    assert_eq!(h.turns[3], bot(REPLY, false));
 }

@@ -1,7 +1,8 @@
 //! The bookkeeping of one reply in flight: its cancellation token, its latency timeline, the
 //! units it spoke, what the client acknowledged, the milestones its stages report, the playout
-//! ledger from which the call learns how much of it was heard, and, for a preemptive reply, the
-//! gate that holds its audio and the messages held with it until its turn is final.
+//! ledger from which the call learns how much of it was heard, the gate that holds its audio (a
+//! preemptive reply until its turn is final, a playing one while the user makes a sound over
+//! it), and the messages held with a preemptive reply.
 
 use std::time::Instant;
 
@@ -36,6 +37,10 @@ pub(super) struct Reply {
     pub plays_until: Option<Instant>,
     /// Set while the reply is preemptive: its turn may still grow.
     pub tentative: Option<Tentative>,
+    /// Holds the pacer's output while `Some` (from that instant).
+    gate: watch::Sender<Option<Instant>>,
+    /// When the reply was paused by speech over it, while it is.
+    pub paused: Option<Instant>,
 }
 
 /// A preemptive reply, started at a pause before the turn was known to be over.
@@ -45,8 +50,6 @@ pub(super) struct Tentative {
     pub started: Instant,
     /// Messages for the client, sent only if the reply is committed.
     pub held: Vec<Outbound>,
-    /// Holds the pacer's output until the commit sends `false`.
-    pub hold: watch::Sender<bool>,
 }
 
 /// What the client heard of a reply that is being stopped.
@@ -59,6 +62,7 @@ pub(super) enum Heard {
 }
 
 impl Reply {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         id: u64,
         cancel: CancellationToken,
@@ -66,6 +70,7 @@ impl Reply {
         text_events: mpsc::Receiver<TextEvent>,
         pacer_events: mpsc::Receiver<PacerEvent>,
         ledger: watch::Receiver<Playout>,
+        gate: watch::Sender<Option<Instant>>,
         tentative: Option<Tentative>,
     ) -> Self {
         let mut timeline = Timeline {
@@ -91,7 +96,25 @@ impl Reply {
             text_done: false,
             plays_until: None,
             tentative,
+            gate,
+            paused: None,
         }
+    }
+
+    /// Stops the reply's audio where the client's playback stands at `at`; the pacer takes back
+    /// what was sent beyond it. Acknowledgements are not taken while it is paused: the marks a
+    /// cleared client returns name audio it dropped.
+    pub(crate) fn pause(&mut self, at: Instant) {
+        self.paused = Some(at);
+        self.plays_until = None;
+        let _ = self.gate.send(Some(at));
+    }
+
+    /// Lets a paused reply play on from where it stopped; how long it was paused.
+    pub(crate) fn resume(&mut self, at: Instant) -> Option<std::time::Duration> {
+        let since = self.paused.take()?;
+        let _ = self.gate.send(None);
+        Some(at.saturating_duration_since(since))
     }
 
     /// The turn is over and this preemptive reply answers it: its audio may go out now. Returns
@@ -100,7 +123,7 @@ impl Reply {
         let Some(t) = self.tentative.take() else {
             return Vec::new();
         };
-        let _ = t.hold.send(false);
+        let _ = self.gate.send(None);
         if let Some((true_end, _, ms)) = self.turn_end {
             self.turn_end = Some((true_end, detected, ms));
             self.timeline.vad_end_ms = Some(Timeline::offset(true_end, detected));
@@ -139,6 +162,9 @@ impl Reply {
     /// The client played unit `unit` to its end (`within` is `None`), or its first `within`
     /// samples.
     pub(crate) fn acknowledge(&mut self, unit: usize, within: Option<u64>) {
+        if self.paused.is_some() {
+            return;
+        }
         match within {
             None => self.acked = self.acked.max(unit + 1),
             Some(n) => {

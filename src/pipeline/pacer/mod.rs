@@ -6,6 +6,7 @@
 
 mod queue;
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -114,39 +115,78 @@ pub(crate) struct PacerSettings {
     pub max_ahead: Duration,
 }
 
-/// Runs the pacer until the audio stream ends or `cancel` fires. `send` delivers frames to the
-/// transport; `events` reports milestones; `ledger` is updated as frames go out. Synthesized audio
-/// is taken as soon as it is ready, up to `max_ahead` of it (so synthesis rarely waits and every
-/// unit's length is known early); only sending is held to the lead.
+/// The call's hold on a reply's output: `None` lets it play; `Some(t)` holds it as of `t`. A
+/// preemptive reply starts held, before anything is sent. A reply held while it plays (the user
+/// made a sound over it) is rewound to where the client's playback stood at `t`: what was sent
+/// after that is dropped (the call tells the client to clear) and goes out again on release.
+pub(crate) type Gate = watch::Receiver<Option<Instant>>;
+
+/// Runs the pacer until the audio stream ends and has played, or `cancel` fires. `send`
+/// delivers frames to the transport; `events` reports milestones; `ledger` is updated as frames
+/// go out. Synthesized audio is taken as soon as it is ready, up to `max_ahead` of it (so
+/// synthesis rarely waits and every unit's length is known early); only sending is held to the
+/// lead, and to the `gate`.
 pub(crate) async fn run(
     settings: PacerSettings,
     mut audio: AudioStream,
     send: mpsc::Sender<Outbound>,
     events: mpsc::Sender<PacerEvent>,
     ledger: watch::Sender<Playout>,
-    mut hold: watch::Receiver<bool>,
+    mut gate: Gate,
     cancel: CancellationToken,
 ) {
-    let mut p = Pacer::new(settings, ledger);
+    let mut p = Pacer::new(settings, ledger, &cancel);
     let mut input_open = true;
+    // The hold the pacer has acted on, whether the call still holds the gate, and whether
+    // `Finished` went out for what is queued.
+    let mut held_since: Option<Instant> = None;
+    let mut gate_alive = true;
+    let mut finished = false;
     loop {
-        // A held reply (a preemptive one, before its turn is final) synthesizes up to
-        // `max_ahead` but sends nothing.
-        let held = *hold.borrow_and_update();
+        let hold = *gate.borrow_and_update();
+        match (held_since, hold) {
+            (None, Some(at)) if p.rewind(at) => finished = false,
+            (Some(_), None) => p.restart(),
+            _ => {}
+        }
+        held_since = hold;
+        let held = hold.is_some();
         let sendable = !held && p.queue.sendable(p.frame_len, input_open);
         if !held && !sendable && !input_open {
-            let _ = events
-                .send(PacerEvent::Finished {
-                    plays_until: p.plays_until,
-                })
-                .await;
-            return;
+            if !finished {
+                finished = true;
+                let _ = events
+                    .send(PacerEvent::Finished {
+                        plays_until: p.plays_until,
+                    })
+                    .await;
+            }
+            if !gate_alive {
+                return;
+            }
+            // All is out, but the call may still hold the reply while the client plays it.
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                changed = gate.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep_until(p.plays_until.into()) => return,
+            }
+            continue;
         }
         let room = p.secs(p.queue.len()) < settings.max_ahead;
         let send_at = p.send_at();
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return,
+            changed = gate.changed(), if gate_alive => {
+                if changed.is_err() {
+                    // The call let go of the gate: the reply is gone if it was held.
+                    if held {
+                        return;
+                    }
+                    gate_alive = false;
+                }
+            }
             chunk = audio.recv(), if input_open && room => match chunk {
                 Some(Ok(c)) => {
                     if let Err(e) = p.take(c, &events).await {
@@ -162,19 +202,22 @@ pub(crate) async fn run(
                 }
                 None => input_open = false,
             },
-            released = hold.changed(), if held => {
-                // The call dropped its gate without releasing it: the reply is gone.
-                if released.is_err() {
-                    return;
-                }
-            }
             _ = tokio::time::sleep_until(send_at.into()), if sendable => {
-                if p.send_frame(&send, &events, &cancel).await.is_err() {
+                if p.send_frame(&send, &events).await.is_err() {
                     return;
                 }
             }
         }
     }
+}
+
+/// A frame handed to the transport whose playback may not have ended yet.
+struct SentFrame {
+    /// When the client starts playing it.
+    start: Instant,
+    samples: Vec<f32>,
+    /// (unit, offset, samples), as in [`queue::Frame`].
+    runs: Vec<(usize, usize, usize)>,
 }
 
 /// The pacer's state between `select!` rounds.
@@ -194,10 +237,22 @@ struct Pacer {
     sent_of: (usize, u64),
     /// Samples sent since the last point reported inside a unit.
     since_mark: usize,
+    /// Frames sent whose playback had not ended when last looked at, oldest first: what a hold
+    /// takes back.
+    sent: VecDeque<SentFrame>,
+    /// The reply's token, for a child per stretch of playback.
+    reply: CancellationToken,
+    /// The token frames and marks carry: cancelled when a hold takes them back, so the transport
+    /// drops those still queued.
+    segment: CancellationToken,
 }
 
 impl Pacer {
-    fn new(settings: PacerSettings, ledger: watch::Sender<Playout>) -> Self {
+    fn new(
+        settings: PacerSettings,
+        ledger: watch::Sender<Playout>,
+        reply: &CancellationToken,
+    ) -> Self {
         let rate = settings.output_rate;
         ledger.send_modify(|l| {
             *l = Playout {
@@ -217,7 +272,80 @@ impl Pacer {
             last_input_at: now(),
             sent_of: (0, 0),
             since_mark: 0,
+            sent: VecDeque::new(),
+            reply: reply.clone(),
+            segment: reply.child_token(),
         }
+    }
+
+    /// Takes back what the client had not played by `at`: its audio goes to the front of the
+    /// queue, the ledger forgets it, and the frames and marks still on their way are dropped.
+    /// True if anything was taken back.
+    fn rewind(&mut self, at: Instant) -> bool {
+        let rate = self.settings.output_rate as f64;
+        let mut samples = Vec::new();
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        let mut trims: Vec<(usize, Instant, u64, u64)> = Vec::new();
+        for f in std::mem::take(&mut self.sent) {
+            let since = at.saturating_duration_since(f.start).as_secs_f64();
+            let played = ((since * rate) as usize).min(f.samples.len());
+            if played == f.samples.len() {
+                continue;
+            }
+            samples.extend_from_slice(&f.samples[played..]);
+            for &(u, off, k) in &f.runs {
+                let kept = played.saturating_sub(off).min(k);
+                if kept < k {
+                    match runs.last_mut() {
+                        Some((v, n)) if *v == u => *n += k - kept,
+                        _ => runs.push((u, k - kept)),
+                    }
+                    let run_start = f.start + self.secs(off);
+                    trims.push((u, run_start, k as u64, kept as u64));
+                }
+            }
+        }
+        if samples.is_empty() {
+            return false;
+        }
+        self.segment.cancel();
+        self.segment = self.reply.child_token();
+        self.queue.unpop(&samples, &runs);
+        self.ledger.send_modify(|l| {
+            for &(u, start, k, kept) in &trims {
+                let Some(unit) = l.units.get_mut(u) else {
+                    continue;
+                };
+                if let Some(i) = unit.runs.iter().rposition(|&r| r == (start, k)) {
+                    if kept == 0 {
+                        unit.runs.remove(i);
+                    } else {
+                        unit.runs[i].1 = kept;
+                    }
+                }
+            }
+            l.ends_at = Some(at);
+        });
+        let first = runs[0].0;
+        let sent_of_first: u64 = self.ledger.borrow().units[first]
+            .runs
+            .iter()
+            .map(|r| r.1)
+            .sum();
+        self.sent_of = (first, sent_of_first);
+        self.since_mark = 0;
+        self.plays_until = self.plays_until.min(at);
+        tracing::debug!(
+            reply = self.settings.reply,
+            taken_back = samples.len(),
+            "held: unplayed audio taken back"
+        );
+        true
+    }
+
+    /// The hold is lifted: playback starts afresh (the client's queue is empty).
+    fn restart(&mut self) {
+        self.plays_until = now();
     }
 
     fn secs(&self, n: usize) -> Duration {
@@ -269,7 +397,6 @@ impl Pacer {
         &mut self,
         send: &mpsc::Sender<Outbound>,
         events: &mpsc::Sender<PacerEvent>,
-        cancel: &CancellationToken,
     ) -> Result<(), ()> {
         let frame = self.queue.pop(self.frame_len);
         let frame_samples = frame.samples.len();
@@ -295,6 +422,19 @@ impl Pacer {
             l.ends_at = Some(plays_until);
         });
         let due = (plays_until > at).then_some(plays_until);
+        while self
+            .sent
+            .front()
+            .is_some_and(|f| f.start + self.secs(f.samples.len()) <= at)
+        {
+            self.sent.pop_front();
+        }
+        self.sent.push_back(SentFrame {
+            start,
+            samples: frame.samples.clone(),
+            runs: frame.runs.clone(),
+        });
+        let cancel = self.segment.clone();
         let out = Outbound::Audio {
             samples: frame.samples,
             reply: cancel.clone(),
@@ -395,8 +535,8 @@ mod tests {
     }
 
     /// A gate that is open from the start.
-    fn released() -> watch::Receiver<bool> {
-        watch::channel(false).1
+    fn released() -> Gate {
+        watch::channel(None).1
     }
 
     /// A held reply synthesizes (its first audio is reported) but sends nothing until released;
@@ -407,7 +547,7 @@ mod tests {
         let (ftx, mut frx) = mpsc::channel(1024);
         let (etx, mut erx) = mpsc::channel(16);
         let (ltx, _lrx) = watch::channel(Playout::default());
-        let (hold, gate) = watch::channel(true);
+        let (hold, gate) = watch::channel(Some(now()));
         let settings = PacerSettings {
             reply: 1,
             output_rate: 16_000,
@@ -433,7 +573,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(frx.try_recv().is_err(), "nothing was sent while held");
         let released_at = now();
-        hold.send(false).unwrap();
+        hold.send(None).unwrap();
         let mut got = 0;
         let mut first = None;
         while let Some(out) = frx.recv().await {
@@ -445,6 +585,96 @@ mod tests {
         task.await.unwrap();
         assert_eq!(got, 8_000, "all of it, once");
         assert_eq!(first, Some(released_at), "at once on release");
+    }
+
+    /// A reply held while it plays is rewound to where playback stood: frames still on their way
+    /// are marked dropped, the ledger keeps only what played, nothing goes out while held, and on
+    /// release exactly the unplayed rest goes out, with the unit's end mark again.
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_held_while_playing_resumes_where_playback_stood() {
+        let (atx, arx) = mpsc::channel(8);
+        let (ftx, mut frx) = mpsc::channel(1024);
+        let (etx, _erx) = mpsc::channel(16);
+        let (ltx, lrx) = watch::channel(Playout::default());
+        let (hold, gate) = watch::channel(None);
+        let settings = PacerSettings {
+            reply: 1,
+            output_rate: 16_000,
+            frame_ms: 20,
+            lead: Duration::from_millis(200),
+            max_ahead: Duration::from_secs(10),
+        };
+        let started = now();
+        let task = tokio::spawn(run(
+            settings,
+            arx,
+            ftx,
+            etx,
+            ltx,
+            gate,
+            CancellationToken::new(),
+        ));
+        atx.send(Ok(chunk(0, 1.0, 16_000, true))).await.unwrap();
+        drop(atx);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let paused = now();
+        hold.send(Some(paused)).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut before = Vec::new();
+        while let Ok(m) = frx.try_recv() {
+            before.push(m);
+        }
+        let sent: usize = before
+            .iter()
+            .filter_map(|m| match m {
+                Outbound::Audio { samples, .. } => Some(samples.len()),
+                _ => None,
+            })
+            .sum();
+        assert!(sent > 8_000, "{sent}: the lead went out before the hold");
+        assert!(
+            before.iter().all(|m| match m {
+                Outbound::Audio { reply, .. } => reply.is_cancelled(),
+                _ => true,
+            }),
+            "frames sent before the hold are marked taken back"
+        );
+        let l = lrx.borrow().clone();
+        let played: u64 = l.units[0].runs.iter().map(|r| r.1).sum();
+        assert_eq!(played, 8_000, "the ledger keeps what played by the hold");
+        assert_eq!(l.ends_at, Some(paused));
+        let units = vec!["one two three four".to_string()];
+        assert_eq!(
+            spoken_text(&units, &l, now()),
+            ("one two".to_string(), false)
+        );
+        hold.send(None).unwrap();
+        let resumed = now();
+        let mut after = 0;
+        let mut end_marks = 0;
+        while let Some(m) = frx.recv().await {
+            match m {
+                Outbound::Audio { samples, reply, .. } => {
+                    assert!(!reply.is_cancelled());
+                    after += samples.len();
+                }
+                Outbound::UnitSent { within: None, .. } => end_marks += 1,
+                _ => {}
+            }
+        }
+        task.await.unwrap();
+        assert_eq!(after, 8_000, "the unplayed half, once");
+        assert_eq!(end_marks, 1);
+        let l = lrx.borrow().clone();
+        assert_eq!(
+            spoken_text(&units, &l, resumed + Duration::from_millis(400)),
+            ("one two three".to_string(), false)
+        );
+        assert_eq!(
+            spoken_text(&units, &l, resumed + Duration::from_millis(500)),
+            ("one two three four".to_string(), true)
+        );
+        assert!(started < paused);
     }
 
     #[tokio::test(start_paused = true)]

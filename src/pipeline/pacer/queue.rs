@@ -49,6 +49,20 @@ impl FrameQueue {
         })
     }
 
+    /// Puts audio taken back after it was sent at the front again, oldest sample first: `runs`
+    /// are its (unit, samples), oldest first.
+    pub(crate) fn unpop(&mut self, samples: &[f32], runs: &[(usize, usize)]) {
+        for &x in samples.iter().rev() {
+            self.samples.push_front(x);
+        }
+        for &(unit, k) in runs.iter().rev() {
+            match self.runs.front_mut() {
+                Some((u, n)) if *u == unit => *n += k,
+                _ => self.runs.push_front((unit, k)),
+            }
+        }
+    }
+
     /// Whether a frame may go now: a whole one, or a short tail once nothing more can join it
     /// (its unit is done, or the audio stream has ended).
     pub(crate) fn sendable(&self, frame_len: usize, input_open: bool) -> bool {
@@ -99,6 +113,8 @@ mod tests {
         Pop(usize, &'static [(usize, usize, usize)], &'static [usize]),
         /// sendable(frame_len, input_open) → expected
         Sendable(usize, bool, bool),
+        /// unpop: (unit, samples) taken back, oldest first
+        Unpop(&'static [(usize, usize)]),
     }
     use Op::*;
 
@@ -145,6 +161,16 @@ mod tests {
                 ],
             ),
             (
+                "audio taken back goes out first again, and its unit is finished again",
+                &[
+                    Push(0, 30, true, Some(30)),
+                    Push(1, 25, false, None),
+                    Pop(40, &[(0, 0, 30), (1, 30, 10)], &[0]),
+                    Unpop(&[(0, 10), (1, 10)]),
+                    Pop(40, &[(0, 0, 10), (1, 10, 25)], &[0]),
+                ],
+            ),
+            (
                 "an empty unit adds no run",
                 &[
                     Push(0, 0, true, Some(0)),
@@ -174,6 +200,10 @@ mod tests {
                     Sendable(frame, open, want) => {
                         assert_eq!(q.sendable(frame, open), want, "{name}: op {i}");
                     }
+                    Unpop(runs) => {
+                        let n: usize = runs.iter().map(|r| r.1).sum();
+                        q.unpop(&vec![0.0; n], runs);
+                    }
                 }
             }
         }
@@ -187,5 +217,8 @@ mod tests {
         assert_eq!(q.pop(2).samples, vec![1.0, 2.0]);
         assert_eq!(q.pop(5).samples, vec![3.0, 4.0, 5.0]);
         assert_eq!(q.len(), 0);
+        q.push(2, vec![8.0, 9.0], true);
+        q.unpop(&[6.0, 7.0], &[(1, 2)]);
+        assert_eq!(q.pop(4).samples, vec![6.0, 7.0, 8.0, 9.0]);
     }
 }

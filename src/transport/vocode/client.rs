@@ -80,6 +80,8 @@ pub enum EventKind {
     Clear {
         reply: u64,
         spoken_text: String,
+        /// Only paused: the reply may go on.
+        paused: bool,
     },
     Timeline(serde_json::Value),
     History(serde_json::Value),
@@ -291,6 +293,7 @@ fn parse_event(text: &str) -> EventKind {
         "gazelle_clear" => EventKind::Clear {
             reply: v["reply"].as_u64().unwrap_or_default(),
             spoken_text: s("spoken_text"),
+            paused: v["paused"].as_bool().unwrap_or(false),
         },
         "gazelle_timeline" => EventKind::Timeline(v),
         "gazelle_history" => EventKind::History(v["conversation"].clone()),

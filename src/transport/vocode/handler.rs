@@ -329,9 +329,14 @@ fn encode(m: Outbound, rate: u32, encoding: Encoding) -> Option<String> {
             timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
         }
         .to_json(),
-        Outbound::Clear { reply, spoken } => ServerMessage::Clear {
+        Outbound::Clear {
+            reply,
+            spoken,
+            paused,
+        } => ServerMessage::Clear {
             reply,
             spoken_text: &spoken,
+            paused,
         }
         .to_json(),
         Outbound::Timeline(t) => ServerMessage::Timeline(&t).to_json(),

@@ -129,9 +129,15 @@ pub(crate) enum ServerMessage<'a> {
     },
     #[serde(rename = "websocket_stop")]
     Stop,
-    /// Extension: stop playback now (barge-in); `spoken_text` is what the user heard.
+    /// Extension: stop playback now (barge-in); `spoken_text` is what the user heard. With
+    /// `paused`, the reply may resume (its audio follows) if the sound over it proves no turn.
     #[serde(rename = "gazelle_clear")]
-    Clear { reply: u64, spoken_text: &'a str },
+    Clear {
+        reply: u64,
+        spoken_text: &'a str,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        paused: bool,
+    },
     /// Extension: a reply's latency timeline.
     #[serde(rename = "gazelle_timeline")]
     Timeline(&'a Timeline),
@@ -232,11 +238,22 @@ mod tests {
         let m = ServerMessage::Clear {
             reply: 3,
             spoken_text: "Hello",
+            paused: false,
         }
         .to_json();
         assert_eq!(
             m,
             r#"{"type":"gazelle_clear","reply":3,"spoken_text":"Hello"}"#
+        );
+        let m = ServerMessage::Clear {
+            reply: 3,
+            spoken_text: "Hello",
+            paused: true,
+        }
+        .to_json();
+        assert_eq!(
+            m,
+            r#"{"type":"gazelle_clear","reply":3,"spoken_text":"Hello","paused":true}"#
         );
         assert_eq!(
             ServerMessage::Ready.to_json(),
