@@ -52,6 +52,9 @@ struct Args {
     /// Override `[pipeline.turn] complete_threshold` for the smart policies.
     #[arg(long)]
     threshold: Option<f32>,
+    /// Override `[pipeline.turn] likely_silence_ms` for the smart policies.
+    #[arg(long)]
+    likely_silence_ms: Option<u32>,
     /// The scripted model's delay per token, standing in for a slower model.
     #[arg(long, default_value_t = 0)]
     token_delay_ms: u64,
@@ -327,6 +330,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             if let Some(t) = args.threshold {
                 turn.push_str(&format!("complete_threshold = {t}\n"));
             }
+            if let Some(ms) = args.likely_silence_ms {
+                turn.push_str(&format!("likely_silence_ms = {ms}\n"));
+            }
         }
         std::fs::write(
             &config,
@@ -446,6 +452,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "pause_ms": args.pause_ms,
             "token_delay_ms": args.token_delay_ms,
             "complete_threshold": args.threshold,
+            "likely_silence_ms": args.likely_silence_ms,
             "lead_ms": LEAD_MS,
             "pauses_ms": PAUSES_MS,
             "rows": rows,

@@ -182,6 +182,9 @@ pub enum SlmKind {
     Scripted,
     /// The Gazelle joint speech-language model (`[slm.gazelle]`).
     Gazelle,
+    /// A model behind an OpenAI-compatible chat-completions API with audio input, such as vLLM
+    /// serving Ultravox or Qwen2-Audio (`[slm.openai]`).
+    Openai,
 }
 
 /// The Gazelle model and how to run it. Hyperparameters come from the checkpoint's config.json.
@@ -301,7 +304,11 @@ pub struct SlmConfig {
     pub reply: String,
     /// Delay before each token of the scripted reply.
     pub token_delay_ms: u64,
+    /// Answers a turn whose reply fails before its first token (`openai` or `gazelle` as the
+    /// primary, usually `scripted` or `gazelle` here).
+    pub fallback: Option<SlmKind>,
     pub gazelle: GazelleSlmConfig,
+    pub openai: crate::model::openai::OpenAiSlmConfig,
 }
 
 impl Default for SlmConfig {
@@ -312,7 +319,9 @@ impl Default for SlmConfig {
                     me, so your microphone, voice detection and speech output all work."
                 .into(),
             token_delay_ms: 0,
+            fallback: None,
             gazelle: GazelleSlmConfig::default(),
+            openai: Default::default(),
         }
     }
 }
@@ -444,6 +453,14 @@ impl Config {
         let used = |p| self.tts.provider == p || self.tts.fallback == Some(p);
         if used(TtsProvider::Xtts) {
             self.tts.xtts.validate().map_err(ConfigError::Invalid)?;
+        }
+        if self.slm.fallback == Some(self.slm.kind) {
+            return Err(ConfigError::Invalid(
+                "slm.fallback must differ from slm.kind".into(),
+            ));
+        }
+        if self.slm.kind == SlmKind::Openai || self.slm.fallback == Some(SlmKind::Openai) {
+            self.slm.openai.validate().map_err(ConfigError::Invalid)?;
         }
         let g = &self.slm.gazelle;
         if g.max_context < 2 * g.max_new_tokens.max(64) {

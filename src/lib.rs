@@ -10,6 +10,7 @@ pub mod config;
 mod fuzz;
 pub mod metrics;
 pub mod model;
+pub mod net;
 pub mod pipeline;
 pub mod server;
 pub mod transport;

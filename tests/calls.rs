@@ -38,20 +38,6 @@ fn drain(client: &mut VocodeClient) -> Vec<Event> {
     events
 }
 
-async fn history(client: &mut VocodeClient) -> serde_json::Value {
-    client.request_history().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let e = tokio::time::timeout_at(deadline.into(), client.events.recv())
-            .await
-            .expect("a gazelle_history message within 2 s")
-            .expect("connection open");
-        if let EventKind::History(h) = e.kind {
-            return h;
-        }
-    }
-}
-
 fn audio_of(events: &[Event]) -> (Vec<f32>, Option<u32>) {
     let mut out = Vec::new();
     let mut rate = None;
@@ -290,7 +276,7 @@ async fn barge_in_stops_audio_and_keeps_only_what_was_heard() {
         .stream_realtime(&common::silence(1_900, rate), 20)
         .await
         .unwrap();
-    let history = history(&mut client).await;
+    let history = common::history(&mut client).await;
     let turns = history["turns"].as_array().unwrap();
     assert_eq!(turns[0]["role"], "user");
     assert_eq!(turns[1]["role"], "bot");
@@ -432,7 +418,7 @@ async fn first_message_is_spoken_at_call_start() {
     assert!(events.iter().any(
         |e| matches!(&e.kind, EventKind::Transcript { text: t, .. } if t == "Welcome to the line.")
     ));
-    let history = history(&mut client).await;
+    let history = common::history(&mut client).await;
     assert_eq!(history["system_prompt"], "Be brief.");
     assert_eq!(history["turns"][0]["text"], "Welcome to the line.");
     client.stop().await.unwrap();
@@ -559,7 +545,7 @@ async fn a_mid_sentence_pause_is_not_a_turn_end_and_leaves_no_trace() {
     let first = first_audio(&events).expect("a reply");
     let ms = signed_ms(first, true_end);
     assert!(ms > -CUT_OFF_MS, "bot audio {ms:.0} ms after the true end");
-    let history = history(&mut client).await;
+    let history = common::history(&mut client).await;
     let turns = history["turns"].as_array().unwrap();
     assert_eq!(turns.len(), 2, "{history}");
     assert_eq!(turns[0]["role"], "user");
@@ -653,7 +639,7 @@ async fn a_short_sound_over_the_bot_pauses_the_reply_and_it_resumes() {
     let resumed =
         common::metric(&server, "gazelle_paused_replies_total{outcome=\"resumed\"}").await;
     assert_eq!(resumed, 1.0);
-    let history = history(&mut client).await;
+    let history = common::history(&mut client).await;
     let turns = history["turns"].as_array().unwrap();
     assert_eq!(turns.len(), 2, "the sound is no turn: {history}");
     assert_eq!(turns[1]["role"], "bot");

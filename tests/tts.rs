@@ -520,7 +520,7 @@ async fn api_keys_never_reach_the_logs() {
             let _ = speak(&mut voice, &TEXTS[..1]).await;
         }
     }
-    let key = gazelle::tts::http::ApiKey::from_env("openai", KEY_ENV).unwrap();
+    let key = gazelle::net::ApiKey::from_env(KEY_ENV).unwrap();
     tracing::warn!(?key, "a key's Debug form");
     let logs = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
     assert!(

@@ -39,6 +39,16 @@ pub struct ServeArgs {
     /// Where Gazelle runs (cuda needs a build with --features cuda).
     #[arg(long, value_enum)]
     device: Option<DeviceKind>,
+    /// An OpenAI-compatible server with an audio model, e.g. vLLM serving Ultravox (implies
+    /// --slm openai; its key in $GAZELLE_SLM_API_KEY or [slm.openai] api_key_env).
+    #[arg(long)]
+    slm_url: Option<String>,
+    /// The model name that server serves.
+    #[arg(long)]
+    slm_model: Option<String>,
+    /// Answers a turn the model fails before its first token.
+    #[arg(long, value_enum)]
+    slm_fallback: Option<SlmKind>,
     /// Delay before each token of the scripted reply, in milliseconds.
     #[arg(long)]
     token_delay_ms: Option<u64>,
@@ -89,6 +99,16 @@ fn merged_config(a: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(d) = a.device {
         c.slm.gazelle.device = d;
+    }
+    if let Some(u) = &a.slm_url {
+        c.slm.kind = SlmKind::Openai;
+        c.slm.openai.base_url = u.clone();
+    }
+    if let Some(m) = &a.slm_model {
+        c.slm.openai.model = m.clone();
+    }
+    if let Some(f) = a.slm_fallback {
+        c.slm.fallback = Some(f);
     }
     if let Some(d) = a.token_delay_ms {
         c.slm.token_delay_ms = d;

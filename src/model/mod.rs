@@ -1,13 +1,16 @@
-//! The speech-language model seam: the traits the call pipeline talks to, and the scripted model
-//! that stands in where no GPU or weights are at hand. A model is shared by every call; each call
+//! The speech-language model seam: the traits the call pipeline talks to, the scripted model
+//! that stands in where no GPU or weights are at hand, a model behind an OpenAI-compatible API,
+//! and a fallback for it. A model is shared by every call; each call
 //! opens a session that owns its per-call state (for Gazelle, the KV cache).
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod device;
 pub mod engine;
+pub(crate) mod fallback;
 pub mod gazelle;
 pub(crate) mod loading;
+pub mod openai;
 pub mod scripted;
 
 use std::sync::Arc;

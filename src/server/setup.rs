@@ -14,9 +14,11 @@ use crate::config::{Config, GazelleSlmConfig, SlmKind, TtsProvider};
 use crate::metrics::Metrics;
 use crate::model::device::open_device;
 use crate::model::engine::Engine;
+use crate::model::fallback::FallbackModel;
 use crate::model::gazelle::hub::{self, HubOptions};
 use crate::model::gazelle::Precision;
 use crate::model::loading::LoadingModel;
+use crate::model::openai::OpenAiModel;
 use crate::model::{scripted::ScriptedModel, ModelError, SpeechLanguageModel};
 use crate::pipeline::call::Services;
 use crate::transport::auth::{Auth, AuthSettings, Secret};
@@ -33,6 +35,8 @@ pub enum SetupError {
     Vad(#[from] VadError),
     #[error("cannot start the voice: {0}")]
     Tts(#[from] TtsError),
+    #[error("cannot start the model: {0}")]
+    Slm(String),
 }
 
 /// The model's background load: `serve` stops if it fails, tests wait until it is ready.
@@ -75,7 +79,35 @@ pub fn services(config: &Config) -> Result<(Services, ModelLoad), SetupError> {
         let second = synthesizer(config, second, &espeak_dir, &metrics)?;
         tts = Arc::new(fallback::Fallback::new(tts, second, metrics.clone()));
     }
-    let (slm, load): (Arc<dyn SpeechLanguageModel>, _) = match config.slm.kind {
+    let (mut slm, mut load) = speech_model(config, config.slm.kind, &metrics)?;
+    if let Some(second) = config.slm.fallback {
+        let (second, second_load) = speech_model(config, second, &metrics)?;
+        if load.0.is_none() {
+            load = second_load;
+        }
+        slm = Arc::new(FallbackModel::new(slm, second));
+    }
+    tracing::info!(slm = slm.name(), tts = tts.name(), vad = %vad_model.display(), "services ready");
+    let services = Services {
+        turn_model,
+        slm,
+        tts,
+        vad,
+        metrics,
+        settings: Arc::new(config.pipeline.clone()),
+        limits: Arc::new(config.limits.clone()),
+        registry: Default::default(),
+    };
+    Ok((services, load))
+}
+
+/// The speech-language model of `kind`; Gazelle goes on loading in the background.
+fn speech_model(
+    config: &Config,
+    kind: SlmKind,
+    metrics: &Arc<Metrics>,
+) -> Result<(Arc<dyn SpeechLanguageModel>, ModelLoad), SetupError> {
+    Ok(match kind {
         SlmKind::Scripted => (
             Arc::new(ScriptedModel::new(
                 config.slm.reply.clone(),
@@ -83,6 +115,11 @@ pub fn services(config: &Config) -> Result<(Services, ModelLoad), SetupError> {
             )),
             ModelLoad::default(),
         ),
+        SlmKind::Openai => {
+            let m =
+                OpenAiModel::new(&config.slm.openai).map_err(|e| SetupError::Slm(e.to_string()))?;
+            (Arc::new(m), ModelLoad::default())
+        }
         SlmKind::Gazelle => {
             let c = config.slm.gazelle.clone();
             let engine_metrics = metrics.clone();
@@ -97,19 +134,7 @@ pub fn services(config: &Config) -> Result<(Services, ModelLoad), SetupError> {
                 ModelLoad(Some(m)),
             )
         }
-    };
-    tracing::info!(slm = slm.name(), tts = tts.name(), vad = %vad_model.display(), "services ready");
-    let services = Services {
-        turn_model,
-        slm,
-        tts,
-        vad,
-        metrics,
-        settings: Arc::new(config.pipeline.clone()),
-        limits: Arc::new(config.limits.clone()),
-        registry: Default::default(),
-    };
-    Ok((services, load))
+    })
 }
 
 /// Why Gazelle could not start.

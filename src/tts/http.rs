@@ -18,54 +18,17 @@ use super::{AudioStream, SynthChunk, TextUnit, TtsError, AUDIO_QUEUE};
 use crate::audio::wav::{self, SampleFormat, StreamDecoder, WavError, WavFormat};
 use crate::metrics::Metrics;
 
-/// A secret read from the environment. Its `Debug` prints only the variable's name, so it can sit
-/// in structs that get logged.
-#[derive(Clone)]
-pub struct ApiKey {
-    env: String,
-    value: String,
-}
+use crate::net::error_chain;
+pub(crate) use crate::net::short;
+pub use crate::net::ApiKey;
 
-impl ApiKey {
-    /// Reads the key from `env`; a missing or empty variable is a configuration error that names
-    /// the variable (never a value).
-    pub fn from_env(provider: &'static str, env: &str) -> Result<Self, TtsError> {
-        match std::env::var(env) {
-            Ok(value) if !value.trim().is_empty() => Ok(ApiKey {
-                env: env.to_string(),
-                value: value.trim().to_string(),
-            }),
-            _ => Err(TtsError::Config {
-                provider,
-                detail: format!("set the API key in the environment variable {env}"),
-            }),
-        }
-    }
-
-    /// The environment variable it came from (safe to print).
-    pub(crate) fn env(&self) -> &str {
-        &self.env
-    }
-
-    /// The secret itself, for a request header and nothing else.
-    pub(crate) fn expose(&self) -> &str {
-        &self.value
-    }
-
-    /// `text` with every occurrence of the key masked, for server messages that echo requests.
-    pub(crate) fn redact(&self, text: &str) -> String {
-        if self.value.is_empty() {
-            text.to_string()
-        } else {
-            text.replace(&self.value, "***")
-        }
-    }
-}
-
-impl std::fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ApiKey(${}: ***)", self.env)
-    }
+/// The key in the environment variable `env`; a missing or empty variable is a configuration
+/// error that names the variable (never a value).
+pub fn api_key(provider: &'static str, env: &str) -> Result<ApiKey, TtsError> {
+    ApiKey::from_env(env).ok_or_else(|| TtsError::Config {
+        provider,
+        detail: format!("set the API key in the environment variable {env}"),
+    })
 }
 
 /// How long a network speech provider may take, in `[tts.<provider>.timeouts]`.
@@ -123,16 +86,10 @@ pub(crate) fn client(
     provider: &'static str,
     timeouts: &Timeouts,
 ) -> Result<reqwest::Client, TtsError> {
-    super::install_crypto_provider();
-    reqwest::Client::builder()
-        .connect_timeout(timeouts.connect)
-        .tcp_nodelay(true)
-        .no_proxy()
-        .build()
-        .map_err(|e| TtsError::Config {
-            provider,
-            detail: format!("cannot build the HTTP client: {e}"),
-        })
+    crate::net::client(timeouts.connect).map_err(|e| TtsError::Config {
+        provider,
+        detail: format!("cannot build the HTTP client: {e}"),
+    })
 }
 
 /// Maps a failed HTTP status to its error. `body` is what the server said, already redacted.
@@ -181,30 +138,6 @@ pub(crate) fn request_error(
     } else {
         TtsError::Connect { provider, detail }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
-/// At most 200 characters of a server's message, on one line.
-pub(crate) fn short(body: &str) -> String {
-    let one_line: String = body.split_whitespace().collect::<Vec<_>>().join(" ");
-    let mut s: String = one_line.chars().take(200).collect();
-    if one_line.chars().count() > 200 {
-        s.push('…');
-    }
-    if s.is_empty() {
-        s.push_str("no message");
-    }
-    s
 }
 
 /// The audio a response body carries.
@@ -463,11 +396,11 @@ mod tests {
     #[test]
     fn key_debug_and_redaction_hide_the_value() {
         std::env::set_var("GAZELLE_TEST_HTTP_KEY", "sk-very-secret");
-        let k = ApiKey::from_env("openai", "GAZELLE_TEST_HTTP_KEY").unwrap();
+        let k = api_key("openai", "GAZELLE_TEST_HTTP_KEY").unwrap();
         let dbg = format!("{k:?}");
         assert!(!dbg.contains("sk-very-secret") && dbg.contains("GAZELLE_TEST_HTTP_KEY"));
         assert_eq!(k.redact("bad key sk-very-secret!"), "bad key ***!");
-        let err = ApiKey::from_env("openai", "GAZELLE_TEST_NO_SUCH_KEY").unwrap_err();
+        let err = api_key("openai", "GAZELLE_TEST_NO_SUCH_KEY").unwrap_err();
         assert!(
             err.to_string().contains("GAZELLE_TEST_NO_SUCH_KEY"),
             "{err}"

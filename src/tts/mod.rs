@@ -130,12 +130,4 @@ pub trait Voice: Send + 'static {
     ) -> AudioStream;
 }
 
-/// Installs ring as the process's rustls provider, once. reqwest (built without its aws-lc-rs
-/// default) and the websocket client both look the provider up at connect time; a second install
-/// attempt, by us or anyone, is harmless.
-pub(crate) fn install_crypto_provider() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
-}
+pub(crate) use crate::net::install_crypto_provider;

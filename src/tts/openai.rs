@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::http::{self, ApiKey, BodyFormat, HttpSpeaker, ProviderTimeouts};
+use super::http::{self, BodyFormat, HttpSpeaker, ProviderTimeouts};
 use super::{OutputHint, Synthesizer, TtsError, Voice};
 use crate::metrics::Metrics;
 
@@ -69,7 +69,7 @@ impl OpenAi {
     pub fn new(config: &OpenAiConfig, metrics: Arc<Metrics>) -> Result<Self, TtsError> {
         let timeouts = config.timeouts.get();
         let client = http::client(PROVIDER, &timeouts)?;
-        let key = match ApiKey::from_env(PROVIDER, &config.api_key_env) {
+        let key = match http::api_key(PROVIDER, &config.api_key_env) {
             Ok(k) => Some(k),
             Err(_) => {
                 tracing::info!(

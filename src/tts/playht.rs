@@ -64,8 +64,8 @@ pub struct PlayHt {
 
 impl PlayHt {
     pub fn new(config: &PlayHtConfig, metrics: Arc<Metrics>) -> Result<Self, TtsError> {
-        let key = ApiKey::from_env(PROVIDER, &config.api_key_env)?;
-        let user = ApiKey::from_env(PROVIDER, &config.user_id_env)?;
+        let key = http::api_key(PROVIDER, &config.api_key_env)?;
+        let user = http::api_key(PROVIDER, &config.user_id_env)?;
         let client = http::client(PROVIDER, &config.timeouts.get())?;
         Ok(PlayHt {
             client,

@@ -109,7 +109,7 @@ impl Default for TurnPolicy {
             max_silence_ms: 1_500,
             complete_threshold: 0.5,
             confident_threshold: 0.9,
-            likely_silence_ms: 800,
+            likely_silence_ms: 1_100,
             preemptive: true,
             false_interruption_ms: 500,
         }

@@ -211,3 +211,21 @@ pub fn twiml_parameters(twiml: &str) -> serde_json::Map<String, serde_json::Valu
     }
     out
 }
+
+/// The call's conversation history, asked for over the Vocode socket (within 2 s).
+pub async fn history(
+    client: &mut gazelle::transport::vocode::client::VocodeClient,
+) -> serde_json::Value {
+    use gazelle::transport::vocode::client::EventKind;
+    client.request_history().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let e = tokio::time::timeout_at(deadline.into(), client.events.recv())
+            .await
+            .expect("a gazelle_history message within 2 s")
+            .expect("connection open");
+        if let EventKind::History(h) = e.kind {
+            return h;
+        }
+    }
+}

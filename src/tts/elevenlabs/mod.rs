@@ -91,7 +91,7 @@ pub struct ElevenLabs {
 
 impl ElevenLabs {
     pub fn new(config: &ElevenLabsConfig, metrics: Arc<Metrics>) -> Result<Self, TtsError> {
-        let key = ApiKey::from_env(PROVIDER, &config.api_key_env)?;
+        let key = http::api_key(PROVIDER, &config.api_key_env)?;
         let timeouts = config.timeouts.get();
         Ok(ElevenLabs {
             config: config.clone(),
