@@ -93,6 +93,12 @@ pub struct ServerConfig {
     /// A write to a caller that does not finish within this ends the call.
     pub send_timeout_ms: u64,
     pub log_json: bool,
+    /// On SIGTERM (or Ctrl-C) the server drains: `/health` answers 503 `draining`, new calls are
+    /// refused, and live calls go on for up to this long. A second signal ends it at once.
+    pub drain_timeout_ms: u64,
+    /// Spoken to the calls still live when the drain times out, before they are ended; none:
+    /// they are ended at once.
+    pub drain_goodbye: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -111,6 +117,8 @@ impl Default for ServerConfig {
             idle_timeout_ms: 45_000,
             send_timeout_ms: 10_000,
             log_json: false,
+            drain_timeout_ms: 30_000,
+            drain_goodbye: None,
         }
     }
 }

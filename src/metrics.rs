@@ -205,6 +205,8 @@ pub(crate) enum BargeIn {
     Interruption,
     /// A whole user turn ended while the bot was still talking.
     Turn,
+    /// The server's drain timed out and the call is told goodbye.
+    Drain,
 }
 
 impl BargeIn {
@@ -212,6 +214,7 @@ impl BargeIn {
         match self {
             BargeIn::Interruption => "interruption",
             BargeIn::Turn => "turn",
+            BargeIn::Drain => "drain",
         }
     }
 }

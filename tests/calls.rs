@@ -655,3 +655,161 @@ async fn a_short_sound_over_the_bot_pauses_the_reply_and_it_resumes() {
     client.stop().await.unwrap();
     server.shutdown().await;
 }
+
+/// A `gazelle serve` process on a free port with `config` (TOML); its address, from the line it
+/// prints.
+async fn spawn_server(
+    config: &str,
+) -> (
+    tokio::process::Child,
+    std::net::SocketAddr,
+    tempfile::TempDir,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gazelle.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gazelle"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(a) = line.strip_prefix("gazelle listening on http://") {
+                return a.trim().parse().unwrap();
+            }
+        }
+        panic!("the server exited before listening")
+    })
+    .await
+    .expect("the server listens within 60 s");
+    // Keep reading so the pipe never fills.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr, dir)
+}
+
+/// A plain HTTP GET: (status, body).
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// Streams silence to the call until `until` holds or `max_ms` passes; the events meanwhile.
+async fn listen(
+    client: &mut VocodeClient,
+    max_ms: u64,
+    until: impl Fn(&[Event]) -> bool,
+) -> Vec<Event> {
+    let mut events = Vec::new();
+    let paced = tokio::time::Instant::now();
+    for i in 1..=(max_ms / 20) {
+        events.extend(drain(client));
+        if until(&events) {
+            break;
+        }
+        if client
+            .send_audio(&common::silence(20, 16_000))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        tokio::time::sleep_until(paced + Duration::from_millis(20 * i)).await;
+    }
+    events
+}
+
+fn text_of(events: &[Event]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Transcript { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// SIGTERM with a live call: `/health` answers 503 `draining`, a new call is refused with 503,
+/// the live call's reply plays out whole, and once the caller hangs up the process exits 0.
+/// Then with a short drain timeout and a goodbye: the call still live when it runs out hears the
+/// goodbye and is ended by the server, and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_live_calls_then_exits_0() {
+    let reply = "Sure. Here is a reply that takes a few seconds to say out loud.";
+    let base = format!("[slm]\nreply = \"{reply}\"\ntoken_delay_ms = 5\n[server]\nport = 0\n");
+    // A drain that waits for the call.
+    let (mut child, addr, _dir) = spawn_server(&format!("{base}drain_timeout_ms = 20000\n")).await;
+    let url = format!("ws://{addr}/conversation");
+    let cc = ClientConfig::new(16_000, Encoding::Linear16);
+    let mut client = VocodeClient::connect(&url, cc.clone()).await.unwrap();
+    let mut clip = common::silence(300, 16_000);
+    clip.extend(common::speech("Tell me something.", 16_000).await);
+    client.stream_realtime(&clip, 20).await.unwrap();
+    let mut events = listen(&mut client, 5_000, |e| {
+        e.iter().any(|e| matches!(e.kind, EventKind::Audio { .. }))
+    })
+    .await;
+    sigterm(&child);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body) = get(addr, "/health").await;
+    assert_eq!(status, 503, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "draining");
+    assert_eq!(health["active_calls"], 1);
+    let refused = VocodeClient::connect(&url, cc.clone()).await;
+    let e = refused.err().expect("a new call is refused").to_string();
+    assert!(e.contains("503"), "{e}");
+    events.extend(listen(&mut client, 8_000, |e| text_of(e) == reply).await);
+    // Let the last unit play out, then hang up.
+    events.extend(listen(&mut client, 1_500, |_| false).await);
+    assert_eq!(text_of(&events), reply);
+    assert!(!events
+        .iter()
+        .any(|e| matches!(e.kind, EventKind::Clear { .. })));
+    let history = common::history(&mut client).await;
+    assert_eq!(history["turns"][1]["text"], reply, "{history}");
+    client.stop().await.unwrap();
+    let exited = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    let status = exited.expect("exits once the call ends").unwrap();
+    assert!(status.success(), "{status}");
+
+    // A drain that runs out: the live call hears the goodbye and is ended.
+    let config = format!("{base}drain_timeout_ms = 1000\ndrain_goodbye = \"Goodbye for now.\"\n");
+    let (mut child, addr, _dir) = spawn_server(&config).await;
+    let url = format!("ws://{addr}/conversation");
+    let mut client = VocodeClient::connect(&url, cc).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sigterm(&child);
+    let events = listen(&mut client, 8_000, |e| {
+        e.iter()
+            .any(|e| matches!(e.kind, EventKind::Stop | EventKind::Closed { .. }))
+    })
+    .await;
+    assert_eq!(text_of(&events), "Goodbye for now.");
+    let exited = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    let status = exited.expect("exits after the goodbye").unwrap();
+    assert!(status.success(), "{status}");
+}

@@ -149,15 +149,24 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         // A model that fails to load ends the server, with the reason, instead of leaving it up
         // and useless.
         let failed = std::sync::Arc::new(std::sync::OnceLock::new());
-        let stop = {
-            let failed = failed.clone();
-            async move {
+        let stop = server::Stop::default();
+        {
+            let (failed, stop) = (failed.clone(), stop.clone());
+            tokio::spawn(async move {
                 tokio::select! {
                     _ = shutdown_signal() => {}
-                    e = load.failure() => { let _ = failed.set(e); }
+                    e = load.failure() => {
+                        let _ = failed.set(e);
+                        stop.now.cancel();
+                        return;
+                    }
                 }
-            }
-        };
+                eprintln!("draining: new calls are refused; live calls go on (a second signal ends them now)");
+                stop.drain.cancel();
+                shutdown_signal().await;
+                stop.now.cancel();
+            });
+        }
         server::serve(listener, state, stop).await?;
         if let Some(e) = failed.get() {
             anyhow::bail!("cannot load the speech-language model: {e}");

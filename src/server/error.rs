@@ -26,6 +26,9 @@ pub(crate) enum ApiError {
     TooLarge(String),
     #[error("{0}")]
     Timeout(&'static str),
+    /// The server is shutting down and takes no new calls.
+    #[error("the server is restarting and takes no new calls; try again in a few seconds")]
+    Draining,
 }
 
 impl ApiError {
@@ -37,7 +40,7 @@ impl ApiError {
             ApiError::Auth(AuthError::TwilioUnsigned(_)) => ErrorKind::TwilioClosed,
             ApiError::Auth(AuthError::Off(..)) => return None,
             ApiError::Auth(_) => ErrorKind::Auth,
-            ApiError::Busy(_) => ErrorKind::Busy,
+            ApiError::Busy(_) | ApiError::Draining => ErrorKind::Busy,
             ApiError::BadSignature => ErrorKind::TwilioSignature,
             ApiError::NotFound(_) => return None,
             ApiError::BadRequest(kind, _) => *kind,
@@ -56,6 +59,10 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(..) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Draining => {
+                let retry = [(axum::http::header::RETRY_AFTER, "5")];
+                return (StatusCode::SERVICE_UNAVAILABLE, retry, self.to_string()).into_response();
+            }
         };
         (status, self.to_string()).into_response()
     }

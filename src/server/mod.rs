@@ -1,7 +1,9 @@
 //! The HTTP server: the router (`/conversation`, `/auth/token`, `/health`, `/metrics`, the call
 //! registry, Twilio's routes, and the web page at `/` from [`frontend`]), the shared state every
 //! connection gets, admission (credentials, origin, a slot for a socket waiting to start and one
-//! per call), and graceful shutdown (signal → stop accepting → cancel every call → drain).
+//! per call), and graceful shutdown: a drain (new calls refused, `/health` 503 `draining`, live
+//! calls go on until they end or the drain times out, then a goodbye), then stop accepting,
+//! cancel every call, and wait for them.
 
 pub(crate) mod error;
 pub(crate) mod frontend;
@@ -43,6 +45,31 @@ pub struct AppState {
     pub twilio: twilio::TwilioSettings,
     pub auth: Arc<crate::transport::auth::Auth>,
     pub(crate) listen: listener::ListenSettings,
+    pub drain: Arc<Drain>,
+}
+
+/// The server's drain: set on the first shutdown signal.
+#[derive(Debug, Default)]
+pub struct Drain {
+    pub(crate) started: std::sync::atomic::AtomicBool,
+    /// How long live calls may go on once it starts.
+    pub timeout: std::time::Duration,
+    /// Spoken to the calls still live when it times out.
+    pub goodbye: Option<String>,
+}
+
+impl Drain {
+    pub(crate) fn draining(&self) -> bool {
+        self.started.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// How [`serve`] is told to stop: `drain` starts a graceful drain (the first SIGTERM or
+/// Ctrl-C); `now` ends the server at once (a second signal, or a model that failed to load).
+#[derive(Clone, Default)]
+pub struct Stop {
+    pub drain: CancellationToken,
+    pub now: CancellationToken,
 }
 
 pub(crate) fn app(state: AppState) -> Router {
@@ -71,8 +98,11 @@ impl AppState {
 }
 
 /// A websocket's place before its call starts: refused with 503 when every call slot or every
-/// pending slot is taken.
-fn admit(state: &AppState) -> Result<Admission, ApiError> {
+/// pending slot is taken, or (`new_call`) while the server drains.
+fn admit(state: &AppState, new_call: bool) -> Result<Admission, ApiError> {
+    if new_call && state.drain.draining() {
+        return Err(state.refuse(ApiError::Draining));
+    }
     if state.calls.available_permits() == 0 {
         return Err(state.refuse(ApiError::Busy(
             "the server is at its call limit (server.max_calls); try again later",
@@ -107,7 +137,7 @@ async fn conversation(
         .check_origin(&headers)
         .map_err(|e| state.refuse(e))?;
     // Capacity before credentials, so a refused caller does not spend its single-use token.
-    let admission = admit(&state)?;
+    let admission = admit(&state, true)?;
     state
         .auth
         .check_call(&headers, query.token.as_deref())
@@ -145,12 +175,14 @@ async fn call_token(
 }
 
 /// `status` is `ok` (200) once calls can start, `loading` (503, with `loading_s`) while the model
-/// loads, and `error` (503, with `error`) if it failed to load.
+/// loads, `error` (503, with `error`) if it failed to load, and `draining` (503) once the server
+/// is shutting down: a load balancer sends it no more calls.
 async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let model = state.services.slm.status();
     let m = &state.services.metrics;
+    let draining = state.drain.draining();
     let mut body = serde_json::json!({
-        "status": model.word(),
+        "status": if draining { "draining" } else { model.word() },
         "active_calls": m.active_calls.get(),
         "pending_sockets": m.pending_sockets.get(),
         "open_connections": m.open_connections.get(),
@@ -164,7 +196,7 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
         body["error"] = e.as_str().into();
     }
     let code = match model {
-        ModelStatus::Ready => StatusCode::OK,
+        ModelStatus::Ready if !draining => StatusCode::OK,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     (code, Json(body))
@@ -234,12 +266,15 @@ async fn trim_heap(stop: CancellationToken) {
     }
 }
 
-/// Serves until `shutdown` resolves, then stops accepting, cancels every call and waits for
+/// Serves until told to stop. On `stop.drain` it drains: new calls are refused and `/health`
+/// says `draining`, while live calls go on until they end or `drain.timeout` passes; then the
+/// calls still live hear the goodbye, if one is set, and end. On `stop.now` (at any point) it
+/// skips what is left of the drain. Then it stops accepting, cancels every call and waits for
 /// calls, sockets and requests to end.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    stop_when: Stop,
 ) -> std::io::Result<()> {
     let max_calls = state.calls.available_permits() as u32;
     let max_pending = state.pending.available_permits() as u32;
@@ -254,7 +289,16 @@ pub async fn serve(
         state.services.metrics.clone(),
         stop.clone(),
     ));
-    shutdown.await;
+    tokio::select! {
+        _ = stop_when.drain.cancelled() => {}
+        _ = stop_when.now.cancelled() => {}
+    }
+    if !stop_when.now.is_cancelled() {
+        tokio::select! {
+            _ = drain(&state, max_calls) => {}
+            _ = stop_when.now.cancelled() => tracing::info!("second signal: ending every call now"),
+        }
+    }
     tracing::info!("shutting down: ending calls");
     stop.cancel();
     state.cancel.cancel();
@@ -263,4 +307,56 @@ pub async fn serve(
     let _ = state.calls.acquire_many(max_calls).await;
     let _ = state.pending.acquire_many(max_pending).await;
     Ok(())
+}
+
+/// The longest a goodbye at the end of a drain may take to be spoken.
+const GOODBYE_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Refuses new calls and waits for the live ones to end, up to the drain timeout; then asks the
+/// calls still live to say the goodbye and hang up, and waits for that (bounded).
+async fn drain(state: &AppState, max_calls: u32) {
+    state
+        .drain
+        .started
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let live = |s: &AppState| max_calls as usize - s.calls.available_permits();
+    tracing::info!(
+        live_calls = live(state),
+        timeout_s = state.drain.timeout.as_secs_f64(),
+        "draining: refusing new calls; live calls go on"
+    );
+    let idle = async {
+        while live(state) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    if tokio::time::timeout(state.drain.timeout, idle)
+        .await
+        .is_ok()
+    {
+        tracing::info!("drained: no live calls");
+        return;
+    }
+    let Some(text) = state.drain.goodbye.clone() else {
+        tracing::info!(
+            live_calls = live(state),
+            "drain timed out; ending the calls left"
+        );
+        return;
+    };
+    tracing::info!(
+        live_calls = live(state),
+        "drain timed out; saying goodbye to the calls left"
+    );
+    for id in state.services.registry.ids() {
+        if let Some(commands) = state.services.registry.get(&id) {
+            crate::pipeline::call::goodbye(&commands, text.clone()).await;
+        }
+    }
+    let said = async {
+        while live(state) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    let _ = tokio::time::timeout(GOODBYE_LIMIT, said).await;
 }

@@ -210,6 +210,11 @@ pub fn state(config: &Config, services: Services) -> AppState {
             require_stream_token: config.twilio.require_stream_token,
         },
         auth: Arc::new(auth),
+        drain: Arc::new(super::Drain {
+            timeout: Duration::from_millis(s.drain_timeout_ms),
+            goodbye: s.drain_goodbye.clone(),
+            ..Default::default()
+        }),
         listen: ListenSettings {
             max_connections: s.max_connections,
             max_connections_per_ip: s.max_connections_per_ip,

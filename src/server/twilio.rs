@@ -137,6 +137,10 @@ pub(crate) async fn voice(
     let call = Untrusted(call_sid);
     // A caller hears why, instead of dead air, when no conversation can start.
     let unavailable = match state.services.slm.status() {
+        _ if state.drain.draining() => {
+            state.services.metrics.error(ErrorKind::Busy);
+            Some(("server draining", DRAINING_SAY))
+        }
         ModelStatus::Ready if state.calls.available_permits() == 0 => {
             state.services.metrics.error(ErrorKind::Busy);
             Some(("at its call limit", BUSY_SAY))
@@ -176,6 +180,7 @@ fn twiml(body: String) -> Response {
 }
 
 const BUSY_SAY: &str = "Sorry, all our lines are busy. Please call again in a few minutes.";
+const DRAINING_SAY: &str = "Sorry, the assistant is restarting. Please call again in a moment.";
 const LOADING_SAY: &str =
     "Sorry, the assistant is still starting up. Please call again in a minute.";
 const UNAVAILABLE_SAY: &str =
@@ -197,7 +202,9 @@ pub(crate) async fn stream(
         .twilio
         .check(&headers, &url, &BTreeMap::new())
         .map_err(|e| state.refuse(e))?;
-    let admission = super::admit(&state)?;
+    // A stream is the second half of a call its webhook accepted, maybe just before a drain
+    // began: it is let in (the webhook refuses new calls while draining).
+    let admission = super::admit(&state, false)?;
     let settings = state.twilio_socket;
     let stream_auth = StreamAuth {
         auth: state.auth.clone(),

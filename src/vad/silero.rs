@@ -20,6 +20,8 @@ pub enum VadError {
     },
     #[error("Silero VAD inference failed: {0}")]
     Inference(String),
+    #[error("end-of-turn model inference failed: {0}")]
+    TurnInference(String),
     #[error("Silero VAD runs at 8000 or 16000 Hz, not {0}")]
     Rate(u32),
     #[error("the VAD worker has stopped")]

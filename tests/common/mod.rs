@@ -66,11 +66,13 @@ pub async fn start_server_with(config: Config, adjust: impl FnOnce(&mut AppState
     let (stop, stopped) = oneshot::channel::<()>();
     let s = state.clone();
     let task = tokio::spawn(async move {
-        server::serve(listener, s, async move {
+        let stop = server::Stop::default();
+        let now = stop.now.clone();
+        tokio::spawn(async move {
             let _ = stopped.await;
-        })
-        .await
-        .unwrap();
+            now.cancel();
+        });
+        server::serve(listener, s, stop).await.unwrap();
     });
     TestServer {
         addr,

@@ -68,6 +68,9 @@ pub(crate) struct Actor {
     reply: Option<Reply>,
     /// Short sounds heard over the paused reply so far.
     sounds: Option<Sounds>,
+    /// Saying goodbye (a server drain): the call ends when the reply has played, and hears no
+    /// more turns.
+    ending: bool,
     next_reply: u64,
     /// Every task of the call; aborted when the actor ends.
     tasks: JoinSet<()>,
@@ -112,6 +115,7 @@ impl Actor {
             voice,
             reply: None,
             sounds: None,
+            ending: false,
             next_reply: 0,
             tasks,
             _keep: keep,
@@ -152,6 +156,7 @@ impl Actor {
                             r.acknowledge(unit, within);
                         }
                     }
+                    Some(CallCommand::Goodbye(text)) => self.goodbye(text).await,
                     None => break,
                 },
                 ev = next_reply_event(&mut self.reply) => match ev {
@@ -167,6 +172,9 @@ impl Actor {
     }
 
     async fn on_vad(&mut self, ev: VadEvent) {
+        if self.ending && !matches!(ev, VadEvent::Failed(_)) {
+            return;
+        }
         match ev {
             VadEvent::SpeechStart => {}
             VadEvent::Interruption => {
@@ -516,8 +524,24 @@ impl Actor {
         let _ = self.out.send(Outbound::Timeline(t)).await;
     }
 
+    /// Cuts what is playing, says `text`, and ends the call once it has played.
+    async fn goodbye(&mut self, text: String) {
+        if self.ending {
+            return;
+        }
+        self.barge_in(BargeIn::Drain).await;
+        self.ending = true;
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx.try_send(Ok(text));
+        self.start_reply(rx, self.cancel.child_token(), None, None);
+        tracing::info!("the server is draining: goodbye");
+    }
+
     /// The reply played out in full.
     fn finish_reply(&mut self) {
+        if self.ending {
+            self.cancel.cancel();
+        }
         let Some(r) = self.reply.take() else { return };
         let text = r.units.join(" ");
         if !text.is_empty() {

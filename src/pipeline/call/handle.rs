@@ -23,6 +23,8 @@ pub(crate) enum CallCommand {
         unit: usize,
         within: Option<u64>,
     },
+    /// The server is going down: cut what is playing, say this, and end the call.
+    Goodbye(String),
 }
 
 /// The transport's side of a call. Dropping it ends the call and every task in it.
@@ -92,4 +94,9 @@ pub(crate) async fn history(
     let sent = commands.send(CallCommand::History(tx)).await;
     sent.map_err(|_| CallError::Ended)?;
     rx.await.map_err(|_| CallError::Ended)
+}
+
+/// Asks the call to say `text` and hang up (the end of a server drain); nothing if it has ended.
+pub(crate) async fn goodbye(commands: &mpsc::Sender<CallCommand>, text: String) {
+    let _ = commands.send(CallCommand::Goodbye(text)).await;
 }

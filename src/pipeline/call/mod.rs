@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub(crate) use handle::{history, CallCommand, CallHandle};
+pub(crate) use handle::{goodbye, history, CallCommand, CallHandle};
 
 use super::conversation::Conversation;
 use super::limits::{InputBudget, LimitError, Limits, RealtimeGate};
