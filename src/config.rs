@@ -33,6 +33,7 @@ pub struct Config {
     pub slm: SlmConfig,
     pub tts: TtsConfig,
     pub twilio: TwilioConfig,
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -13,6 +13,7 @@ pub mod model;
 pub mod net;
 pub mod pipeline;
 pub mod server;
+pub mod telemetry;
 pub mod transport;
 pub mod tts;
 pub mod vad;

@@ -813,3 +813,168 @@ async fn sigterm_drains_live_calls_then_exits_0() {
     let status = exited.expect("exits after the goodbye").unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// A loopback OTLP/HTTP receiver: decodes each `POST /v1/traces` body (protobuf) and keeps the
+/// spans, with their resources' `service.name`.
+async fn otlp_receiver() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>,
+) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    type Spans = std::sync::Arc<
+        std::sync::Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>,
+    >;
+    let spans: Spans = Default::default();
+    let kept = spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let kept = kept.clone();
+            async move {
+                let req = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf body");
+                for rs in req.resource_spans {
+                    let service = rs
+                        .resource
+                        .iter()
+                        .flat_map(|r| &r.attributes)
+                        .find(|a| a.key == "service.name")
+                        .map(|a| format!("{:?}", a.value))
+                        .unwrap_or_default();
+                    for ss in rs.scope_spans {
+                        for s in ss.spans {
+                            kept.lock().unwrap().push((service.clone(), s));
+                        }
+                    }
+                }
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, spans)
+}
+
+fn attr(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    span.attributes.iter().find(|a| a.key == key).and_then(|a| {
+        Some(match a.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(s) => s.clone(),
+            Value::BoolValue(b) => b.to_string(),
+            Value::IntValue(i) => i.to_string(),
+            Value::DoubleValue(d) => d.to_string(),
+            other => format!("{other:?}"),
+        })
+    })
+}
+
+/// A two-turn call on a server exporting traces to a loopback OTLP/HTTP receiver: the call's
+/// span joins the trace of the upgrade request's `traceparent`; each turn has a span under it,
+/// with the call's attributes, its stage latencies and a child span per stage whose length is
+/// that latency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_turn_call_exports_its_spans_over_otlp() {
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT: &str = "00f067aa0ba902b7";
+    let (receiver, spans) = otlp_receiver().await;
+    let config = format!(
+        "[slm]\nreply = \"Sure, here you go.\"\n[server]\nport = 0\n[telemetry]\n\
+         otlp_endpoint = \"http://{receiver}\"\n"
+    );
+    let (mut child, addr, _dir) = spawn_server(&config).await;
+    let mut cc = ClientConfig::new(16_000, Encoding::Linear16);
+    cc.headers = vec![("traceparent".into(), format!("00-{TRACE}-{PARENT}-01"))];
+    cc.conversation_id = Some("traced-call".into());
+    let mut client = VocodeClient::connect(&format!("ws://{addr}/conversation"), cc)
+        .await
+        .unwrap();
+    for question in [
+        "What is the weather like today?",
+        "And what about tomorrow?",
+    ] {
+        let mut clip = common::silence(300, 16_000);
+        clip.extend(common::speech(question, 16_000).await);
+        client.stream_realtime(&clip, 20).await.unwrap();
+        let events = listen(&mut client, 6_000, |e| text_of(e).contains("go.")).await;
+        assert!(text_of(&events).contains("go."), "no reply to {question:?}");
+        // Let it play out.
+        let _ = listen(&mut client, 2_500, |_| false).await;
+    }
+    client.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sigterm(&child);
+    let exited = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+    assert!(exited.expect("exits").unwrap().success());
+    let spans = spans.lock().unwrap().clone();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let call = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| s.name == "call")
+        .expect("a call span");
+    assert!(
+        spans.iter().all(|(svc, _)| svc.contains("gazelle")),
+        "service.name"
+    );
+    assert_eq!(
+        hex(&call.trace_id),
+        TRACE,
+        "the call joins the caller's trace"
+    );
+    assert_eq!(hex(&call.parent_span_id), PARENT);
+    assert_eq!(
+        attr(call, "gazelle.call.id").as_deref(),
+        Some("traced-call")
+    );
+    assert_eq!(attr(call, "gazelle.transport").as_deref(), Some("vocode"));
+    let turns: Vec<_> = spans
+        .iter()
+        .map(|(_, s)| s)
+        .filter(|s| s.name == "turn")
+        .collect();
+    assert_eq!(turns.len(), 2, "one span per turn");
+    let stages = [
+        "vad_end",
+        "model_first_token",
+        "first_text_unit",
+        "tts_first_byte",
+        "first_audio_sent",
+    ];
+    for turn in turns {
+        assert_eq!(
+            turn.parent_span_id, call.span_id,
+            "a turn is a child of its call"
+        );
+        assert_eq!(turn.trace_id, call.trace_id);
+        assert_eq!(
+            attr(turn, "gazelle.call.id").as_deref(),
+            Some("traced-call")
+        );
+        assert_eq!(attr(turn, "gazelle.model").as_deref(), Some("scripted"));
+        assert_eq!(attr(turn, "gazelle.voice").as_deref(), Some("espeak"));
+        assert_eq!(attr(turn, "gazelle.barge_in").as_deref(), Some("false"));
+        for stage in stages {
+            let ms: f64 = attr(turn, &format!("gazelle.{stage}_ms"))
+                .unwrap_or_else(|| panic!("{stage} latency on the turn"))
+                .parse()
+                .unwrap();
+            let child = spans
+                .iter()
+                .map(|(_, s)| s)
+                .find(|s| s.name == stage && s.parent_span_id == turn.span_id)
+                .unwrap_or_else(|| panic!("a {stage} span under the turn"));
+            let length = (child.end_time_unix_nano - child.start_time_unix_nano) as f64 / 1e6;
+            assert!(
+                (length - ms.max(0.0)).abs() < 1.0,
+                "{stage}: {length} ms span, {ms} ms latency"
+            );
+            assert!(child.start_time_unix_nano >= turn.start_time_unix_nano);
+            assert!(child.end_time_unix_nano <= turn.end_time_unix_nano + 1_000_000);
+        }
+    }
+}

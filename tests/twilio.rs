@@ -491,6 +491,8 @@ async fn malformed_events_are_logged_and_the_call_survives() {
     server.shutdown().await;
 }
 
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twiml_webhook_and_signatures() {
     let server = common::start_server(config("Hi.")).await;
@@ -499,11 +501,19 @@ async fn twiml_webhook_and_signatures() {
         &server,
         "POST",
         "/twilio/voice?system_prompt=Be%20kind%20%26%20brief",
-        &[("Content-Type", "application/x-www-form-urlencoded")],
+        &[
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("traceparent", TRACEPARENT),
+        ],
         form,
     )
     .await;
     assert_eq!(status, 200, "{body}");
+    // The webhook's trace context goes to the stream, so the call's span joins its trace.
+    assert!(
+        body.contains(&format!("<Parameter name=\"traceparent\" value=\"{TRACEPARENT}\"/>")),
+        "{body}"
+    );
     let stream_url = format!("wss://{}/twilio/stream", server.addr);
     assert!(
         body.contains(&format!("<Connect><Stream url=\"{stream_url}\">")),

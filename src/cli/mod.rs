@@ -34,14 +34,34 @@ impl PrecisionArgs {
 }
 
 pub fn init_logging(json: bool) {
+    let _ = init_logging_and_traces(json, None);
+}
+
+/// Logs to stderr (filtered by `RUST_LOG`, default `info`), and, with `traces` (the telemetry
+/// config and the runtime its exporter runs on) and an `otlp_endpoint` in it, exports spans;
+/// the guard flushes them when dropped.
+pub fn init_logging_and_traces(
+    json: bool,
+    traces: Option<(&gazelle::telemetry::TelemetryConfig, tokio::runtime::Handle)>,
+) -> anyhow::Result<Option<gazelle::telemetry::Guard>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json {
+        fmt.json().with_filter(filter).boxed()
     } else {
-        builder.init();
-    }
+        fmt.with_filter(filter).boxed()
+    };
+    let (otel, guard) = match traces {
+        Some((config, runtime)) => match gazelle::telemetry::layer(config, runtime)? {
+            Some((layer, guard)) => (Some(layer), Some(guard)),
+            None => (None, None),
+        },
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(fmt).with(otel).init();
+    Ok(guard)
 }

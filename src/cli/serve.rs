@@ -135,9 +135,15 @@ fn merged_config(a: &ServeArgs) -> anyhow::Result<Config> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = merged_config(&args)?;
-    super::init_logging(config.server.log_json);
-    check_fd_limit(&config);
     let runtime = tokio::runtime::Runtime::new()?;
+    let traces = super::init_logging_and_traces(
+        config.server.log_json,
+        Some((&config.telemetry, runtime.handle().clone())),
+    )?;
+    if let Some(e) = &config.telemetry.otlp_endpoint {
+        tracing::info!(endpoint = %e, "exporting traces over OTLP/HTTP");
+    }
+    check_fd_limit(&config);
     let (services, load) = server::setup::services(&config)?;
     let state = server::setup::state(&config, services);
     runtime.block_on(async move {
@@ -168,6 +174,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             });
         }
         server::serve(listener, state, stop).await?;
+        // The last spans go out before the runtime stops.
+        let _ = tokio::task::spawn_blocking(move || drop(traces)).await;
         if let Some(e) = failed.get() {
             anyhow::bail!("cannot load the speech-language model: {e}");
         }

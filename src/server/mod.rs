@@ -145,6 +145,7 @@ async fn conversation(
     // Frames between our limit and twice it get a `frame_too_large` error; larger ones never
     // reach memory whole: the socket layer refuses them and the call ends (1009).
     let socket_limit = state.socket.max_frame_bytes.saturating_mul(2);
+    let trace = crate::pipeline::call::TraceContext::from_headers(&headers);
     Ok(ws
         .max_message_size(socket_limit)
         .max_frame_size(socket_limit)
@@ -155,6 +156,7 @@ async fn conversation(
                 admission,
                 state.socket,
                 state.cancel,
+                trace,
             )
         }))
 }

@@ -168,6 +168,16 @@ pub(crate) async fn voice(
         tracing::warn!(%call, error = %e, "Twilio webhook parameters over the limits");
         return Err(state.refuse(ApiError::BadRequest(e.kind(), e.to_string())));
     }
+    // The webhook's trace context goes with the stream, so the call's span joins the trace.
+    let trace = crate::pipeline::call::TraceContext::from_headers(&headers);
+    for (k, v) in [
+        ("traceparent", trace.traceparent),
+        ("tracestate", trace.tracestate),
+    ] {
+        if let Some(v) = v {
+            parameters.insert(k.into(), v);
+        }
+    }
     // The stream must show this token, signed for this call, to start: a captured stream URL or
     // signature opens nothing.
     parameters.insert(STREAM_TOKEN.into(), state.auth.mint_stream_token(call_sid));
@@ -206,6 +216,7 @@ pub(crate) async fn stream(
     // began: it is let in (the webhook refuses new calls while draining).
     let admission = super::admit(&state, false)?;
     let settings = state.twilio_socket;
+    let trace = crate::pipeline::call::TraceContext::from_headers(&headers);
     let stream_auth = StreamAuth {
         auth: state.auth.clone(),
         required: state.twilio.require_stream_token,
@@ -221,6 +232,7 @@ pub(crate) async fn stream(
                 settings,
                 stream_auth,
                 state.cancel,
+                trace,
             )
         }))
 }

@@ -48,6 +48,8 @@ pub(crate) struct ActorConfig {
     /// The transport reports played units; else the playout clock estimates them.
     pub playback_acks: bool,
     pub subscribe_transcript: bool,
+    /// The call's span and what its spans say of it.
+    pub trace: (tracing::Span, crate::telemetry::CallInfo),
 }
 
 /// Held while the actor lives: the call's place in the registry and its call slot, so the server
@@ -537,12 +539,37 @@ impl Actor {
         tracing::info!("the server is draining: goodbye");
     }
 
+    /// Exports the span of the turn `r` answered, now that the reply has ended.
+    fn trace_turn(&self, r: &Reply, barge_in: bool) {
+        let Some(true_end) = r.true_end() else { return };
+        let t = &r.timeline;
+        let stages = [
+            ("vad_end", t.vad_end_ms),
+            ("model_first_token", t.first_token_ms),
+            ("first_text_unit", t.first_unit_ms),
+            ("tts_first_byte", t.first_synth_byte_ms),
+            ("first_audio_sent", t.first_audio_sent_ms),
+        ];
+        let speech = Duration::from_secs_f64(t.user_audio_ms / 1e3);
+        let trace = crate::telemetry::TurnTrace {
+            reply: r.id,
+            speech_start: true_end.checked_sub(speech).unwrap_or(true_end),
+            true_end,
+            ended: now(),
+            barge_in,
+            stages: &stages,
+        };
+        let (span, info) = &self.cfg.trace;
+        crate::telemetry::record_turn(span, info, &trace);
+    }
+
     /// The reply played out in full.
     fn finish_reply(&mut self) {
         if self.ending {
             self.cancel.cancel();
         }
         let Some(r) = self.reply.take() else { return };
+        self.trace_turn(&r, false);
         let text = r.units.join(" ");
         if !text.is_empty() {
             self.conversation.push(Turn::Bot {
@@ -579,6 +606,7 @@ impl Actor {
             Heard::Cut(spoken) => spoken,
         };
         self.cfg.metrics.barge_in(during);
+        self.trace_turn(&r, true);
         tracing::debug!(reply = r.id, %spoken, "barge-in");
         let _ = self
             .out

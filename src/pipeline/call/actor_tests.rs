@@ -89,6 +89,15 @@ fn call_with(
         output_rate: RATE,
         playback_acks,
         subscribe_transcript: true,
+        trace: (
+            tracing::Span::none(),
+            crate::telemetry::CallInfo {
+                id: "test".into(),
+                transport: "test",
+                model: "scripted".into(),
+                voice: "fake".into(),
+            },
+        ),
     };
     let (vad_tx, vad_rx) = mpsc::channel(8);
     let (cmd_tx, cmd_rx) = mpsc::channel(8);

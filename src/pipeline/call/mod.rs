@@ -103,6 +103,33 @@ pub(crate) struct CallOptions {
     /// The transport reports played units (`CallHandle::played`); the history then keeps exactly
     /// the acknowledged units instead of an estimate from the playout clock.
     pub playback_acks: bool,
+    /// `vocode` or `twilio`, for traces.
+    pub transport: &'static str,
+    /// The W3C trace context of the request that opened the call.
+    pub trace: TraceContext,
+}
+
+/// W3C trace context headers, as received.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TraceContext {
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    pub(crate) fn from_headers(headers: &axum::http::HeaderMap) -> Self {
+        let get = |k: &str| {
+            headers
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| v.len() <= 512)
+                .map(str::to_string)
+        };
+        TraceContext {
+            traceparent: get("traceparent"),
+            tracestate: get("tracestate"),
+        }
+    }
 }
 
 /// Starts a call. Its tasks stop when the handle drops, `parent` is cancelled, or `out` closes.
@@ -171,7 +198,19 @@ pub(crate) fn start(
             .clone()
             .or_else(|| services.settings.first_message.clone()),
     );
+    let info = crate::telemetry::CallInfo {
+        id: id.clone(),
+        transport: options.transport,
+        model: services.slm.name().to_string(),
+        voice: services.tts.name().to_string(),
+    };
+    let span = crate::telemetry::call_span(
+        &info,
+        options.trace.traceparent.as_deref(),
+        options.trace.tracestate.as_deref(),
+    );
     let cfg = ActorConfig {
+        trace: (span.clone(), info),
         settings: services.settings.clone(),
         limits: services.limits.clone(),
         metrics: services.metrics.clone(),
@@ -193,7 +232,10 @@ pub(crate) fn start(
         tasks,
         keep,
     );
-    tokio::spawn(actor.run(vad_rx, cmd_rx));
+    tokio::spawn(tracing::Instrument::instrument(
+        actor.run(vad_rx, cmd_rx),
+        span,
+    ));
     let burst = std::time::Duration::from_millis(services.limits.realtime_burst_ms as u64);
     Ok(CallHandle {
         id,

@@ -84,6 +84,7 @@ pub(crate) async fn serve(
     settings: SocketSettings,
     stream_auth: StreamAuth,
     server: CancellationToken,
+    trace: crate::pipeline::call::TraceContext,
 ) {
     let mut complaints = Complaints {
         services: &services,
@@ -150,6 +151,15 @@ pub(crate) async fn serve(
         first_message: params.get("first_message").cloned(),
         subscribe_transcript: false,
         playback_acks: true,
+        transport: "twilio",
+        // Carried from the webhook's request in the stream's parameters; else the upgrade's.
+        trace: match params.get("traceparent") {
+            Some(tp) => crate::pipeline::call::TraceContext {
+                traceparent: Some(tp.clone()),
+                tracestate: params.get("tracestate").cloned(),
+            },
+            None => trace,
+        },
     };
     let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
     let mut call = match call::start(services.clone(), options, out_tx, &server, Some(slot)) {

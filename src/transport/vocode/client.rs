@@ -38,6 +38,8 @@ pub struct ClientConfig {
     pub bearer: Option<String>,
     /// A call token from `POST /auth/token`, sent as `?token=` (what a browser page does).
     pub token: Option<String>,
+    /// More headers on the upgrade request (e.g. a W3C `traceparent`).
+    pub headers: Vec<(String, String)>,
 }
 
 impl ClientConfig {
@@ -54,6 +56,7 @@ impl ClientConfig {
             conversation_id: None,
             bearer: None,
             token: None,
+            headers: Vec::new(),
         }
     }
 }
@@ -136,6 +139,14 @@ impl VocodeClient {
                 ClientError::Refused("the bearer token is not a header value".into())
             })?;
             request.headers_mut().insert("authorization", value);
+        }
+        for (k, v) in &config.headers {
+            let name = axum::http::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| ClientError::Refused(format!("{k:?} is not a header name")))?;
+            let value = v
+                .parse()
+                .map_err(|_| ClientError::Refused(format!("{v:?} is not a header value")))?;
+            request.headers_mut().insert(name, value);
         }
         // No Nagle: a real-time caller's 20 ms messages must not wait for the previous ACK.
         let (ws, _) = tokio_tungstenite::connect_async_with_config(request, None, true).await?;

@@ -48,6 +48,7 @@ pub(crate) async fn serve(
     mut admission: Admission,
     settings: SocketSettings,
     server: CancellationToken,
+    trace: crate::pipeline::call::TraceContext,
 ) {
     let metrics = services.metrics.clone();
     let t = settings.send_timeout;
@@ -120,6 +121,8 @@ pub(crate) async fn serve(
         first_message: config.first_message.clone(),
         subscribe_transcript: config.subscribe_transcript.unwrap_or(false),
         playback_acks: false,
+        transport: "vocode",
+        trace,
     };
     let mut call = match call::start(services.clone(), options, out_tx, &server, Some(slot)) {
         Ok(c) => c,
