@@ -511,7 +511,9 @@ async fn twiml_webhook_and_signatures() {
     assert_eq!(status, 200, "{body}");
     // The webhook's trace context goes to the stream, so the call's span joins its trace.
     assert!(
-        body.contains(&format!("<Parameter name=\"traceparent\" value=\"{TRACEPARENT}\"/>")),
+        body.contains(&format!(
+            "<Parameter name=\"traceparent\" value=\"{TRACEPARENT}\"/>"
+        )),
         "{body}"
     );
     let stream_url = format!("wss://{}/twilio/stream", server.addr);

@@ -530,7 +530,7 @@ function onMessage(c, m) {
       break;
     case "gazelle_clear": {
       const stopped2 = c.player.clear();
-      stats.clears.push({ reply: m.reply, stopped: stopped2 });
+      stats.clears.push({ reply: m.reply, stopped: stopped2, paused: m.paused === true });
       const bubble = c.bots.get(m.reply);
       if (bubble && !m.paused) markInterrupted(bubble, m.spoken_text);
       break;

@@ -35,7 +35,7 @@ const stats = {
   /** Microphone chunks sent, and the loudest chunk's RMS level. */
   sent: 0,
   peak: 0,
-  clears: [] as { reply: number; stopped: number }[],
+  clears: [] as { reply: number; stopped: number; paused: boolean }[],
   timelines: [] as (Timeline & { first_audio_played_ms: number | null })[],
   errors: [] as string[],
   transcript: [] as string[],
@@ -418,7 +418,7 @@ function onMessage(c: Call, m: ServerMessage): void {
       break;
     case "gazelle_clear": {
       const stopped = c.player.clear();
-      stats.clears.push({ reply: m.reply, stopped });
+      stats.clears.push({ reply: m.reply, stopped, paused: m.paused === true });
       const bubble = c.bots.get(m.reply);
       // Only paused (a short sound over the bot): its audio may follow again.
       if (bubble && !m.paused) markInterrupted(bubble, m.spoken_text);

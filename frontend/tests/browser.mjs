@@ -146,6 +146,15 @@ async function gazellePage(wav, url, out, reply) {
       15_000,
     );
     check(clear.stopped > 0, `the clear stopped ${clear.stopped} scheduled sources; playback was not cut`);
+    // The first clear may only pause the reply (speech over the bot that might be a cough); the
+    // utterance goes on and cuts it.
+    await until(
+      page,
+      "the reply cut by the second utterance",
+      () => window.gazelle.clears.find((c) => !c.paused) ?? null,
+      null,
+      15_000,
+    );
     const interrupted = await page.evaluate(() => document.querySelectorAll("#log .turn.bot.interrupted").length);
     check(interrupted >= 1, "the cut reply is not marked interrupted");
 

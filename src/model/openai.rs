@@ -259,6 +259,10 @@ impl OpenAiSession {
             }
         }
         self.history.drain(..cut);
+        // The conversation starts with the user.
+        while matches!(self.history.first(), Some(Entry::Bot(_))) {
+            self.history.remove(0);
+        }
     }
 }
 
@@ -533,6 +537,39 @@ mod tests {
 
     fn user(n: usize) -> Entry {
         Entry::User(Some(Arc::from(vec![0.0f32; n])))
+    }
+
+    /// Only the newest `max_history_turns` user turns stay, only the newest
+    /// `history_audio_turns` keep their audio, and the conversation still starts with the user.
+    #[test]
+    fn old_turns_are_dropped_and_lose_their_audio() {
+        let cfg = OpenAiSlmConfig {
+            max_history_turns: 2,
+            history_audio_turns: 1,
+            ..Default::default()
+        };
+        let model = OpenAiModel::new(&cfg).unwrap();
+        let mut s = OpenAiSession {
+            shared: model.shared.clone(),
+            system: None,
+            history: vec![
+                user(1),
+                Entry::Bot("a".into()),
+                user(2),
+                Entry::Bot("b".into()),
+                user(3),
+            ],
+            current: None,
+        };
+        s.forget_old();
+        assert!(
+            matches!(
+                &s.history[..],
+                [Entry::User(None), Entry::Bot(b), Entry::User(Some(_))] if b == "b"
+            ),
+            "{:?}",
+            s.history
+        );
     }
 
     /// Roles alternate even when a reply was cut before a word was heard, older turns go as a

@@ -145,8 +145,12 @@ pub(crate) async fn run(
     loop {
         let hold = *gate.borrow_and_update();
         match (held_since, hold) {
-            (None, Some(at)) if p.rewind(at) => finished = false,
-            (Some(_), None) => p.restart(),
+            (None, Some(at)) => p.rewind(at),
+            // The call forgot the `Finished` it got while the reply was held: say it again.
+            (Some(_), None) => {
+                p.restart();
+                finished = false;
+            }
             _ => {}
         }
         held_since = hold;
@@ -280,8 +284,7 @@ impl Pacer {
 
     /// Takes back what the client had not played by `at`: its audio goes to the front of the
     /// queue, the ledger forgets it, and the frames and marks still on their way are dropped.
-    /// True if anything was taken back.
-    fn rewind(&mut self, at: Instant) -> bool {
+    fn rewind(&mut self, at: Instant) {
         let rate = self.settings.output_rate as f64;
         let mut samples = Vec::new();
         let mut runs: Vec<(usize, usize)> = Vec::new();
@@ -306,7 +309,7 @@ impl Pacer {
             }
         }
         if samples.is_empty() {
-            return false;
+            return;
         }
         self.segment.cancel();
         self.segment = self.reply.child_token();
@@ -340,7 +343,6 @@ impl Pacer {
             taken_back = samples.len(),
             "held: unplayed audio taken back"
         );
-        true
     }
 
     /// The hold is lifted: playback starts afresh (the client's queue is empty).
