@@ -741,17 +741,6 @@ async fn listen(
     events
 }
 
-fn text_of(events: &[Event]) -> String {
-    events
-        .iter()
-        .filter_map(|e| match &e.kind {
-            EventKind::Transcript { text, .. } => Some(text.as_str()),
-            _ => None,
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// SIGTERM with a live call: `/health` answers 503 `draining`, a new call is refused with 503,
 /// the live call's reply plays out whole, and once the caller hangs up the process exits 0.
 /// Then with a short drain timeout and a goodbye: the call still live when it runs out hears the
@@ -782,10 +771,10 @@ async fn sigterm_drains_live_calls_then_exits_0() {
     let refused = VocodeClient::connect(&url, cc.clone()).await;
     let e = refused.err().expect("a new call is refused").to_string();
     assert!(e.contains("503"), "{e}");
-    events.extend(listen(&mut client, 8_000, |e| text_of(e) == reply).await);
+    events.extend(listen(&mut client, 8_000, |e| common::transcript(e) == reply).await);
     // Let the last unit play out, then hang up.
     events.extend(listen(&mut client, 1_500, |_| false).await);
-    assert_eq!(text_of(&events), reply);
+    assert_eq!(common::transcript(&events), reply);
     assert!(!events
         .iter()
         .any(|e| matches!(e.kind, EventKind::Clear { .. })));
@@ -808,7 +797,7 @@ async fn sigterm_drains_live_calls_then_exits_0() {
             .any(|e| matches!(e.kind, EventKind::Stop | EventKind::Closed { .. }))
     })
     .await;
-    assert_eq!(text_of(&events), "Goodbye for now.");
+    assert_eq!(common::transcript(&events), "Goodbye for now.");
     let exited = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
     let status = exited.expect("exits after the goodbye").unwrap();
     assert!(status.success(), "{status}");
@@ -900,8 +889,14 @@ async fn a_two_turn_call_exports_its_spans_over_otlp() {
         let mut clip = common::silence(300, 16_000);
         clip.extend(common::speech(question, 16_000).await);
         client.stream_realtime(&clip, 20).await.unwrap();
-        let events = listen(&mut client, 6_000, |e| text_of(e).contains("go.")).await;
-        assert!(text_of(&events).contains("go."), "no reply to {question:?}");
+        let events = listen(&mut client, 6_000, |e| {
+            common::transcript(e).contains("go.")
+        })
+        .await;
+        assert!(
+            common::transcript(&events).contains("go."),
+            "no reply to {question:?}"
+        );
         // Let it play out.
         let _ = listen(&mut client, 2_500, |_| false).await;
     }

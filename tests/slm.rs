@@ -327,17 +327,6 @@ async fn say(
     events
 }
 
-fn transcript(events: &[Event]) -> String {
-    events
-        .iter()
-        .filter_map(|e| match &e.kind {
-            EventKind::Transcript { text, .. } => Some(text.as_str()),
-            _ => None,
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 fn errors(events: &[Event]) -> Vec<(String, String)> {
     events
         .iter()
@@ -363,13 +352,13 @@ async fn a_two_turn_call_on_an_openai_compatible_server() {
     let server = common::start_server(config(&peer.url)).await;
     let cc = ClientConfig::new(16_000, Encoding::Linear16);
     let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
-    let done = |e: &[Event]| transcript(e).contains("peer.") && has_audio(e);
+    let done = |e: &[Event]| common::transcript(e).contains("peer.") && has_audio(e);
     let first = say(&mut client, "What is the capital of France?", 6_000, done).await;
-    assert_eq!(transcript(&first), "Hello from the peer.");
+    assert_eq!(common::transcript(&first), "Hello from the peer.");
     // Let the reply play out so it is kept whole.
     let _ = say(&mut client, "", 2_500, |_| false).await;
     let second = say(&mut client, "And what about Spain?", 6_000, done).await;
-    assert_eq!(transcript(&second), "Hello from the peer.");
+    assert_eq!(common::transcript(&second), "Hello from the peer.");
     let _ = say(&mut client, "", 2_500, |_| false).await;
     let seen = peer.seen();
     for s in &seen {
@@ -447,7 +436,10 @@ async fn a_barge_in_closes_the_stream_and_the_next_request_carries_what_was_hear
         closed.saturating_duration_since(cleared_at)
     );
     // The interrupting turn is answered; its request carries the heard words.
-    let _ = say(&mut client, "", 3_000, |e| transcript(e).contains("Yes?")).await;
+    let _ = say(&mut client, "", 3_000, |e| {
+        common::transcript(e).contains("Yes?")
+    })
+    .await;
     let seen = peer.seen();
     let next = seen.last().unwrap();
     assert!(next.problems.is_empty(), "{:?}", next.problems);
@@ -502,10 +494,10 @@ async fn model_server_failures_become_clear_call_errors() {
     }
     // The stalled reply's first words were spoken; the call still answers.
     let events = say(&mut client, "Are you there?", 5_000, |e| {
-        transcript(e).contains("Fine.")
+        common::transcript(e).contains("Fine.")
     })
     .await;
-    assert_eq!(transcript(&events), "Fine.");
+    assert_eq!(common::transcript(&events), "Fine.");
     client.stop().await.unwrap();
     server.shutdown().await;
 }
@@ -527,11 +519,11 @@ async fn a_refused_connection_is_an_error_or_the_fallback_answers() {
         let server = common::start_server(c).await;
         let cc = ClientConfig::new(16_000, Encoding::Linear16);
         let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
-        let done = |e: &[Event]| !errors(e).is_empty() || transcript(e).contains("speaks.");
+        let done = |e: &[Event]| !errors(e).is_empty() || common::transcript(e).contains("speaks.");
         let events = say(&mut client, "Hello, is anyone there?", 5_000, done).await;
         if fallback {
             assert!(errors(&events).is_empty(), "{:?}", errors(&events));
-            assert_eq!(transcript(&events), "The fallback speaks.");
+            assert_eq!(common::transcript(&events), "The fallback speaks.");
         } else {
             let errs = errors(&events);
             assert_eq!(errs.len(), 1, "{errs:?}");
@@ -572,7 +564,10 @@ async fn a_discarded_preemptive_reply_cancels_its_request() {
     speech.extend(recorded("goforward.wav"));
     let total = speech.len() as f64 / 16_000.0 - 0.3;
     client.stream_realtime(&speech, 20).await.unwrap();
-    let _ = say(&mut client, "", 4_000, |e| transcript(e).contains("away.")).await;
+    let _ = say(&mut client, "", 4_000, |e| {
+        common::transcript(e).contains("away.")
+    })
+    .await;
     let seen = peer.seen();
     assert!(seen.len() >= 2, "{} requests", seen.len());
     assert!(

@@ -231,3 +231,16 @@ pub async fn history(
         }
     }
 }
+
+/// The bot's text units in `events`, joined by spaces.
+pub fn transcript(events: &[gazelle::transport::vocode::client::Event]) -> String {
+    use gazelle::transport::vocode::client::EventKind;
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Transcript { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
