@@ -1,6 +1,6 @@
 //! The `gazelle` command line: `serve` runs the voice server; `generate`, `download` and
-//! `bench-model` drive the Gazelle model; `vad` prints the VAD's segments of a file. Each
-//! subcommand lives in `src/cli/`.
+//! `bench-model` drive the Gazelle model; `vad` prints the VAD's segments of a file; `machine`
+//! prints the CPU kernels ONNX Runtime gets here. Each subcommand lives in `src/cli/`.
 
 mod cli;
 
@@ -29,6 +29,9 @@ enum Command {
     Download(cli::download::DownloadArgs),
     /// Measure encoder, prefill and decode speed at a real shape with random weights.
     BenchModel(cli::bench::BenchArgs),
+    /// Print this machine's CPU model, the ISA flags ONNX Runtime reads and the kernel sets it
+    /// picks (they change the VAD's and the end-of-turn model's numbers in the last digits).
+    Machine,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +45,10 @@ fn main() -> anyhow::Result<()> {
         Command::Download(a) => {
             cli::init_logging(false);
             cli::download::run_download(a)
+        }
+        Command::Machine => {
+            println!("{}", gazelle::vad::kernels::CpuReport::this_machine());
+            Ok(())
         }
         Command::BenchModel(a) => {
             cli::init_logging(false);
