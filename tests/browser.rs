@@ -89,6 +89,8 @@ async fn the_page_talks_to_the_bot_in_chromium() {
     let mut config = Config::default();
     config.slm.reply = REPLY.into();
     config.slm.token_delay_ms = 5;
+    // Not a turn-taking test: a fixed silence ends each turn, whatever the machine.
+    config.pipeline.turn.policy = gazelle::vad::PolicyKind::Silence;
     // The vocode SDK page is served by node on another port, so another origin; our own page is
     // same-origin and would pass without this.
     config.auth.allowed_origins = vec!["*".into()];
@@ -137,9 +139,10 @@ async fn the_page_talks_to_the_bot_in_chromium() {
             .expect("first audio played");
         let sent = t["first_audio_sent_ms"].as_f64().unwrap();
         assert!(played >= sent, "heard before it was sent? {t}");
-        // Loopback: the page should start playing within a fraction of a second of receiving.
+        // Loopback: the page should start playing within a fraction of a second of receiving
+        // (tens of milliseconds on an idle machine); the bound leaves room for a busy one.
         assert!(
-            played - sent < 500.0,
+            played - sent < 1_500.0,
             "slow start of playback in the page: {t}"
         );
         eprintln!(

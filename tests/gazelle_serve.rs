@@ -43,6 +43,9 @@ fn tiny_gazelle_config(max_new_tokens: usize) -> Config {
     config.slm.gazelle.offline = true;
     config.slm.gazelle.dtype = WeightDtype::F32;
     config.slm.gazelle.max_new_tokens = max_new_tokens;
+    // Not a turn-taking test: a fixed silence ends each turn, so how many turns (and requests)
+    // there are does not hang on the end-of-turn model's score of espeak-ng speech.
+    config.pipeline.turn.policy = gazelle::vad::PolicyKind::Silence;
     config
 }
 

@@ -65,11 +65,13 @@ fn shared_metrics() -> Arc<Metrics> {
     M.get_or_init(|| Arc::new(Metrics::new())).clone()
 }
 
+/// A loopback peer answers in milliseconds; these leave room for a busy machine, and the
+/// hanging peers still time out within the test's patience.
 fn timeouts() -> ProviderTimeouts {
     ProviderTimeouts {
-        connect_ms: 1_000,
-        first_byte_ms: 400,
-        stall_ms: 400,
+        connect_ms: 2_000,
+        first_byte_ms: 1_500,
+        stall_ms: 1_500,
     }
 }
 
@@ -330,8 +332,9 @@ async fn cancellation_reaches_the_peer() {
         });
         let ms = seen.saturating_duration_since(cancelled_at).as_secs_f64() * 1e3;
         eprintln!("{which}: the peer saw the cancel after {ms:.1} ms");
+        // A few milliseconds on an idle machine; the bound leaves room for a busy one.
         assert!(
-            ms < 200.0,
+            ms < 1_000.0,
             "{which}: cancel took {ms:.1} ms to reach the peer"
         );
         drop(tx);
@@ -463,6 +466,8 @@ async fn a_call_survives_a_failing_primary_through_the_espeak_fallback() {
     use gazelle::transport::vocode::client::{ClientConfig, EventKind, VocodeClient};
     let peer = tts_peers::start(vec![Behavior::Status(401)]).await;
     let mut config = gazelle::config::Config::default();
+    // Not a turn-taking test: a fixed silence ends the turn, whatever the machine.
+    config.pipeline.turn.policy = gazelle::vad::PolicyKind::Silence;
     config.slm.reply = "Sure. I can help with that today.".into();
     config.tts.provider = gazelle::config::TtsProvider::Elevenlabs;
     config.tts.fallback = Some(gazelle::config::TtsProvider::Espeak);

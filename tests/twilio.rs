@@ -191,6 +191,17 @@ impl Caller {
         self.talk(&common::silence(ms, RATE)).await;
     }
 
+    /// Streams silence in 100 ms steps until `done` holds for the log; panics, naming `what`,
+    /// after `secs`. Waiting on what the caller must see, not for a fixed time, keeps a test
+    /// independent of how busy the machine is.
+    async fn silence_until(&mut self, secs: u64, what: &str, done: impl Fn(&[Log]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !done(&self.log()) {
+            assert!(Instant::now() < deadline, "{what} within {secs} s");
+            self.silence(100).await;
+        }
+    }
+
     fn log(&self) -> Vec<Log> {
         self.log.lock().unwrap().clone()
     }
@@ -204,10 +215,14 @@ fn protocol_token() -> &'static str {
     gazelle::transport::twilio::handler::STREAM_TOKEN
 }
 
+/// The silence policy: these tests are about the phone line, not turn-taking, and under the
+/// smart policy where a turn ends depends on the end-of-turn model's score of espeak-ng speech
+/// (0.2–0.7, around its 0.5 line, and the int8 kernels move it) and on how soon it comes.
 fn config(reply: &str) -> Config {
     let mut c = Config::default();
     c.slm.reply = reply.into();
     c.slm.token_delay_ms = 5;
+    c.pipeline.turn.policy = gazelle::vad::PolicyKind::Silence;
     c
 }
 
@@ -242,7 +257,16 @@ async fn a_full_phone_turn_with_marks() {
     let mut clip = common::silence(300, RATE);
     clip.extend(common::speech("Hello, is anybody there?", RATE).await);
     caller.talk(&clip).await;
-    caller.silence(7_000).await;
+    let units = units_of(reply);
+    let last_end = units.len() - 1;
+    caller
+        .silence_until(20, "the reply's last end mark played", |log| {
+            log.iter().any(|l| {
+                matches!(l, Log::MarkPlayed(n)
+                    if matches!(protocol::parse_mark_name(n), Some((_, u, None)) if u == last_end))
+            })
+        })
+        .await;
 
     let log = caller.log();
     let audio: Vec<f32> = log
@@ -264,7 +288,6 @@ async fn a_full_phone_turn_with_marks() {
     let a16 = resample_all(&audio, RATE, 16_000).unwrap();
     let voiced = segments(&mut common::silero(), &a16, 16_000, TurnSettings::default()).unwrap();
     assert!(!voiced.is_empty(), "the reply is not speech");
-    let units = units_of(reply);
     let played: Vec<String> = log
         .iter()
         .filter_map(|l| match l {
@@ -386,8 +409,11 @@ async fn barge_in_clears_twilio_and_keeps_only_marked_text() {
         .expect("a clear event");
     let delay = cleared.saturating_duration_since(speech_began);
     eprintln!("clear {delay:?} after the interrupting speech began");
+    // min_interruption_ms (120) and a 32 ms VAD frame make it about 150 ms on an idle machine
+    // (scripts/bench-calls measures it); the bound only asks that it came while the caller was
+    // still speaking, with room for a busy machine.
     assert!(
-        delay <= Duration::from_millis(300),
+        delay <= Duration::from_millis(1_000),
         "clear came {delay:?} after speech began"
     );
     // What the caller really heard: the audio the phone had played at the clear, laid over
@@ -472,11 +498,11 @@ async fn malformed_events_are_logged_and_the_call_survives() {
     let mut clip = common::silence(300, RATE);
     clip.extend(common::speech("Are you still there?", RATE).await);
     caller.talk(&clip).await;
-    caller.silence(2_500).await;
-    assert!(
-        caller.log().iter().any(|l| matches!(l, Log::Media { .. })),
-        "the call stopped answering after bad events"
-    );
+    caller
+        .silence_until(10, "an answer after the bad events", |log| {
+            log.iter().any(|l| matches!(l, Log::Media { .. }))
+        })
+        .await;
     let (_, metrics) = common::http(&server, "GET", "/metrics", &[], "").await;
     for (kind, n) in [
         ("twilio_bad_event", 3),
