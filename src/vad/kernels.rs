@@ -7,7 +7,7 @@
 //!   whose activations reach the saturating range gives visibly different outputs between them.
 //! - the f32 kernels (Silero VAD) differ only in summation order: last-bit differences.
 //!
-//! `gazelle machine` prints this report, and a test that compares an ORT output against a stored
+//! The flags come from CPUID, as MLAS reads them. `gazelle machine` prints this report, and a test that compares an ORT output against a stored
 //! number names it in its failure message, so a report says which machine it came from.
 
 use std::fmt;
@@ -68,25 +68,22 @@ const RELEVANT: [&str; 10] = [
 ];
 
 impl CpuReport {
-    /// This machine, read from `/proc/cpuinfo` (the kernel's view of CPUID, which is what MLAS
-    /// reads too). Elsewhere the flags come out empty and the kernels as SSE.
+    /// This machine: the flags from CPUID (with the operating system's support for the wider
+    /// registers), as MLAS reads them, and the model name from `/proc/cpuinfo`.
     pub fn this_machine() -> CpuReport {
         let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        CpuReport::from_cpuinfo(&text)
+        let model = text
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                (k.trim() == "model name").then(|| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        CpuReport::from_flags(model, &detected())
     }
 
-    pub fn from_cpuinfo(text: &str) -> CpuReport {
-        let field = |name: &str| {
-            text.lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    (k.trim() == name).then(|| v.trim().to_string())
-                })
-                .unwrap_or_default()
-        };
-        let model = field("model name");
-        let all = field("flags");
-        let present: Vec<&str> = all.split_whitespace().collect();
+    /// The report for a CPU of this `model` with these flags (in `/proc/cpuinfo` spelling).
+    pub fn from_flags(model: String, present: &[&str]) -> CpuReport {
         let flags: Vec<&'static str> = RELEVANT
             .into_iter()
             .filter(|f| present.contains(f))
@@ -129,6 +126,39 @@ impl CpuReport {
     }
 }
 
+/// The flags of [`RELEVANT`] this CPU has, from CPUID as MLAS reads it (so an emulator's CPU
+/// model is seen as such, where `/proc/cpuinfo` would show the host's).
+#[cfg(target_arch = "x86_64")]
+fn detected() -> Vec<&'static str> {
+    use std::arch::is_x86_feature_detected as has;
+    // AMX's detection macro is not stable yet: leaf 7's EDX bits 24 (AMX-TILE) and 25
+    // (AMX-INT8), as MLAS reads them.
+    let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+    let amx = |bit: u32| leaf7.edx & (1 << bit) != 0;
+    let found = [
+        has!("avx2"),
+        has!("fma"),
+        has!("avx512f"),
+        has!("avx512bw"),
+        has!("avx512dq"),
+        has!("avx512vl"),
+        has!("avx512vnni"),
+        has!("avxvnni"),
+        amx(24),
+        amx(25),
+    ];
+    RELEVANT
+        .into_iter()
+        .zip(found)
+        .filter_map(|(name, yes)| yes.then_some(name))
+        .collect()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detected() -> Vec<&'static str> {
+    Vec::new()
+}
+
 impl fmt::Display for CpuReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let flags = if self.flags.is_empty() {
@@ -156,9 +186,9 @@ mod tests {
     use super::*;
 
     fn report(flags: &str) -> CpuReport {
-        CpuReport::from_cpuinfo(&format!(
-            "model name\t: Test CPU\nflags\t\t: fpu sse2 {flags}\n"
-        ))
+        let all = format!("fpu sse2 {flags}");
+        let all: Vec<&str> = all.split_whitespace().collect();
+        CpuReport::from_flags("Test CPU".into(), &all)
     }
 
     /// MLAS's dispatch order, one CPU generation per row.

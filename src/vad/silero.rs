@@ -90,6 +90,15 @@ pub fn init_runtime(lib: &Path) -> Result<&'static Environment, VadError> {
 
 /// A session of `model` (named `what` in errors) on one thread: its worker batches across calls
 /// instead, and the other core is needed by the sockets and the model.
+///
+/// Quantized products run exactly on every x86-64 CPU: by default MLAS multiplies u8×s8 with
+/// `vpmaddubsw` on AVX2 and AVX-512-without-VNNI CPUs, whose 16-bit pair sums saturate, so the
+/// int8 Smart Turn model gave other probabilities there than on VNNI CPUs (sense-0870: 0.9768
+/// against 0.9854; a cut phrase 0.280 against 0.035, see `tests/fixtures/smart-turn/README.md`).
+/// On those CPUs the session sets `session.x64quantprecision` (exact u8×u8 products), and they
+/// equal the VNNI CPUs' to the last bit. Elsewhere it is left off: it changes no number there,
+/// but ONNX Runtime 1.31 applies it on VNNI CPUs too, where it made Smart Turn slower.
+/// Float models (Silero) are unaffected either way.
 pub(crate) fn single_thread_session(
     env: &Environment,
     model: &Path,
@@ -103,16 +112,30 @@ pub(crate) fn single_thread_session(
     if !model.is_file() {
         return Err(err("no such file".into()));
     }
-    Session::builder(env)
+    let mut builder = Session::builder(env)
         .map_err(|e| err(e.to_string()))?
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(|e| err(e.to_string()))?
         .with_intra_threads(1)
         .map_err(|e| err(e.to_string()))?
         .with_inter_threads(1)
-        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| err(e.to_string()))?;
+    if exact_int8_needs_asking() {
+        builder = builder.with_precise_qmm().map_err(|e| err(e.to_string()))?;
+    }
+    builder
         .commit_from_file(model)
         .map_err(|e| err(e.to_string()))
+}
+
+/// Whether this CPU's int8 kernels saturate unless asked for exact products (read once).
+fn exact_int8_needs_asking() -> bool {
+    static SATURATES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SATURATES.get_or_init(|| {
+        crate::vad::kernels::CpuReport::this_machine()
+            .int8
+            .saturates_pairs()
+    })
 }
 
 /// One ORT session of the Silero model.
