@@ -465,7 +465,8 @@ async fn first_message_is_spoken_at_call_start() {
             })
     })
     .await;
-    let history = common::history(&mut client).await;
+    // The greeting joins the history once it has played out.
+    let history = common::history_until(&mut client, 10, |h| h["turns"][0].is_object()).await;
     assert_eq!(history["system_prompt"], "Be brief.");
     assert_eq!(history["turns"][0]["text"], "Welcome to the line.");
     client.stop().await.unwrap();
@@ -597,7 +598,10 @@ async fn a_mid_sentence_pause_is_not_a_turn_end_and_leaves_no_trace() {
     let first = first_audio(&events).expect("a reply");
     let ms = signed_ms(first, true_end);
     assert!(ms > -CUT_OFF_MS, "bot audio {ms:.0} ms after the true end");
-    let history = common::history(&mut client).await;
+    let history = common::history_until(&mut client, 10, |h| {
+        h["turns"].as_array().is_some_and(|t| t.len() >= 2)
+    })
+    .await;
     let turns = history["turns"].as_array().unwrap();
     assert_eq!(turns.len(), 2, "{history}");
     assert_eq!(turns[0]["role"], "user");
@@ -692,7 +696,10 @@ async fn a_short_sound_over_the_bot_pauses_the_reply_and_it_resumes() {
     let resumed =
         common::metric(&server, "gazelle_paused_replies_total{outcome=\"resumed\"}").await;
     assert_eq!(resumed, 1.0);
-    let history = common::history(&mut client).await;
+    let history = common::history_until(&mut client, 10, |h| {
+        h["turns"].as_array().is_some_and(|t| t.len() >= 2)
+    })
+    .await;
     let turns = history["turns"].as_array().unwrap();
     assert_eq!(turns.len(), 2, "the sound is no turn: {history}");
     assert_eq!(turns[1]["role"], "bot");
@@ -831,7 +838,7 @@ async fn sigterm_drains_live_calls_then_exits_0() {
     assert!(!events
         .iter()
         .any(|e| matches!(e.kind, EventKind::Clear { .. })));
-    let history = common::history(&mut client).await;
+    let history = common::history_until(&mut client, 10, |h| h["turns"][1].is_object()).await;
     assert_eq!(history["turns"][1]["text"], reply, "{history}");
     client.stop().await.unwrap();
     let exited = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;

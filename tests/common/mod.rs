@@ -214,17 +214,38 @@ pub fn twiml_parameters(twiml: &str) -> serde_json::Map<String, serde_json::Valu
     out
 }
 
-/// The call's conversation history, asked for over the Vocode socket (within 2 s).
+/// The call's history once `done` holds for it, asked for over the Vocode socket every 100 ms
+/// for up to `secs` (a bot turn joins it once played out, which a busy machine delays).
+pub async fn history_until(
+    client: &mut gazelle::transport::vocode::client::VocodeClient,
+    secs: u64,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let h = history(client).await;
+        if done(&h) {
+            return h;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the history within {secs} s: {h}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The call's conversation history, asked for over the Vocode socket (within 5 s).
 pub async fn history(
     client: &mut gazelle::transport::vocode::client::VocodeClient,
 ) -> serde_json::Value {
     use gazelle::transport::vocode::client::EventKind;
     client.request_history().await.unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let e = tokio::time::timeout_at(deadline.into(), client.events.recv())
             .await
-            .expect("a gazelle_history message within 2 s")
+            .expect("a gazelle_history message within 5 s")
             .expect("connection open");
         if let EventKind::History(h) = e.kind {
             return h;
