@@ -35,6 +35,9 @@ enum Plan {
     Hang,
     /// Streams `n` words, then goes quiet with the stream open.
     StallAfter(usize),
+    /// Streams `n` words, then only keep-alive comments and empty deltas, every 100 ms, as a
+    /// hung or overloaded server behind a proxy does.
+    KeepAliveAfter(usize),
 }
 
 /// One request as the peer saw it.
@@ -205,7 +208,7 @@ async fn completions(
         let e = json!({"error": {"message": problems.join("; "), "type": "BadRequestError", "code": 400}});
         return (axum::http::StatusCode::BAD_REQUEST, Json(e)).into_response();
     }
-    let (words, delay, stall) = match plan {
+    let (words, delay, stall, keep_alive) = match plan {
         Plan::Status(code, message) => {
             let e = json!({"error": {"message": message, "type": "Error", "code": code}});
             let status = axum::http::StatusCode::from_u16(code).unwrap();
@@ -215,10 +218,17 @@ async fn completions(
             tokio::time::sleep(Duration::from_secs(3600)).await;
             unreachable!()
         }
-        Plan::Reply { text, delay } => (words_of(&text), delay, false),
+        Plan::Reply { text, delay } => (words_of(&text), delay, false, false),
         Plan::StallAfter(n) => (
             words_of("one two three four five six")[..n].to_vec(),
             Duration::ZERO,
+            true,
+            false,
+        ),
+        Plan::KeepAliveAfter(n) => (
+            words_of("one two three four five six")[..n].to_vec(),
+            Duration::ZERO,
+            true,
             true,
         ),
     };
@@ -242,6 +252,12 @@ async fn completions(
             }
             match pieces.pop_front() {
                 Some(p) => Some((Ok::<_, Infallible>(p), (pieces, Some(watch), false))),
+                None if keep_alive => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let nothing =
+                        format!(": keep-alive\n\n{}", chunk(json!({"content": ""}), None));
+                    Some((Ok(nothing), (pieces, Some(watch), false)))
+                }
                 None if stall => {
                     tokio::time::sleep(Duration::from_secs(3600)).await;
                     None
@@ -275,8 +291,12 @@ fn words_of(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Under the silence policy, but for the preemptive test: where a smart-policy turn ends depends on
+/// the end-of-turn model's score of espeak-ng speech (around its 0.5 line; the CPU's int8 kernels
+/// move it) and on how soon that score comes, so requests would come and go with the machine.
 fn config(peer_url: &str) -> Config {
     let mut c = Config::default();
+    c.pipeline.turn.policy = gazelle::vad::PolicyKind::Silence;
     c.slm.kind = SlmKind::Openai;
     c.slm.openai.base_url = peer_url.into();
     c.slm.openai.model = MODEL.into();
@@ -373,13 +393,16 @@ async fn a_two_turn_call_on_an_openai_compatible_server() {
     assert_eq!(m[1]["content"], "Hello from the peer.");
     let secs = last.audio_secs[0];
     assert!((1.0..3.5).contains(&secs), "the turn is {secs} s of audio");
-    let h = common::history(&mut client).await;
+    let h = common::history_until(&mut client, 10, |h| {
+        h["turns"].as_array().is_some_and(|t| t.len() >= 4)
+    })
+    .await;
     assert_eq!(h["turns"].as_array().unwrap().len(), 4, "{h}");
     client.stop().await.unwrap();
     server.shutdown().await;
 }
 
-/// A barge-in while the peer is still streaming: the peer sees the stream closed within 100 ms
+/// A barge-in while the peer is still streaming: the peer sees the stream closed within 500 ms
 /// of the cut, and the next request carries only the words the caller heard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_barge_in_closes_the_stream_and_the_next_request_carries_what_was_heard() {
@@ -430,8 +453,9 @@ async fn a_barge_in_closes_the_stream_and_the_next_request_carries_what_was_hear
         "the peer saw its stream closed {:.1} ms after the caller got the cut",
         ms(closed, cleared_at)
     );
+    // A few milliseconds on an idle machine; the bound leaves room for a busy one.
     assert!(
-        closed <= cleared_at + Duration::from_millis(100),
+        closed <= cleared_at + Duration::from_millis(500),
         "closed {:?} after the cut",
         closed.saturating_duration_since(cleared_at)
     );
@@ -466,6 +490,7 @@ async fn model_server_failures_become_clear_call_errors() {
         Plan::Status(503, "overloaded"),
         Plan::Hang,
         Plan::StallAfter(2),
+        Plan::KeepAliveAfter(2),
     ];
     let expected = [
         "refused our credentials (HTTP 401); set its API key in $GAZELLE_SLM_API_KEY",
@@ -473,7 +498,9 @@ async fn model_server_failures_become_clear_call_errors() {
         "rate-limiting us (HTTP 429): slow down",
         "failed (HTTP 503): overloaded",
         "sent no token within 600 ms",
-        "stalled: nothing for 600 ms",
+        "stalled: no text for 600 ms",
+        // Keep-alives and empty deltas are not text: the stall is measured all the same.
+        "stalled: no text for 600 ms",
     ];
     let peer = Peer::start(plan, reply("Fine.", 0)).await;
     let mut c = config(&peer.url);
@@ -542,12 +569,16 @@ async fn a_refused_connection_is_an_error_or_the_fallback_answers() {
 /// cancels its request; the request that answers the whole utterance carries no trace of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_discarded_preemptive_reply_cancels_its_request() {
+    // 300 ms a word: the preemptive request still streams when the speaker goes on after the
+    // 700 ms pause, however soon the machine started it.
     let peer = Peer::start(
         vec![],
-        reply("Sure, I can do that for you right away.", 100),
+        reply("Sure, I can do that for you right away.", 300),
     )
     .await;
-    let server = common::start_server(config(&peer.url)).await;
+    let mut c = config(&peer.url);
+    c.pipeline.turn = Default::default();
+    let server = common::start_server(c).await;
     let cc = ClientConfig::new(16_000, Encoding::Linear16);
     let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
     let recorded = |name: &str| {

@@ -36,7 +36,8 @@ pub struct OpenAiSlmConfig {
     pub connect_timeout_ms: u64,
     /// From sending a turn to the reply's first token.
     pub first_token_timeout_ms: u64,
-    /// Longest wait between two pieces of a reply once it has started.
+    /// Longest wait between two pieces of a reply's text once it has started; keep-alive comments
+    /// and empty deltas do not count, so a server that only keeps the connection open stalls.
     pub stall_timeout_ms: u64,
     pub max_tokens: u32,
     /// Unset: the server's default.
@@ -115,7 +116,7 @@ pub(crate) enum RemoteError {
     Rejected { status: u16, detail: String },
     #[error("the model server sent no token within {ms} ms")]
     NoFirstToken { ms: u64 },
-    #[error("the model server's reply stalled: nothing for {ms} ms")]
+    #[error("the model server's reply stalled: no text for {ms} ms")]
     Stalled { ms: u64 },
     #[error("the model server's stream broke off: {0}")]
     Broken(String),
@@ -412,12 +413,14 @@ async fn read_reply(
     }
     let mut stream = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();
-    let mut started = false;
+    // The stall is measured on text: keep-alive comments, role chunks and empty deltas keep a
+    // connection open but say nothing, and a hung server sends them forever.
+    let mut last_text: Option<Instant> = None;
     loop {
-        let deadline = if started {
-            Instant::now() + stall
-        } else {
-            first_deadline
+        let started = last_text.is_some();
+        let deadline = match last_text {
+            Some(t) => t + stall,
+            None => first_deadline,
         };
         let chunk = match tokio::time::timeout_at(deadline, stream.next()).await {
             Err(_) if started => {
@@ -441,8 +444,9 @@ async fn read_reply(
             match parse_line(line.trim_end_matches(['\n', '\r']))? {
                 Line::Done => return Ok(()),
                 Line::Skip => {}
+                Line::Text(t) if t.is_empty() => {}
                 Line::Text(t) => {
-                    started = true;
+                    last_text = Some(Instant::now());
                     text.lock().expect("not poisoned").push_str(&t);
                     if tx.send(Ok(t)).await.is_err() {
                         return Ok(());
