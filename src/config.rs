@@ -76,6 +76,12 @@ pub struct ServerConfig {
     pub max_frame_bytes: usize,
     /// Websockets waiting for their start message; beyond this, upgrades get HTTP 503.
     pub max_pending_sockets: usize,
+    /// Of those, how many one client address (IPv4, or IPv6 /64) may hold; 0 for no cap (behind
+    /// a reverse proxy, where every socket comes from the proxy).
+    pub max_pending_per_address: usize,
+    /// Of those, how many only Twilio media streams may take, so web sockets cannot shut phone
+    /// calls out.
+    pub pending_phone_share: usize,
     /// HTTP connections served at once (requests and idle keep-alives; not websockets, which
     /// `max_calls` and `max_pending_sockets` bound). Further connections wait in the kernel's
     /// accept queue.
@@ -85,7 +91,8 @@ pub struct ServerConfig {
     pub max_connections_per_ip: usize,
     /// A client must send a request's headers within this.
     pub header_read_timeout_ms: u64,
-    /// A websocket must send its start message within this.
+    /// A websocket must send its start message within this; once more than half the pending
+    /// sockets' room is taken, within less, in proportion to the room left (at least 1 s).
     pub start_timeout_ms: u64,
     /// A websocket ping goes out this often.
     pub ping_interval_ms: u64,
@@ -110,6 +117,8 @@ impl Default for ServerConfig {
             max_calls: 1000,
             max_frame_bytes: 1 << 20,
             max_pending_sockets: 256,
+            max_pending_per_address: 16,
+            pending_phone_share: 64,
             max_connections: 1024,
             max_connections_per_ip: 128,
             header_read_timeout_ms: 10_000,
@@ -125,6 +134,16 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The waiting room's bounds.
+    pub(crate) fn waiting_room(&self) -> crate::transport::waiting::RoomSettings {
+        crate::transport::waiting::RoomSettings {
+            capacity: self.max_pending_sockets,
+            phone_share: self.pending_phone_share,
+            per_address: self.max_pending_per_address,
+            start_timeout: std::time::Duration::from_millis(self.start_timeout_ms),
+        }
+    }
+
     /// The bounds of a call's socket, for a protocol whose frames are at most `max_frame_bytes`.
     pub(crate) fn socket(
         &self,
@@ -133,7 +152,6 @@ impl ServerConfig {
         use std::time::Duration;
         crate::transport::socket::SocketSettings {
             max_frame_bytes,
-            start_timeout: Duration::from_millis(self.start_timeout_ms),
             ping_interval: Duration::from_millis(self.ping_interval_ms),
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             send_timeout: Duration::from_millis(self.send_timeout_ms),
@@ -151,6 +169,13 @@ impl ServerConfig {
             return Err(
                 "server.max_pending_sockets and server.max_connections must be at least 1".into(),
             );
+        }
+        if self.pending_phone_share >= self.max_pending_sockets {
+            return Err(format!(
+                "server.pending_phone_share ({}) must be below server.max_pending_sockets ({}), \
+                 or web sockets could never wait",
+                self.pending_phone_share, self.max_pending_sockets
+            ));
         }
         for (name, ms) in [
             ("header_read_timeout_ms", self.header_read_timeout_ms),

@@ -62,7 +62,8 @@ pub(crate) enum ErrorKind {
     Auth,
     /// A browser from an origin that is not allowed.
     Origin,
-    /// A connection over the per-address cap.
+    /// A connection over the per-address cap, or a websocket over its address's share of the
+    /// sockets waiting to start.
     TooManyConnectionsPerIp,
     /// The voice-activity detector failed.
     Vad,

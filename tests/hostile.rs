@@ -819,3 +819,94 @@ async fn a_client_that_stops_reading_is_dropped_at_the_send_timeout() {
     assert_memory_bounded();
     server.shutdown().await;
 }
+
+/// A websocket to `path` from the loopback address `source` (any of 127.0.0.0/8), as a client
+/// at another address would connect.
+async fn connect_from(source: &str, server: &common::TestServer, path: &str) -> Result<Ws, String> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let tcp = socket
+        .connect(server.addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = format!("ws://{}{path}", server.addr)
+        .into_client_request()
+        .unwrap();
+    match tokio_tungstenite::client_async_tls(req, tcp).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Second probe, finding 1: one client held every seat of the waiting room (sockets upgraded,
+/// no start message yet) and new callers, phone calls included, got 503 while `/health` said
+/// ok. Now an address holds at most its share (429 past it), web sockets cannot take the phone
+/// share, the start deadline shrinks as the room fills, and `/health` says `degraded` while
+/// sockets are refused. Scaled down: 12 seats, 4 per address, 4 for phones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p1_one_address_cannot_fill_the_waiting_room() {
+    let mut c = config("Hi.");
+    c.server.max_pending_sockets = 12;
+    c.server.max_pending_per_address = 4;
+    c.server.pending_phone_share = 4;
+    c.server.start_timeout_ms = 3_000;
+    let server = common::start_server(c).await;
+    // One attacker address holds idle sockets and keeps asking for more.
+    let mut held = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..10 {
+        match connect_from("127.0.0.2", &server, "/conversation").await {
+            Ok(ws) => held.push(ws),
+            Err(e) => refused.push(e),
+        }
+    }
+    assert_eq!(held.len(), 4, "one address's share; refused: {refused:?}");
+    assert!(refused.iter().all(|e| e.contains("429")), "{refused:?}");
+    let (code, health) = common::http(&server, "GET", "/health", &[], "").await;
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(code, 200, "{health}");
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(health["pending_sockets"], 4, "{health}");
+    // A second address fills what web sockets may use (12 seats less 4 for phones); the seats
+    // past half the room get shorter deadlines.
+    for _ in 0..4 {
+        held.push(
+            connect_from("127.0.0.3", &server, "/conversation")
+                .await
+                .unwrap(),
+        );
+    }
+    let e = connect_from("127.0.0.4", &server, "/conversation")
+        .await
+        .err()
+        .expect("the web share is full");
+    assert!(e.contains("503"), "{e}");
+    // A phone call still gets its seat, starts, and frees it.
+    let mut phone = twilio_dial(&server, "CA1000").await;
+    let server_ref = &server;
+    wait_until(
+        "the phone call started",
+        Duration::from_secs(5),
+        async || server_ref.state.services.metrics.active_calls.get() == 1,
+    )
+    .await;
+    // The first seat got the whole deadline, the last web seat (8 of 12) a third less.
+    let (first, _) = read_to_close(&mut held[0], Duration::from_secs(5)).await;
+    let (last, _) = read_to_close(&mut held[7], Duration::from_secs(5)).await;
+    let said = |texts: &[serde_json::Value]| {
+        texts
+            .iter()
+            .find(|v| v["kind"] == "start_timeout")
+            .map(|v| v["message"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("no start_timeout in {texts:?}"))
+    };
+    assert!(said(&first).ends_with("within 3 s"), "{}", said(&first));
+    assert!(said(&last).ends_with("within 2 s"), "{}", said(&last));
+    wait_until("the seats came back", Duration::from_secs(5), async || {
+        server_ref.state.services.metrics.pending_sockets.get() == 0
+    })
+    .await;
+    let _ = phone.close(None).await;
+    drop(held);
+    finish(server).await;
+}

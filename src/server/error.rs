@@ -15,6 +15,9 @@ pub(crate) enum ApiError {
     /// No call or pending-socket slot is free.
     #[error("{0}")]
     Busy(&'static str),
+    /// The client's address holds its share of the pending sockets.
+    #[error("{0}")]
+    TooManyFromAddress(&'static str),
     /// A Twilio request without a valid `X-Twilio-Signature`.
     #[error("invalid X-Twilio-Signature")]
     BadSignature,
@@ -41,6 +44,7 @@ impl ApiError {
             ApiError::Auth(AuthError::Off(..)) => return None,
             ApiError::Auth(_) => ErrorKind::Auth,
             ApiError::Busy(_) | ApiError::Draining => ErrorKind::Busy,
+            ApiError::TooManyFromAddress(_) => ErrorKind::TooManyConnectionsPerIp,
             ApiError::BadSignature => ErrorKind::TwilioSignature,
             ApiError::NotFound(_) => return None,
             ApiError::BadRequest(kind, _) => *kind,
@@ -54,6 +58,7 @@ impl IntoResponse for ApiError {
         let status = match &self {
             ApiError::Auth(e) => return e.clone().into_response(),
             ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyFromAddress(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BadSignature => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(..) => StatusCode::BAD_REQUEST,

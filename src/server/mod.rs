@@ -11,11 +11,12 @@ pub mod listener;
 pub mod setup;
 pub(crate) mod twilio;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,6 +28,7 @@ use crate::model::ModelStatus;
 use crate::pipeline::call::Services;
 use crate::transport::socket::{Admission, SocketSettings};
 use crate::transport::vocode::handler;
+use crate::transport::waiting::{Door, Refusal, WaitingRoom};
 use error::ApiError;
 
 #[derive(Clone)]
@@ -40,8 +42,9 @@ pub struct AppState {
     pub cancel: CancellationToken,
     /// One permit per call in progress; refuses callers beyond `max_calls`.
     pub calls: Arc<Semaphore>,
-    /// One permit per websocket waiting for its start message (`max_pending_sockets`).
-    pub pending: Arc<Semaphore>,
+    /// A seat per websocket waiting for its start message (`max_pending_sockets`), shared out
+    /// by client address and door.
+    pub pending: Arc<WaitingRoom>,
     pub twilio: twilio::TwilioSettings,
     pub auth: Arc<crate::transport::auth::Auth>,
     pub(crate) listen: listener::ListenSettings,
@@ -98,8 +101,9 @@ impl AppState {
 }
 
 /// A websocket's place before its call starts: refused with 503 when every call slot or every
-/// pending slot is taken, or (`new_call`) while the server drains.
-fn admit(state: &AppState, new_call: bool) -> Result<Admission, ApiError> {
+/// seat its door may use is taken, with 429 when its address holds its share of seats, or
+/// (`new_call`) while the server drains.
+fn admit(state: &AppState, new_call: bool, door: Door, peer: Peer) -> Result<Admission, ApiError> {
     if new_call && state.drain.draining() {
         return Err(state.refuse(ApiError::Draining));
     }
@@ -108,17 +112,36 @@ fn admit(state: &AppState, new_call: bool) -> Result<Admission, ApiError> {
             "the server is at its call limit (server.max_calls); try again later",
         )));
     }
-    let Ok(pending) = state.pending.clone().try_acquire_owned() else {
-        return Err(state.refuse(ApiError::Busy(
-            "too many connections are waiting to start a call (server.max_pending_sockets); \
-             try again later",
-        )));
-    };
-    Ok(Admission::new(
-        pending,
-        state.calls.clone(),
-        state.services.metrics.clone(),
-    ))
+    let seat = state.pending.enter(door, peer.0).map_err(|r| {
+        state.refuse(match r {
+            Refusal::Full => ApiError::Busy(
+                "too many connections are waiting to start a call (server.max_pending_sockets); \
+                 try again later",
+            ),
+            Refusal::AddressFull => ApiError::TooManyFromAddress(
+                "this address has too many connections waiting to start a call \
+                 (server.max_pending_per_address); start or close them first",
+            ),
+        })
+    })?;
+    Ok(Admission::new(seat, state.calls.clone()))
+}
+
+/// The client's address as our listener saw it (the unspecified address where the router runs
+/// without it, as in tests through `oneshot`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+        Ok(Peer(ip))
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -128,6 +151,7 @@ struct TokenQuery {
 
 async fn conversation(
     State(state): State<AppState>,
+    peer: Peer,
     headers: HeaderMap,
     Query(query): Query<TokenQuery>,
     ws: WebSocketUpgrade,
@@ -137,7 +161,7 @@ async fn conversation(
         .check_origin(&headers)
         .map_err(|e| state.refuse(e))?;
     // Capacity before credentials, so a refused caller does not spend its single-use token.
-    let admission = admit(&state, true)?;
+    let admission = admit(&state, true, Door::Web, peer)?;
     state
         .auth
         .check_call(&headers, query.token.as_deref())
@@ -176,17 +200,28 @@ async fn call_token(
     })))
 }
 
-/// `status` is `ok` (200) once calls can start, `loading` (503, with `loading_s`) while the model
-/// loads, `error` (503, with `error`) if it failed to load, and `draining` (503) once the server
-/// is shutting down: a load balancer sends it no more calls.
+/// `status` is `ok` (200) once calls can start, `degraded` (200) while sockets waiting to start
+/// are being refused (within the last 10 s; `pending_fill` says how full their room is),
+/// `loading` (503, with `loading_s`) while the model loads, `error` (503, with `error`) if it
+/// failed to load, and `draining` (503) once the server is shutting down: a load balancer sends
+/// it no more calls. `degraded` stays 200 so that a flood of sockets cannot take the server out
+/// of its balancer's rotation.
 async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let model = state.services.slm.status();
     let m = &state.services.metrics;
     let draining = state.drain.draining();
+    let pressure = state.pending.pressure();
+    let status = match &model {
+        _ if draining => "draining",
+        // Up, but new callers are being turned away: a socket was refused a seat lately.
+        ModelStatus::Ready if pressure.refusing => "degraded",
+        _ => model.word(),
+    };
     let mut body = serde_json::json!({
-        "status": if draining { "draining" } else { model.word() },
+        "status": status,
         "active_calls": m.active_calls.get(),
         "pending_sockets": m.pending_sockets.get(),
+        "pending_fill": (pressure.fill * 1000.0).round() / 1000.0,
         "open_connections": m.open_connections.get(),
         "slm": state.services.slm.name(),
         "tts": state.services.tts.name(),
@@ -279,7 +314,6 @@ pub async fn serve(
     stop_when: Stop,
 ) -> std::io::Result<()> {
     let max_calls = state.calls.available_permits() as u32;
-    let max_pending = state.pending.available_permits() as u32;
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     let stop = CancellationToken::new();
@@ -305,9 +339,10 @@ pub async fn serve(
     stop.cancel();
     state.cancel.cancel();
     let _ = accept.await;
-    // Every call and every socket waiting to start holds a permit until its tasks are done.
+    // Every call holds a permit, and every socket waiting to start a seat, until its tasks are
+    // done.
     let _ = state.calls.acquire_many(max_calls).await;
-    let _ = state.pending.acquire_many(max_pending).await;
+    state.pending.emptied().await;
     Ok(())
 }
 

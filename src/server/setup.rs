@@ -197,13 +197,15 @@ pub fn state(config: &Config, services: Services) -> AppState {
             "no API key is set: anyone who can reach this server can open calls"
         );
     }
+    let pending =
+        crate::transport::waiting::WaitingRoom::new(s.waiting_room(), services.metrics.clone());
     AppState {
         services,
         socket: s.socket(s.max_frame_bytes),
         twilio_socket: s.socket(config.twilio.max_frame_bytes),
         cancel: CancellationToken::new(),
         calls: Arc::new(tokio::sync::Semaphore::new(s.max_calls)),
-        pending: Arc::new(tokio::sync::Semaphore::new(s.max_pending_sockets)),
+        pending,
         twilio: super::twilio::TwilioSettings {
             public_url: config.twilio.public_url.clone(),
             auth_token: twilio_token_str.map(Into::into),

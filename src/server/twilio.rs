@@ -19,6 +19,7 @@ use crate::model::ModelStatus;
 use crate::transport::guard::Untrusted;
 use crate::transport::twilio::handler::{self, StreamAuth, STREAM_TOKEN};
 use crate::transport::twilio::protocol;
+use crate::transport::waiting::Door;
 
 /// Largest webhook body; Twilio's are a few kilobytes.
 const MAX_WEBHOOK_BODY: usize = 64 * 1024;
@@ -199,6 +200,7 @@ const UNAVAILABLE_SAY: &str =
 /// `GET /twilio/stream`: the bidirectional media-stream websocket.
 pub(crate) async fn stream(
     State(state): State<AppState>,
+    peer: super::Peer,
     headers: HeaderMap,
     uri: Uri,
     ws: WebSocketUpgrade,
@@ -214,7 +216,7 @@ pub(crate) async fn stream(
         .map_err(|e| state.refuse(e))?;
     // A stream is the second half of a call its webhook accepted, maybe just before a drain
     // began: it is let in (the webhook refuses new calls while draining).
-    let admission = super::admit(&state, false)?;
+    let admission = super::admit(&state, false, Door::Phone, peer)?;
     let settings = state.twilio_socket;
     let trace = crate::pipeline::call::TraceContext::from_headers(&headers);
     let stream_auth = StreamAuth {

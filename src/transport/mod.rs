@@ -7,3 +7,4 @@ pub(crate) mod guard;
 pub(crate) mod socket;
 pub mod twilio;
 pub mod vocode;
+pub mod waiting;

@@ -14,14 +14,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{ErrorKind, Metrics};
 use crate::pipeline::Outbound;
+use crate::transport::waiting::Seat;
 
 /// The bounds of one call's socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SocketSettings {
     /// Largest text frame the protocol accepts.
     pub max_frame_bytes: usize,
-    /// A socket that has not started its call by then is closed (1008).
-    pub start_timeout: Duration,
     /// A ping goes out this often, so dead peers and NAT timeouts show up.
     pub ping_interval: Duration,
     /// A call that receives no protocol message (audio, events; pongs do not count) for this
@@ -240,45 +239,37 @@ where
     }
 }
 
-/// A socket's claim on the server's capacity: a pending slot while it waits for its start
-/// message (counted in `gazelle_pending_sockets`), then a call slot, which the call's actor
+/// A socket's claim on the server's capacity: a seat in the waiting room while it waits for its
+/// start message (counted in `gazelle_pending_sockets`), then a call slot, which the call's actor
 /// holds. Idle sockets therefore never hold call slots, and the start deadline bounds how long
-/// they hold pending ones.
+/// they hold seats.
 pub(crate) struct Admission {
-    pending: Option<OwnedSemaphorePermit>,
+    seat: Option<Seat>,
+    /// The seat's start deadline, kept once the seat is given back.
+    start_timeout: Duration,
     calls: Arc<Semaphore>,
-    metrics: Arc<Metrics>,
 }
 
 impl Admission {
-    pub(crate) fn new(
-        pending: OwnedSemaphorePermit,
-        calls: Arc<Semaphore>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        metrics.pending_sockets.inc();
+    pub(crate) fn new(seat: Seat, calls: Arc<Semaphore>) -> Self {
         Admission {
-            pending: Some(pending),
+            start_timeout: seat.start_timeout(),
+            seat: Some(seat),
             calls,
-            metrics,
         }
     }
 
-    /// Trades the pending slot for a call slot; `None` when every call slot is taken.
+    /// How long this socket may wait for its start message: shorter when the waiting room is
+    /// crowded.
+    pub(crate) fn start_timeout(&self) -> Duration {
+        self.start_timeout
+    }
+
+    /// Trades the seat for a call slot; `None` when every call slot is taken.
     pub(crate) fn start_call(&mut self) -> Option<OwnedSemaphorePermit> {
         let call = self.calls.clone().try_acquire_owned().ok()?;
-        if self.pending.take().is_some() {
-            self.metrics.pending_sockets.dec();
-        }
+        self.seat = None;
         Some(call)
-    }
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        if self.pending.is_some() {
-            self.metrics.pending_sockets.dec();
-        }
     }
 }
 

@@ -91,7 +91,7 @@ pub(crate) async fn serve(
         limiter: WarnLimiter::default(),
     };
     // Until `start`, only `connected` is expected.
-    let deadline = tokio::time::Instant::now() + settings.start_timeout;
+    let deadline = tokio::time::Instant::now() + admission.start_timeout();
     let start: Start = loop {
         let msg = tokio::select! {
             _ = server.cancelled() => {

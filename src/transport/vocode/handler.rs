@@ -53,7 +53,7 @@ pub(crate) async fn serve(
     let metrics = services.metrics.clone();
     let t = settings.send_timeout;
     // Phase 1: nothing but the config is meaningful until a call exists.
-    let deadline = tokio::time::Instant::now() + settings.start_timeout;
+    let deadline = tokio::time::Instant::now() + admission.start_timeout();
     let config = loop {
         let msg = tokio::select! {
             _ = server.cancelled() => {
@@ -64,7 +64,7 @@ pub(crate) async fn serve(
                 metrics.error(ErrorKind::StartTimeout);
                 let why = format!(
                     "no websocket_audio_config_start within {} s",
-                    settings.start_timeout.as_secs_f64()
+                    admission.start_timeout().as_secs_f64()
                 );
                 let _ = send_text(&mut socket, t, error_json(ErrorKind::StartTimeout, &why)).await;
                 socket::end(&mut socket, &Ending::Policy(why), settings.send_timeout).await;
