@@ -643,6 +643,11 @@ async fn f8_every_entry_point_checks_who_is_calling() {
     let mut cc = ClientConfig::new(16_000, Encoding::Linear16);
     cc.bearer = Some("the-key".into());
     let a = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
+    // The key itself is refused in the URL (second probe, finding 7).
+    let err = connect(&format!("{}?token=the-key", server.ws_url()), &[])
+        .await
+        .expect_err("the key in the URL");
+    assert!(err.contains("401"), "{err}");
     let (status, body) = common::http(
         &server,
         "POST",
@@ -663,8 +668,9 @@ async fn f8_every_entry_point_checks_who_is_calling() {
     assert!(reused.err().unwrap().to_string().contains("401"));
     let (status, _) = common::http(&server, "POST", "/auth/token", &[], "").await;
     assert_eq!(status, 401);
-    let (status, _) = common::http(&server, "GET", "/calls", &[], "").await;
+    let (status, body) = common::http(&server, "GET", "/calls", &[], "").await;
     assert_eq!(status, 401);
+    assert!(body.contains("admin token"), "{body}");
     let admin = format!("Bearer {}", common::ADMIN_TOKEN);
     let (status, body) =
         common::http(&server, "GET", "/calls", &[("Authorization", &admin)], "").await;
@@ -908,5 +914,36 @@ async fn p1_one_address_cannot_fill_the_waiting_room() {
     .await;
     let _ = phone.close(None).await;
     drop(held);
+    finish(server).await;
+}
+
+/// Second probe, finding 8: a `start` event that cannot be read was answered only at the start
+/// deadline, as "no start event". Now the stream ends at once, saying what was wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_a_malformed_twilio_start_ends_the_stream_at_once() {
+    let server = common::start_server(config("Hi.")).await;
+    let mut ws = connect(&format!("ws://{}/twilio/stream", server.addr), &[])
+        .await
+        .unwrap();
+    ws.send(Message::Text(
+        r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let sent = Instant::now();
+    ws.send(Message::Text(
+        r#"{"event":"start","sequenceNumber":"1","streamSid":"MZ1"}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let (_, close) = read_to_close(&mut ws, Duration::from_secs(5)).await;
+    let (code, reason) = close.expect("a close frame");
+    assert_eq!(code, 1008);
+    assert!(reason.contains("malformed start"), "{reason}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "closed after {:?}, not at once",
+        sent.elapsed()
+    );
     finish(server).await;
 }

@@ -93,6 +93,19 @@ pub(crate) enum AuthError {
     Refused,
     #[error("the call token has expired; fetch a new one from POST /auth/token")]
     Expired,
+    #[error(
+        "the stream token has expired: Twilio must open the media stream within auth.token_ttl_s \
+         of the voice webhook's answer; the caller should call again"
+    )]
+    StreamExpired,
+    #[error(
+        "the API key may not travel in the URL, where proxies, browser history and Referer \
+         headers keep it: send it as Authorization: Bearer <API key>, or put a call token from \
+         POST /auth/token in ?token="
+    )]
+    KeyInUrl,
+    #[error("this endpoint needs the admin token: send Authorization: Bearer <admin token>")]
+    AdminMissing,
     #[error("the call token was already used; fetch a new one for every call")]
     Reused,
     #[error("origin {0} may not open calls here; add it to auth.allowed_origins")]
@@ -109,9 +122,13 @@ pub(crate) enum AuthError {
 impl IntoResponse for AuthError {
     fn into_response(self) -> Response {
         let status = match self {
-            AuthError::Missing | AuthError::Refused | AuthError::Expired | AuthError::Reused => {
-                StatusCode::UNAUTHORIZED
-            }
+            AuthError::Missing
+            | AuthError::Refused
+            | AuthError::Expired
+            | AuthError::StreamExpired
+            | AuthError::KeyInUrl
+            | AuthError::AdminMissing
+            | AuthError::Reused => StatusCode::UNAUTHORIZED,
             AuthError::Origin(_) | AuthError::TwilioUnsigned(_) => StatusCode::FORBIDDEN,
             AuthError::Off(..) => StatusCode::NOT_FOUND,
         };
@@ -278,7 +295,7 @@ impl Auth {
     }
 
     /// May this request open a call? The API key as a bearer header, or a call token (as a
-    /// bearer header or `?token=`), which is spent.
+    /// bearer header or `?token=`), which is spent. The key itself is refused in the URL.
     pub(crate) fn check_call(
         &self,
         headers: &HeaderMap,
@@ -287,9 +304,15 @@ impl Auth {
         let Some(key) = &self.api_key else {
             return Ok(());
         };
-        let given = bearer(headers).or(query_token).ok_or(AuthError::Missing)?;
+        if let Some(given) = bearer(headers) {
+            if key.matches(given) {
+                return Ok(());
+            }
+            return self.spend(&self.calls, given, "c1", "");
+        }
+        let given = query_token.ok_or(AuthError::Missing)?;
         if key.matches(given) {
-            return Ok(());
+            return Err(AuthError::KeyInUrl);
         }
         self.spend(&self.calls, given, "c1", "")
     }
@@ -329,7 +352,7 @@ impl Auth {
         match bearer(headers) {
             Some(given) if token.matches(given) => Ok(()),
             Some(_) => Err(AuthError::Refused),
-            None => Err(AuthError::Missing),
+            None => Err(AuthError::AdminMissing),
         }
     }
 
@@ -376,7 +399,10 @@ impl Auth {
 
     /// Checks (and spends) the token a media stream's `start` carries for `call_sid`.
     pub(crate) fn check_stream_token(&self, token: &str, call_sid: &str) -> Result<(), AuthError> {
-        self.spend(&self.streams, token, "t1", call_sid)
+        match self.spend(&self.streams, token, "t1", call_sid) {
+            Err(AuthError::Expired) => Err(AuthError::StreamExpired),
+            r => r,
+        }
     }
 }
 
@@ -429,6 +455,11 @@ mod tests {
         );
         a.check_call(&headers(&[("authorization", "Bearer k3y")]), None)
             .unwrap();
+        // The key itself never in the URL, where proxies and histories keep it.
+        assert_eq!(
+            a.check_call(&HeaderMap::new(), Some("k3y")),
+            Err(AuthError::KeyInUrl)
+        );
         assert_eq!(
             a.check_call(&headers(&[("authorization", "Bearer nope")]), None),
             Err(AuthError::Refused)
@@ -484,6 +515,13 @@ mod tests {
         assert_eq!(a.check_stream_token(&t, "CA2"), Err(AuthError::Refused));
         a.check_stream_token(&t, "CA1").unwrap();
         assert_eq!(a.check_stream_token(&t, "CA1"), Err(AuthError::Reused));
+        // An expired stream token is told so, without the call tokens' advice.
+        let old = a.streams.mint("t1", unix_now() - 1, "CA3");
+        assert_eq!(
+            a.check_stream_token(&old, "CA3"),
+            Err(AuthError::StreamExpired)
+        );
+        assert!(!AuthError::StreamExpired.to_string().contains("/auth/token"));
         // A call token is not a stream token.
         let k = auth(Some("k"), None, &[]);
         let c = k
@@ -497,7 +535,11 @@ mod tests {
         let a = auth(None, Some("adm"), &[]);
         a.check_admin(&headers(&[("authorization", "Bearer adm")]))
             .unwrap();
-        assert_eq!(a.check_admin(&HeaderMap::new()), Err(AuthError::Missing));
+        assert_eq!(
+            a.check_admin(&HeaderMap::new()),
+            Err(AuthError::AdminMissing)
+        );
+        assert!(AuthError::AdminMissing.to_string().contains("admin token"));
         assert_eq!(
             a.check_admin(&headers(&[("authorization", "Bearer x")])),
             Err(AuthError::Refused)
