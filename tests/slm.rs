@@ -479,6 +479,41 @@ async fn a_barge_in_closes_the_stream_and_the_next_request_carries_what_was_hear
     server.shutdown().await;
 }
 
+/// Second probe, finding 4: a reply cut at `limits.max_reply_chars` kept the model's whole output
+/// in the history, and the next request carried it (2 MB of it, every turn). Now the next request
+/// carries exactly what the caller heard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_cut_at_the_character_limit_leaves_only_what_was_spoken() {
+    let long = "This sentence goes on. ".repeat(40);
+    let peer = Peer::start(vec![reply(&long, 0)], reply("Fine.", 0)).await;
+    let mut c = config(&peer.url);
+    c.limits.max_reply_chars = 60;
+    let server = common::start_server(c).await;
+    let cc = ClientConfig::new(16_000, Encoding::Linear16);
+    let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
+    let first = say(&mut client, "Tell me everything.", 8_000, has_audio).await;
+    assert!(has_audio(&first), "no reply audio");
+    // Once it has played out, the history holds what was spoken.
+    let h = common::history_until(&mut client, 15, |h| h["turns"][1].is_object()).await;
+    let spoken = h["turns"][1]["text"].as_str().unwrap().to_string();
+    assert!(
+        !spoken.is_empty() && spoken.chars().count() <= 60,
+        "{spoken:?}"
+    );
+    let _ = say(&mut client, "And then?", 6_000, |e| {
+        common::transcript(e).contains("Fine.")
+    })
+    .await;
+    let seen = peer.seen();
+    let next = seen.last().unwrap();
+    let m = next.body["messages"].as_array().unwrap();
+    let roles: Vec<&str> = m.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["user", "assistant", "user"], "{}", next.body);
+    assert_eq!(m[1]["content"], spoken.as_str(), "{}", next.body);
+    client.stop().await.unwrap();
+    server.shutdown().await;
+}
+
 /// Each failure of the model server becomes a clear error on the call (kind `slm`), and the call
 /// goes on to the next turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,12 +554,20 @@ async fn model_server_failures_become_clear_call_errors() {
         assert_eq!(errs[0].0, "slm");
         assert!(errs[0].1.contains(want), "{want}: {}", errs[0].1);
     }
-    // The stalled reply's first words were spoken; the call still answers.
+    // The stalled replies' fragments ("one two") were not spoken and are in no history; the
+    // call still answers.
     let events = say(&mut client, "Are you there?", 5_000, |e| {
         common::transcript(e).contains("Fine.")
     })
     .await;
     assert_eq!(common::transcript(&events), "Fine.");
+    let seen = peer.seen();
+    let last = seen.last().unwrap();
+    assert!(
+        !last.body["messages"].to_string().contains("one two"),
+        "a fragment nobody heard reached the history: {}",
+        last.body
+    );
     client.stop().await.unwrap();
     server.shutdown().await;
 }

@@ -452,10 +452,16 @@ impl Actor {
                 }
             }
             TextEvent::TooLong(limit) => {
+                if let Some(r) = self.reply.as_mut() {
+                    r.cut_short = true;
+                }
                 self.cfg.metrics.error(ErrorKind::ReplyTooLong);
                 tracing::warn!(limit, "a reply reached limits.max_reply_chars and was cut");
             }
             TextEvent::Failed(e) => {
+                if let Some(r) = self.reply.as_mut() {
+                    r.cut_short = true;
+                }
                 let kind = match e {
                     SlmError::Busy { .. } => ErrorKind::ModelBusy,
                     _ => ErrorKind::Slm,
@@ -571,6 +577,11 @@ impl Actor {
         let Some(r) = self.reply.take() else { return };
         self.trace_turn(&r, false);
         let text = r.units.join(" ");
+        // All of it was heard, but the model said more than was spoken: its history keeps
+        // only what was.
+        if r.cut_short {
+            self.session.reply_truncated(&text);
+        }
         if !text.is_empty() {
             self.conversation.push(Turn::Bot {
                 text,

@@ -33,6 +33,9 @@ pub(super) struct Reply {
     pacer_events: Option<mpsc::Receiver<PacerEvent>>,
     ledger: watch::Receiver<Playout>,
     pub text_done: bool,
+    /// Its text stopped short of the model's (the character limit, or the model failed): the
+    /// model's session must be told what was spoken, or its history keeps the rest.
+    pub cut_short: bool,
     /// When the client finishes playing the reply, once all audio is out.
     pub plays_until: Option<Instant>,
     /// Set while the reply is preemptive: its turn may still grow.
@@ -94,6 +97,7 @@ impl Reply {
             pacer_events: Some(pacer_events),
             ledger,
             text_done: false,
+            cut_short: false,
             plays_until: None,
             tentative,
             gate,

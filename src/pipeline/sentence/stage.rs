@@ -1,6 +1,7 @@
 //! The sentence stage of a reply: a task that feeds the model's tokens through the accumulator,
 //! sends each unit to the synthesizer as soon as it is complete, and reports the text milestones
-//! to the call. A reply stops at its character limit.
+//! to the call. A reply stops at its character limit; one whose model fails mid-way keeps its
+//! complete units and drops the unfinished rest.
 
 use std::time::Instant;
 
@@ -60,9 +61,11 @@ pub(crate) async fn accumulate(
                     ready
                 }
             }
+            // The complete units went out as they came; the unfinished rest would be spoken as
+            // a fragment ("The weather today is"), so it is dropped.
             Some(Err(e)) => {
                 let _ = events.send(TextEvent::Failed(e)).await;
-                acc.finish().into_iter().collect()
+                Vec::new()
             }
             None => acc.finish().into_iter().collect(),
         };
