@@ -947,3 +947,34 @@ async fn p8_a_malformed_twilio_start_ends_the_stream_at_once() {
     );
     finish(server).await;
 }
+
+/// Second probe, finding 6: the origin check trusted the `Host` header, so a DNS-rebinding page
+/// (its own name pointed at this open server, `Host` and `Origin` both that name) got a call.
+/// Now a name must be listed; the server's own page at an address still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p6_a_dns_rebinding_page_gets_no_call() {
+    let server = common::start_server(config("Hi.")).await;
+    let port = server.addr.port();
+    let evil = format!("evil.example:{port}");
+    let err = connect(
+        &server.ws_url(),
+        &[("host", &evil), ("origin", &format!("http://{evil}"))],
+    )
+    .await
+    .expect_err("a rebinding page");
+    assert!(err.contains("403"), "{err}");
+    let own = server.addr.to_string();
+    let ws = connect(
+        &server.ws_url(),
+        &[("host", &own), ("origin", &format!("http://{own}"))],
+    )
+    .await
+    .expect("our own page at its address");
+    drop(ws);
+    let metrics = server.state.services.metrics.render();
+    assert!(
+        metrics.contains("gazelle_errors_total{kind=\"origin\"} 1"),
+        "{metrics}"
+    );
+    finish(server).await;
+}

@@ -39,7 +39,7 @@ impl ApiError {
     /// not an error of the server's or the caller's).
     pub(crate) fn kind(&self) -> Option<ErrorKind> {
         Some(match self {
-            ApiError::Auth(AuthError::Origin(_)) => ErrorKind::Origin,
+            ApiError::Auth(AuthError::Origin(_) | AuthError::OriginName(_)) => ErrorKind::Origin,
             ApiError::Auth(AuthError::TwilioUnsigned(_)) => ErrorKind::TwilioClosed,
             ApiError::Auth(AuthError::Off(..)) => return None,
             ApiError::Auth(_) => ErrorKind::Auth,

@@ -110,6 +110,12 @@ pub(crate) enum AuthError {
     Reused,
     #[error("origin {0} may not open calls here; add it to auth.allowed_origins")]
     Origin(String),
+    #[error(
+        "origin {0} may not open calls here: a page served under a name (not an address) must \
+         be listed in auth.allowed_origins, so that another site's name pointed at this server \
+         (DNS rebinding) cannot use it"
+    )]
+    OriginName(String),
     #[error("{0} is off; set the {1} environment variable to enable it")]
     Off(&'static str, String),
     #[error(
@@ -129,7 +135,9 @@ impl IntoResponse for AuthError {
             | AuthError::KeyInUrl
             | AuthError::AdminMissing
             | AuthError::Reused => StatusCode::UNAUTHORIZED,
-            AuthError::Origin(_) | AuthError::TwilioUnsigned(_) => StatusCode::FORBIDDEN,
+            AuthError::Origin(_) | AuthError::OriginName(_) | AuthError::TwilioUnsigned(_) => {
+                StatusCode::FORBIDDEN
+            }
             AuthError::Off(..) => StatusCode::NOT_FOUND,
         };
         let mut r = (status, self.to_string()).into_response();
@@ -240,6 +248,20 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Whether a `Host` value (with or without a port) is an IP address or `localhost`: names that no
+/// other site can point at this server.
+fn unspoofable_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split_once(']')
+                .is_some_and(|(a, _)| a.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 /// The token of an `Authorization: Bearer …` header.
@@ -356,7 +378,10 @@ impl Auth {
         }
     }
 
-    /// Browsers send `Origin`; it must be the server's own (`host`) or an allowed one.
+    /// Browsers send `Origin`; it must be an allowed one, or the server's own: the `Host` it was
+    /// reached at, when that is an address or `localhost`. A name is not enough, since any site
+    /// can point its own name at this server (DNS rebinding) and then send matching `Host` and
+    /// `Origin`; a page served under a name must be listed in `auth.allowed_origins`.
     pub(crate) fn check_origin(&self, headers: &HeaderMap) -> Result<(), AuthError> {
         let Some(origin) = headers.get(header::ORIGIN) else {
             return Ok(());
@@ -366,7 +391,7 @@ impl Auth {
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or("");
-        let own = origin
+        let same = origin
             .strip_prefix("http://")
             .or_else(|| origin.strip_prefix("https://"))
             .is_some_and(|o| !host.is_empty() && o.eq_ignore_ascii_case(host));
@@ -374,12 +399,19 @@ impl Auth {
             .allowed_origins
             .iter()
             .any(|a| a == "*" || a.eq_ignore_ascii_case(origin));
-        if own || listed {
-            Ok(())
-        } else {
-            let shown = crate::transport::guard::Untrusted(origin).to_string();
-            Err(AuthError::Origin(shown))
+        if listed || (same && unspoofable_host(host)) {
+            return Ok(());
         }
+        let shown = crate::transport::guard::Untrusted(origin).to_string();
+        if same {
+            tracing::warn!(
+                origin = %shown,
+                "refused a page whose Host is a name not in auth.allowed_origins \
+                 (a DNS-rebinding page looks like this; list the name if it is ours)"
+            );
+            return Err(AuthError::OriginName(shown));
+        }
+        Err(AuthError::Origin(shown))
     }
 
     /// The Twilio entry points are open when Twilio signs its requests, or when the whole server
@@ -549,14 +581,30 @@ mod tests {
     #[test]
     fn browsers_must_come_from_our_own_or_an_allowed_origin() {
         let a = auth(None, None, &["https://app.example.com"]);
-        let h = |origin: &str| headers(&[("origin", origin), ("host", "voice.example.com")]);
+        let at = |host: &str, origin: &str| headers(&[("origin", origin), ("host", host)]);
+        let h = |origin: &str| at("voice.example.com", origin);
         a.check_origin(&HeaderMap::new()).unwrap();
-        a.check_origin(&h("https://voice.example.com")).unwrap();
         a.check_origin(&h("https://app.example.com")).unwrap();
         let e = a.check_origin(&h("https://evil.example")).unwrap_err();
         assert!(e.to_string().contains("auth.allowed_origins"), "{e}");
         auth(None, None, &["*"])
             .check_origin(&h("https://evil.example"))
+            .unwrap();
+        // Our own page, reached at an address or localhost.
+        for host in ["127.0.0.1:3000", "localhost:3000", "[::1]:3000", "10.1.2.3"] {
+            a.check_origin(&at(host, &format!("http://{host}")))
+                .unwrap();
+        }
+        // Under a name, Host and Origin match for a DNS-rebinding page just as for ours: the
+        // name must be listed.
+        let e = a
+            .check_origin(&at("evil.example:3000", "http://evil.example:3000"))
+            .unwrap_err();
+        assert!(matches!(e, AuthError::OriginName(_)), "{e}");
+        assert!(e.to_string().contains("DNS rebinding"), "{e}");
+        let listed = auth(None, None, &["https://voice.example.com"]);
+        listed
+            .check_origin(&h("https://voice.example.com"))
             .unwrap();
     }
 
