@@ -14,6 +14,11 @@ Needs (none of it at run time of the product; nothing here is installed by scrip
     pip install --target /tmp/st-site onnxruntime==1.31.1 numpy transformers==4.57.1
     PYTHONPATH=/tmp/st-site python3 scripts/smart_turn_across_cpus.py [--model PATH]
 About 3 minutes per kernel set under QEMU on this 2-core machine; progress goes to stderr.
+
+    PYTHONPATH=/tmp/st-site python3 scripts/smart_turn_across_cpus.py --speed
+times the model on this CPU, natively, with and without session.x64quantprecision (batch 1 and
+8, one thread, median of 5 after a warm-up) and prints a table: what the option costs where it
+changes no number.
 """
 import json
 import os
@@ -53,21 +58,46 @@ def features(out_dir):
     return [case_name(c) for c in ref["cases"]]
 
 
+def session(model, entries):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    so.intra_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for k, v in entries.items():
+        so.add_session_config_entry(k, v)
+    return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def speed(model, feats_dir, name):
+    import time
+
+    import numpy as np
+
+    x = np.load(os.path.join(feats_dir, name + ".npy"))
+    print("| options | batch | median ms |\n|---|---:|---:|")
+    for label, entries in OPTIONS.items():
+        s = session(model, entries)
+        s.run(None, {"input_features": x})
+        for batch in (1, 8):
+            xb = np.repeat(x, batch, axis=0)
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                s.run(None, {"input_features": xb})
+                times.append(time.perf_counter() - t)
+            print(f"| {label} | {batch} | {sorted(times)[2] * 1e3:.1f} |", flush=True)
+
+
 def run(model, feats_dir, names):
     """Probabilities per option set, on whatever CPU this process sees."""
     import numpy as np
-    import onnxruntime as ort
 
     out = {}
     for label, entries in OPTIONS.items():
-        so = ort.SessionOptions()
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.inter_op_num_threads = 1
-        so.intra_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        for k, v in entries.items():
-            so.add_session_config_entry(k, v)
-        s = ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+        s = session(model, entries)
         out[label] = {}
         for n in names:
             x = np.load(os.path.join(feats_dir, n + ".npy"))
@@ -95,6 +125,9 @@ def main():
         model = sys.argv[2]
     with tempfile.TemporaryDirectory() as tmp:
         names = features(tmp)
+        if "--speed" in sys.argv:
+            speed(model, tmp, names[0])
+            return
         kernels = {}
         native = native_kernels()
         print(f"{native}: natively", file=sys.stderr)
