@@ -86,8 +86,8 @@ pub struct ServerConfig {
     /// `max_calls` and `max_pending_sockets` bound). Further connections wait in the kernel's
     /// accept queue.
     pub max_connections: usize,
-    /// HTTP connections one client address may hold at once; 0 for no cap (behind a reverse
-    /// proxy, where every connection comes from the proxy).
+    /// HTTP connections one client address (IPv4, or IPv6 /64) may hold at once; 0 for no cap
+    /// (behind a reverse proxy, where every connection comes from the proxy).
     pub max_connections_per_ip: usize,
     /// A client must send a request's headers within this.
     pub header_read_timeout_ms: u64,

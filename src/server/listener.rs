@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use tower_layer::Layer;
 
 use crate::metrics::{ErrorKind, Metrics};
+use crate::transport::waiting::AddressKey;
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ListenSettings {
@@ -33,15 +34,17 @@ pub(crate) struct ListenSettings {
     pub header_read_timeout: Duration,
 }
 
-/// Connections per client address; an entry leaves with its last connection.
+/// Connections per client address (an IPv6 /64 counts as one address, as one subscriber gets
+/// a whole /64); an entry leaves with its last connection.
 #[derive(Clone, Default)]
-struct PerIp(Arc<Mutex<HashMap<IpAddr, usize>>>);
+struct PerIp(Arc<Mutex<HashMap<AddressKey, usize>>>);
 
 /// One connection's place in [`PerIp`].
-struct IpSlot(PerIp, IpAddr);
+struct IpSlot(PerIp, AddressKey);
 
 impl PerIp {
     fn claim(&self, ip: IpAddr, max: usize) -> Option<IpSlot> {
+        let ip = AddressKey::from(ip);
         let mut map = self.0.lock().expect("per-ip lock");
         let n = map.entry(ip).or_insert(0);
         if max > 0 && *n >= max {
@@ -187,6 +190,12 @@ mod tests {
         assert!(p.claim("10.0.0.2".parse().unwrap(), 2).is_some());
         drop(a);
         assert!(p.claim(ip, 2).is_some());
+        // IPv6 by /64: fresh addresses of one prefix share its cap.
+        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let _c = p.claim(v6("2001:db8:0:1::1"), 2).unwrap();
+        let _d = p.claim(v6("2001:db8:0:1::2"), 2).unwrap();
+        assert!(p.claim(v6("2001:db8:0:1:ffff::3"), 2).is_none());
+        assert!(p.claim(v6("2001:db8:0:2::1"), 2).is_some());
         // No cap at all.
         for _ in 0..10 {
             std::mem::forget(p.claim(ip, 0).unwrap());

@@ -55,10 +55,11 @@ pub enum Refusal {
     AddressFull,
 }
 
-/// Where a source address stands for the per-address share: IPv4 by address, IPv6 by /64
-/// (an IPv4-mapped IPv6 address counts as the IPv4 one).
+/// Where a source address stands for a per-address share: IPv4 by address, IPv6 by /64, which
+/// one subscriber gets (an IPv4-mapped IPv6 address counts as the IPv4 one). The listener's
+/// connection cap counts by it too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum AddressKey {
+pub(crate) enum AddressKey {
     V4([u8; 4]),
     V6Prefix([u8; 8]),
 }
