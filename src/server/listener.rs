@@ -7,9 +7,7 @@
 //! A websocket leaves this accounting once it is upgraded; `max_calls` and `max_pending_sockets`
 //! bound those.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -24,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tower_layer::Layer;
 
 use crate::metrics::{ErrorKind, Metrics};
-use crate::transport::waiting::AddressKey;
+use crate::transport::waiting::PerAddress;
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ListenSettings {
@@ -32,39 +30,6 @@ pub(crate) struct ListenSettings {
     /// 0: no cap per address.
     pub max_connections_per_ip: usize,
     pub header_read_timeout: Duration,
-}
-
-/// Connections per client address (an IPv6 /64 counts as one address, as one subscriber gets
-/// a whole /64); an entry leaves with its last connection.
-#[derive(Clone, Default)]
-struct PerIp(Arc<Mutex<HashMap<AddressKey, usize>>>);
-
-/// One connection's place in [`PerIp`].
-struct IpSlot(PerIp, AddressKey);
-
-impl PerIp {
-    fn claim(&self, ip: IpAddr, max: usize) -> Option<IpSlot> {
-        let ip = AddressKey::from(ip);
-        let mut map = self.0.lock().expect("per-ip lock");
-        let n = map.entry(ip).or_insert(0);
-        if max > 0 && *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(IpSlot(self.clone(), ip))
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut map = (self.0).0.lock().expect("per-ip lock");
-        if let Some(n) = map.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.1);
-            }
-        }
-    }
 }
 
 /// Accept errors that concern one connection (the peer gave up), not the listener.
@@ -86,7 +51,7 @@ pub(crate) async fn serve(
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(settings.max_connections));
-    let per_ip = PerIp::default();
+    let per_ip = PerAddress::default();
     let tracker = TaskTracker::new();
     let mut refused_logged = false;
     loop {
@@ -173,32 +138,5 @@ pub fn raise_fd_limit() -> Option<u64> {
         }
         #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
         Some(lim.rlim_cur as u64)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn addresses_are_capped_and_slots_return() {
-        let p = PerIp::default();
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let a = p.claim(ip, 2).unwrap();
-        let _b = p.claim(ip, 2).unwrap();
-        assert!(p.claim(ip, 2).is_none());
-        assert!(p.claim("10.0.0.2".parse().unwrap(), 2).is_some());
-        drop(a);
-        assert!(p.claim(ip, 2).is_some());
-        // IPv6 by /64: fresh addresses of one prefix share its cap.
-        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
-        let _c = p.claim(v6("2001:db8:0:1::1"), 2).unwrap();
-        let _d = p.claim(v6("2001:db8:0:1::2"), 2).unwrap();
-        assert!(p.claim(v6("2001:db8:0:1:ffff::3"), 2).is_none());
-        assert!(p.claim(v6("2001:db8:0:2::1"), 2).is_some());
-        // No cap at all.
-        for _ in 0..10 {
-            std::mem::forget(p.claim(ip, 0).unwrap());
-        }
     }
 }

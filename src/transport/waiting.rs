@@ -10,6 +10,8 @@
 //!   back sooner when they are scarce;
 //! - a refusal is remembered for [`PRESSURE_WINDOW`], so `/health` can say the server is
 //!   refusing callers (`degraded`) instead of `ok`.
+//!
+//! The count per address ([`PerAddress`]) also caps the listener's HTTP connections.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -56,10 +58,9 @@ pub enum Refusal {
 }
 
 /// Where a source address stands for a per-address share: IPv4 by address, IPv6 by /64, which
-/// one subscriber gets (an IPv4-mapped IPv6 address counts as the IPv4 one). The listener's
-/// connection cap counts by it too.
+/// one subscriber gets (an IPv4-mapped IPv6 address counts as the IPv4 one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum AddressKey {
+enum AddressKey {
     V4([u8; 4]),
     V6Prefix([u8; 8]),
 }
@@ -79,17 +80,51 @@ impl From<IpAddr> for AddressKey {
     }
 }
 
+/// Holders per source address, each capped; the waiting room's seats and the listener's
+/// connections are counted by it. An entry leaves with its last holder.
+#[derive(Clone, Default)]
+pub(crate) struct PerAddress(Arc<Mutex<HashMap<AddressKey, usize>>>);
+
+/// One holder's place in [`PerAddress`]; given back when dropped.
+pub(crate) struct AddressSlot(PerAddress, AddressKey);
+
+impl PerAddress {
+    /// A place for one more holder from `ip`, unless it has `max` already (0: no cap).
+    pub(crate) fn claim(&self, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let key = AddressKey::from(ip);
+        let mut map = self.0.lock().expect("per-address lock");
+        let n = map.entry(key).or_insert(0);
+        if max > 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot(self.clone(), key))
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = (self.0).0.lock().expect("per-address lock");
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Seats {
     web: usize,
     phone: usize,
-    by_address: HashMap<AddressKey, usize>,
     last_refusal: Option<Instant>,
 }
 
 pub struct WaitingRoom {
     settings: RoomSettings,
     seats: Mutex<Seats>,
+    addresses: PerAddress,
     /// Told when the last seat is given back (shutdown waits for it).
     emptied: tokio::sync::Notify,
     metrics: Arc<Metrics>,
@@ -109,6 +144,7 @@ impl WaitingRoom {
         Arc::new(WaitingRoom {
             settings,
             seats: Mutex::default(),
+            addresses: PerAddress::default(),
             emptied: tokio::sync::Notify::new(),
             metrics,
         })
@@ -117,37 +153,37 @@ impl WaitingRoom {
     /// A seat for a socket from `addr` at `door`, with the start deadline it gets now.
     pub fn enter(self: &Arc<Self>, door: Door, addr: IpAddr) -> Result<Seat, Refusal> {
         let s = &self.settings;
-        let key = AddressKey::from(addr);
         let mut seats = self.seats.lock().expect("waiting room lock");
         let taken = seats.web + seats.phone;
         let room_for_door = match door {
             Door::Web => seats.web < s.capacity.saturating_sub(s.phone_share) && taken < s.capacity,
             Door::Phone => taken < s.capacity,
         };
-        let held = seats.by_address.get(&key).copied().unwrap_or(0);
-        let refusal = if !room_for_door {
-            Some(Refusal::Full)
-        } else if s.per_address > 0 && held >= s.per_address {
-            Some(Refusal::AddressFull)
+        let claimed = if room_for_door {
+            self.addresses
+                .claim(addr, s.per_address)
+                .ok_or(Refusal::AddressFull)
         } else {
-            None
+            Err(Refusal::Full)
         };
-        if let Some(r) = refusal {
-            seats.last_refusal = Some(Instant::now());
-            return Err(r);
-        }
+        let address = match claimed {
+            Ok(slot) => slot,
+            Err(r) => {
+                seats.last_refusal = Some(Instant::now());
+                return Err(r);
+            }
+        };
         match door {
             Door::Web => seats.web += 1,
             Door::Phone => seats.phone += 1,
         }
-        *seats.by_address.entry(key).or_insert(0) += 1;
         let start_timeout = start_timeout(s.start_timeout, taken + 1, s.capacity);
         drop(seats);
         self.metrics.pending_sockets.inc();
         Ok(Seat {
             room: self.clone(),
             door,
-            key,
+            _address: address,
             start_timeout,
         })
     }
@@ -193,7 +229,8 @@ fn start_timeout(full: Duration, taken: usize, capacity: usize) -> Duration {
 pub struct Seat {
     room: Arc<WaitingRoom>,
     door: Door,
-    key: AddressKey,
+    /// Its place in its address's share, given back with it.
+    _address: AddressSlot,
     start_timeout: Duration,
 }
 
@@ -210,12 +247,6 @@ impl Drop for Seat {
         match self.door {
             Door::Web => seats.web -= 1,
             Door::Phone => seats.phone -= 1,
-        }
-        if let Some(n) = seats.by_address.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                seats.by_address.remove(&self.key);
-            }
         }
         let empty = seats.web + seats.phone == 0;
         drop(seats);
@@ -244,6 +275,28 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn addresses_are_capped_and_slots_return() {
+        let p = PerAddress::default();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let a = p.claim(ip, 2).unwrap();
+        let _b = p.claim(ip, 2).unwrap();
+        assert!(p.claim(ip, 2).is_none());
+        assert!(p.claim("10.0.0.2".parse().unwrap(), 2).is_some());
+        drop(a);
+        assert!(p.claim(ip, 2).is_some());
+        // IPv6 by /64: fresh addresses of one prefix share its cap.
+        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let _c = p.claim(v6("2001:db8:0:1::1"), 2).unwrap();
+        let _d = p.claim(v6("2001:db8:0:1::2"), 2).unwrap();
+        assert!(p.claim(v6("2001:db8:0:1:ffff::3"), 2).is_none());
+        assert!(p.claim(v6("2001:db8:0:2::1"), 2).is_some());
+        // No cap at all.
+        for _ in 0..10 {
+            std::mem::forget(p.claim(ip, 0).unwrap());
+        }
     }
 
     #[test]
