@@ -326,15 +326,16 @@ impl Auth {
         let Some(key) = &self.api_key else {
             return Ok(());
         };
-        if let Some(given) = bearer(headers) {
-            if key.matches(given) {
-                return Ok(());
-            }
-            return self.spend(&self.calls, given, "c1", "");
-        }
-        let given = query_token.ok_or(AuthError::Missing)?;
+        let (given, in_url) = match bearer(headers) {
+            Some(given) => (given, false),
+            None => (query_token.ok_or(AuthError::Missing)?, true),
+        };
         if key.matches(given) {
-            return Err(AuthError::KeyInUrl);
+            return if in_url {
+                Err(AuthError::KeyInUrl)
+            } else {
+                Ok(())
+            };
         }
         self.spend(&self.calls, given, "c1", "")
     }

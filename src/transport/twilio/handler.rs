@@ -121,7 +121,7 @@ pub(crate) async fn serve(
             Ok(other) => complaints.bad(ErrorKind::TwilioBeforeStart, &format!("{other:?}")),
             // A `start` that cannot be read will not be sent again: end now, saying why,
             // instead of waiting out the start deadline.
-            Err(e) if names_event(&text, "start") => {
+            Err(e) if e.event() == Some("start") => {
                 complaints.bad(ErrorKind::TwilioBadEvent, &e.to_string());
                 let why = Ending::Policy(format!("malformed start event: {e}"));
                 socket::end(&mut socket, &why, settings.send_timeout).await;
@@ -336,11 +336,4 @@ fn encode(m: Outbound, stream_sid: &str) -> Option<String> {
         Outbound::Clear { .. } => protocol::clear(stream_sid),
         _ => return None,
     })
-}
-
-/// Whether `text` is a JSON object whose `event` is `name` (for an event that did not parse).
-fn names_event(text: &str, name: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(text)
-        .ok()
-        .is_some_and(|v| v.get("event").and_then(|e| e.as_str()) == Some(name))
 }

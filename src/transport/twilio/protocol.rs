@@ -102,6 +102,16 @@ pub(crate) fn parse(text: &str) -> Result<Event, TwilioError> {
     })
 }
 
+impl TwilioError {
+    /// The event a message named, when it named one that could not be read.
+    pub(crate) fn event(&self) -> Option<&str> {
+        match self {
+            TwilioError::Event { event, .. } => Some(event),
+            _ => None,
+        }
+    }
+}
+
 pub(crate) fn decode_payload(payload: &str) -> Result<Vec<u8>, TwilioError> {
     base64::engine::general_purpose::STANDARD
         .decode(payload)
