@@ -579,6 +579,39 @@ async fn a_complete_utterance_is_answered_at_its_pause() {
     server.shutdown().await;
 }
 
+/// The end-of-turn model is asked about every turn of a call, not only the first. A turn ended
+/// by its "complete" verdict left the count of pauses asked about at one, so the next turn's
+/// pause went unjudged and waited the full `max_silence_ms` (1.5 s) every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_turn_of_a_call_is_judged_at_its_pause() {
+    let server = common::start_server(smart("Sure.")).await;
+    let cc = ClientConfig::new(16_000, Encoding::Linear16);
+    let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
+    let mut dead_air = Vec::new();
+    // The same finished utterance three times: it scores far above the confident threshold,
+    // as it is (others, trimmed to their speech, can fall in the "likely" band).
+    for name in ["goforward.wav"; 3] {
+        let (events, true_end) = say(&mut client, &recorded(name), 2_000).await;
+        let first = first_audio(&events).unwrap_or_else(|| panic!("{name}: no reply"));
+        dead_air.push(signed_ms(first, true_end));
+    }
+    let complete = common::metric(
+        &server,
+        "gazelle_end_of_turn_decisions_total{decision=\"complete\"}",
+    )
+    .await;
+    assert_eq!(
+        complete, 3.0,
+        "verdicts for 3 turns; dead air {dead_air:?} ms"
+    );
+    // Answered at their pauses, not at max_silence_ms (the median, as in the test above).
+    let mut sorted = dead_air.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert!(sorted[1] < 1_000.0, "dead air {dead_air:?} ms");
+    client.stop().await.unwrap();
+    server.shutdown().await;
+}
+
 /// "Unless to be rather cold hearted and" … 700 ms … "go forward ten meters": the model judges
 /// the pause incomplete, so no bot audio comes before the speaker's true end (up to the fading
 /// last sound, `CUT_OFF_MS`). The reply started

@@ -86,6 +86,33 @@ pub(crate) struct TurnTaking {
     pub model: Option<SmartTurnHandle>,
 }
 
+/// What the end-of-turn model has been asked about the silence in progress.
+#[derive(Debug, Default)]
+struct Asking {
+    /// The pauses of this silence it was asked about.
+    asked: usize,
+    /// Whether it last judged the turn likely (not surely) complete: only then is it asked again
+    /// at the longer pause.
+    likely: bool,
+}
+
+impl Asking {
+    /// Whether to ask about the pause just heard.
+    fn ask(&mut self) -> bool {
+        let ask = self.asked == 0 || self.likely;
+        self.asked += ask as usize;
+        ask
+    }
+
+    /// Speech resumed or the turn ended, by silence or by the model's verdict: the next pause
+    /// belongs to a new silence.
+    fn observe(&mut self, ev: &TurnEvent) {
+        if matches!(ev, TurnEvent::Resume | TurnEvent::SpeechEnd { .. }) {
+            *self = Asking::default();
+        }
+    }
+}
+
 type Judgement = Pin<Box<dyn Future<Output = Result<f32, VadError>> + Send>>;
 
 /// Resamples the caller's audio to 16 kHz. Ends when the input closes or the call ends.
@@ -201,10 +228,7 @@ pub(crate) async fn detect(
     // The pause in progress, and the end-of-turn model's answer about it, once asked.
     let mut pause: Option<PauseSeen> = None;
     let mut judging: Option<Judgement> = None;
-    // The pauses of this silence the model was asked about, and whether it last judged the
-    // turn likely (not surely) complete: only then is it asked again at the longer pause.
-    let mut asked = 0usize;
-    let mut likely = false;
+    let mut asking = Asking::default();
     let mut out = Vec::new();
     loop {
         let heard = tokio::select! {
@@ -228,12 +252,13 @@ pub(crate) async fn detect(
                 if let Some(seen) = pause.as_mut() {
                     seen.probability = Some(p);
                 }
-                likely = decision == Decision::Likely;
+                asking.likely = decision == Decision::Likely;
                 match decision {
                     Decision::Complete => out.extend(detector.end_now()),
                     Decision::Likely => detector.end_after(policy.likely_silence_ms),
                     Decision::Incomplete => {}
                 }
+                out.iter().for_each(|ev| asking.observe(ev));
                 if !emit(&mut out, &window, pad, &mut turn_start, &mut pause, &events).await {
                     return;
                 }
@@ -273,23 +298,19 @@ pub(crate) async fn detect(
                 turn_start = Some(a.saturating_sub(pad));
             }
             for ev in &out {
+                asking.observe(ev);
                 match ev {
                     // A pause: ask the model about the turn so far, with the silence heard
                     // since, as pipecat feeds it. At the longer pause, only when its first
                     // answer was "likely": trailing silence makes the model readier to call any
                     // phrase complete, so an "incomplete" one stands.
-                    TurnEvent::Pause { start, .. } if asked == 0 || likely => {
-                        asked += 1;
+                    TurnEvent::Pause { start, .. } if asking.ask() => {
                         judging = turns.model.clone().map(|m| {
                             let audio: Arc<[f32]> = window.slice(*start, b).into();
                             Box::pin(async move { m.predict(audio).await }) as Judgement
                         });
                     }
-                    TurnEvent::Resume | TurnEvent::SpeechEnd { .. } => {
-                        judging = None;
-                        asked = 0;
-                        likely = false;
-                    }
+                    TurnEvent::Resume | TurnEvent::SpeechEnd { .. } => judging = None,
                     _ => {}
                 }
             }
