@@ -8,6 +8,7 @@ pub mod audio;
 pub mod config;
 #[cfg(test)]
 mod fuzz;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod net;

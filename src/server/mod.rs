@@ -283,23 +283,32 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// Gives freed heap memory back to the system once a minute. glibc's allocator keeps what calls
-/// free for reuse, so under steady call turnover the process's RSS drifts up by a few percent
-/// while live memory stays flat; trimming makes RSS (what a container limit sees) track what the
-/// calls actually hold. It only walks the free lists, once a minute.
-async fn trim_heap(stop: CancellationToken) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-    tick.tick().await;
+/// Gives freed heap memory back to the system once a minute, and as soon as the last call ends.
+/// glibc's allocator keeps what calls free for reuse, so under steady call turnover the
+/// process's RSS drifts up by a few percent while live memory stays flat; trimming makes RSS
+/// (what a container limit sees) track what the calls actually hold, and a server whose calls
+/// have ended returns to its idle size. It only walks the free lists; the call count is read
+/// once a second.
+async fn trim_heap(metrics: Arc<crate::metrics::Metrics>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut since_trim = 0u32;
+    let mut had_calls = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only releases free memory; it is safe to call from any thread.
-        unsafe {
-            libc::malloc_trim(0);
+        since_trim += 1;
+        let calls = metrics.active_calls.get() > 0;
+        let all_ended = had_calls && !calls;
+        had_calls |= calls;
+        if since_trim < 60 && !all_ended {
+            continue;
         }
+        since_trim = 0;
+        had_calls = calls;
+        crate::memory::release_free_heap();
     }
 }
 
@@ -317,7 +326,7 @@ pub async fn serve(
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     let stop = CancellationToken::new();
-    tokio::spawn(trim_heap(stop.clone()));
+    tokio::spawn(trim_heap(state.services.metrics.clone(), stop.clone()));
     let accept = tokio::spawn(listener::serve(
         listener,
         app(state.clone()),

@@ -1,7 +1,12 @@
 //! The end-of-turn model: Smart Turn v3.2 (pipecat-ai, BSD-2) on ONNX Runtime. It hears the last
 //! 8 s of the turn so far (left-padded with silence), normalised to zero mean and unit variance,
 //! as Whisper log-mel features, and says how likely the speaker has finished. One thread owns the
-//! session and serves every call; requests queued while it works run as one batch.
+//! session and serves every call's requests in turn (up to [`MAX_BATCH`] in one inference).
+//!
+//! Memory: the session's arena keeps what its largest batch needed (about 20 MB a turn), so
+//! batches are small. While turns keep coming the arena stays (growing and shrinking it every
+//! time the queue ran dry made RSS swing by 90 MB at 50 calls); after [`GIVE_BACK_AFTER`] without
+//! one it gives back all it holds, so a server whose calls have ended returns to its idle size.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,7 +18,6 @@ use ort::value::Tensor;
 use tokio::sync::{mpsc, oneshot};
 
 use super::silero::single_thread_session;
-use super::worker::next_batch;
 use super::VadError;
 use crate::audio::mel::{LogMel, HOP, N_MELS, SAMPLE_RATE};
 use crate::metrics::Metrics;
@@ -21,10 +25,17 @@ use crate::metrics::Metrics;
 /// The model hears this much of the turn, the newest part.
 pub const WINDOW_SAMPLES: usize = 8 * SAMPLE_RATE as usize;
 const FRAMES: usize = WINDOW_SAMPLES / HOP;
-/// Most turns in one inference.
-const MAX_BATCH: usize = 16;
+/// Most turns in one inference: one. On one thread a turn costs no less in a batch (46 ms alone,
+/// 60 ms each in a batch of 8 on this machine's AVX-512 VNNI core; 44–59 ms each for batches of
+/// 1 to 16 in Python's run of the same library), so a batch only makes its first turns wait for
+/// its last, and grows the arena to the largest batch seen, at whatever moment that batch comes
+/// (16 turns: 325 MB above the loaded model; 4: 80 MB, which a 50-call soak first reached after
+/// 14 minutes, a 26 MB step in RSS). One at a time, the arena has its size after the first turn.
+const MAX_BATCH: usize = 1;
 /// Queued requests before senders wait.
 const QUEUE: usize = 256;
+/// A worker this long without a request gives its arena back.
+const GIVE_BACK_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The model's input for one turn: `[N_MELS, 800]` features of its last 8 s.
 pub(crate) fn features(mel: &LogMel, turn: &[f32]) -> Vec<f32> {
@@ -82,15 +93,35 @@ pub struct SmartTurnModel {
 }
 
 impl SmartTurnModel {
+    /// Loads the model and runs it once on a second of silence: ONNX Runtime sets up kernels and
+    /// buffers on the first run (tens of MB, held for the process's life), so that cost falls on
+    /// start-up rather than on the first caller's first turn, and an idle server already has the
+    /// size it returns to when calls end.
     pub fn load(env: &Environment, model: &Path) -> Result<Self, VadError> {
-        Ok(SmartTurnModel {
+        let mut m = SmartTurnModel {
             session: single_thread_session(env, model, "Smart Turn end-of-turn")?,
             mel: LogMel::new(),
-        })
+        };
+        m.give_back()?;
+        Ok(m)
     }
 
     /// The probability that each turn is complete.
     pub fn predict(&mut self, turns: &[&[f32]]) -> Result<Vec<f32>, VadError> {
+        self.predict_then(turns, Arena::Keep)
+    }
+
+    /// Gives back the session's scratch memory (ONNX Runtime frees its arena at the end of a
+    /// run, here the smallest one) and trims the heap.
+    fn give_back(&mut self) -> Result<(), VadError> {
+        self.predict_then(&[&[0.0; SAMPLE_RATE as usize]], Arena::GiveBack)?;
+        crate::memory::release_free_heap();
+        Ok(())
+    }
+
+    /// [`predict`](Self::predict), then `arena` says whether the session keeps its scratch
+    /// memory for the next run.
+    fn predict_then(&mut self, turns: &[&[f32]], arena: Arena) -> Result<Vec<f32>, VadError> {
         if turns.is_empty() {
             return Ok(Vec::new());
         }
@@ -100,10 +131,18 @@ impl SmartTurnModel {
         }
         let input = Tensor::from_array(([turns.len(), N_MELS, FRAMES], input))
             .map_err(|e| VadError::TurnInference(e.to_string()))?;
+        let fail = |e: ort::Error| VadError::TurnInference(e.to_string());
+        let mut options = ort::session::RunOptions::new().map_err(fail)?;
+        if arena == Arena::GiveBack {
+            // ONNX Runtime frees the arena's regions that this run leaves unused.
+            options
+                .set("memory.enable_memory_arena_shrinkage", "cpu:0")
+                .map_err(fail)?;
+        }
         let outputs = self
             .session
-            .run(ort::inputs!["input_features" => input])
-            .map_err(|e| VadError::TurnInference(e.to_string()))?;
+            .run_with_options(ort::inputs!["input_features" => input], &options)
+            .map_err(fail)?;
         let (_, probs) = outputs[0]
             .try_extract_tensor::<f32>()
             .map_err(|e| VadError::TurnInference(e.to_string()))?;
@@ -116,6 +155,15 @@ impl SmartTurnModel {
         }
         Ok(probs.to_vec())
     }
+}
+
+/// What the session does with its scratch memory after a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arena {
+    /// Keeps it for the next run.
+    Keep,
+    /// Gives back what it held beyond this run.
+    GiveBack,
 }
 
 struct Job {
@@ -131,10 +179,18 @@ pub(crate) struct SmartTurnHandle {
 
 impl SmartTurnHandle {
     pub(crate) fn spawn(model: SmartTurnModel, metrics: Arc<Metrics>) -> Self {
+        Self::spawn_giving_back_after(model, metrics, GIVE_BACK_AFTER)
+    }
+
+    fn spawn_giving_back_after(
+        model: SmartTurnModel,
+        metrics: Arc<Metrics>,
+        give_back_after: std::time::Duration,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("end-of-turn".into())
-            .spawn(move || run(model, rx, metrics))
+            .spawn(move || run(model, rx, metrics, give_back_after))
             .expect("spawn the end-of-turn thread");
         SmartTurnHandle { tx }
     }
@@ -150,9 +206,45 @@ impl SmartTurnHandle {
     }
 }
 
-fn run(mut model: SmartTurnModel, mut rx: mpsc::Receiver<Job>, metrics: Arc<Metrics>) {
+fn run(
+    mut model: SmartTurnModel,
+    mut rx: mpsc::Receiver<Job>,
+    metrics: Arc<Metrics>,
+    give_back_after: std::time::Duration,
+) {
+    // A runtime of the thread's own, only to wait for requests with a deadline.
+    let waiter = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a timer for the end-of-turn thread");
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    while next_batch(&mut rx, &mut jobs, MAX_BATCH) {
+    // Whether the arena holds memory from runs since it last gave it back.
+    let mut holding = false;
+    loop {
+        let first = if holding {
+            let next = async { tokio::time::timeout(give_back_after, rx.recv()).await };
+            match waiter.block_on(next) {
+                Ok(first) => first,
+                Err(_quiet) => {
+                    if let Err(e) = model.give_back() {
+                        tracing::warn!(error = %e, "the end-of-turn model could not give its memory back");
+                    }
+                    holding = false;
+                    continue;
+                }
+            }
+        } else {
+            waiter.block_on(rx.recv())
+        };
+        let Some(first) = first else { return };
+        jobs.push(first);
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        holding = true;
         let started = Instant::now();
         let turns: Vec<&[f32]> = jobs.iter().map(|j| &j.turn[..]).collect();
         let result = model.predict(&turns);
@@ -308,6 +400,24 @@ mod tests {
             );
             assert!((b - p).abs() < 1e-5, "batched {b} vs alone {p}");
         }
+    }
+
+    /// The worker answers, goes quiet long enough to give its arena back, and answers the same
+    /// again afterwards (its wait for requests runs on a timer of its own).
+    #[tokio::test]
+    async fn the_worker_answers_alike_before_and_after_giving_its_memory_back() {
+        let metrics = Arc::new(Metrics::new());
+        let handle = SmartTurnHandle::spawn_giving_back_after(
+            model(),
+            metrics,
+            std::time::Duration::from_millis(50),
+        );
+        let turn: Arc<[f32]> = clip("goforward.wav").into();
+        let before = handle.predict(turn.clone()).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let after = handle.predict(turn).await.unwrap();
+        assert!(before > 0.9, "{before}");
+        assert!((before - after).abs() < 1e-6, "{before} then {after}");
     }
 
     /// The decisions the turn policy relies on: finished sentences and questions are judged
