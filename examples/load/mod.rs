@@ -37,12 +37,29 @@ pub async fn utterance(text: &str) -> anyhow::Result<(Vec<String>, usize)> {
         cache_units: 0,
     })?;
     let raw = voice.speak(text).await?;
-    let mut speech = resample_all(&raw, voice.sample_rate(), RATE)?;
+    Ok(messages(resample_all(&raw, voice.sample_rate(), RATE)?))
+}
+
+/// A recording of human speech (a WAV file under `tests/fixtures`) as 20 ms websocket messages,
+/// and the index of the message in which speech ends. Turn-taking judged on espeak-ng's prosody
+/// is not what callers get: Smart Turn finds most of its questions unfinished.
+pub fn recording(fixture: &str) -> anyhow::Result<(Vec<String>, usize)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(fixture);
+    let wav = gazelle::audio::wav::read(&std::fs::read(&path)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(messages(resample_all(&wav.samples, wav.sample_rate, RATE)?))
+}
+
+/// Speech as 20 ms messages, and the index of the message in which it ends (the last sample
+/// above -40 dBFS).
+fn messages(mut speech: Vec<f32>) -> (Vec<String>, usize) {
     let last = speech.iter().rposition(|x| x.abs() > 0.01).unwrap_or(0);
     let chunk = (RATE as u64 * CHUNK_MS / 1000) as usize;
     speech.resize(speech.len().div_ceil(chunk) * chunk, 0.0);
     let messages = speech.chunks(chunk).map(message).collect();
-    Ok((messages, last / chunk))
+    (messages, last / chunk)
 }
 
 /// One `websocket_audio` message of PCM16.
