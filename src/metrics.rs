@@ -65,6 +65,9 @@ pub(crate) enum ErrorKind {
     /// A connection over the per-address cap, or a websocket over its address's share of the
     /// sockets waiting to start.
     TooManyConnectionsPerIp,
+    /// Every HTTP connection slot was taken, so the connection that had waited longest for a
+    /// request's headers was closed to make room for a new one.
+    ConnectionsFull,
     /// The voice-activity detector failed.
     Vad,
     /// The speech-language model failed mid-reply.
@@ -99,7 +102,7 @@ pub(crate) enum ErrorKind {
 
 impl ErrorKind {
     #[cfg(test)]
-    pub(crate) const ALL: [ErrorKind; 39] = [
+    pub(crate) const ALL: [ErrorKind; 40] = [
         ErrorKind::BadJson,
         ErrorKind::UnknownType,
         ErrorKind::BadMessage,
@@ -124,6 +127,7 @@ impl ErrorKind {
         ErrorKind::Auth,
         ErrorKind::Origin,
         ErrorKind::TooManyConnectionsPerIp,
+        ErrorKind::ConnectionsFull,
         ErrorKind::Vad,
         ErrorKind::Slm,
         ErrorKind::Tts,
@@ -168,6 +172,7 @@ impl ErrorKind {
             ErrorKind::Auth => "auth",
             ErrorKind::Origin => "origin",
             ErrorKind::TooManyConnectionsPerIp => "too_many_connections_per_ip",
+            ErrorKind::ConnectionsFull => "connections_full",
             ErrorKind::Vad => "vad",
             ErrorKind::Slm => "slm",
             ErrorKind::Tts => "tts",

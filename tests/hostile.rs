@@ -917,6 +917,95 @@ async fn p1_one_address_cannot_fill_the_waiting_room() {
     finish(server).await;
 }
 
+/// A TCP connection from `source` that sends the start of a request's headers and no more.
+async fn half_open_from(source: &str, server: &common::TestServer) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(server.addr).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    s
+}
+
+/// Whether the server closed `s` within `wait`.
+async fn closed_within(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(wait, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            // A 408 or similar before the close.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Second probe, finding 2: a slowloris from many addresses. The per-address cap let 9 addresses
+/// fill `max_connections` with connections that never finish their headers, reopened as the
+/// header deadline dropped them, and `/health` waited 8 s in the kernel's accept queue. Now a
+/// full pool closes the connection that has waited longest for its headers to let a new one in,
+/// and the header deadline shrinks as the pool fills. Scaled down: 32 connections, 8 per
+/// address, 5 addresses; the header deadline stays at 10 s, so a `/health` that waited for it
+/// would take 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2_many_addresses_cannot_hold_every_connection() {
+    let mut c = config("Hi.");
+    c.server.max_connections = 32;
+    c.server.max_connections_per_ip = 8;
+    c.server.header_read_timeout_ms = 10_000;
+    let server = common::start_server(c).await;
+    let mut slow = Vec::new();
+    for a in 2..=6 {
+        for _ in 0..8 {
+            slow.push(half_open_from(&format!("127.0.0.{a}"), &server).await);
+        }
+    }
+    let t = Instant::now();
+    let (status, health) = common::http(&server, "GET", "/health", &[], "").await;
+    assert_eq!(status, 200, "{health}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "/health took {:?} with the pool held",
+        t.elapsed()
+    );
+    let ws = connect(&server.ws_url(), &[]).await;
+    assert!(ws.is_ok(), "a caller is let in: {:?}", ws.err());
+    // The first connections opened were the ones closed to make room.
+    for (k, s) in slow.iter_mut().enumerate().take(8) {
+        assert!(
+            closed_within(s, Duration::from_secs(2)).await,
+            "connection {k}, the longest waiting, is still open"
+        );
+    }
+    let evicted = common::metric(&server, "gazelle_errors_total{kind=\"connections_full\"}").await;
+    assert!(evicted >= 8.0, "{evicted} connections closed to make room");
+    drop((slow, ws));
+    finish(server).await;
+
+    // The header deadline shrinks as the pool fills: of 8 slots, the first connection gets the
+    // whole 10 s and the eighth one second.
+    let mut c = config("Hi.");
+    c.server.max_connections = 8;
+    c.server.max_connections_per_ip = 0;
+    c.server.header_read_timeout_ms = 10_000;
+    let server = common::start_server(c).await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(half_open_from("127.0.0.1", &server).await);
+    }
+    assert!(
+        closed_within(&mut held[7], Duration::from_secs(3)).await,
+        "the connection that filled the pool kept its headers' deadline past 3 s"
+    );
+    assert!(
+        !closed_within(&mut held[0], Duration::from_secs(1)).await,
+        "the first connection was closed early"
+    );
+    drop(held);
+    finish(server).await;
+}
+
 /// Second probe, finding 8: a `start` event that cannot be read was answered only at the start
 /// deadline, as "no start event". Now the stream ends at once, saying what was wrong.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

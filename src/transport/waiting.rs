@@ -23,8 +23,9 @@ use crate::metrics::Metrics;
 /// How long after a refusal `/health` still reports pressure.
 pub const PRESSURE_WINDOW: Duration = Duration::from_secs(10);
 
-/// The shortest start deadline a full room gives.
-const MIN_START_TIMEOUT: Duration = Duration::from_secs(1);
+/// The shortest deadline a full pool gives (the start deadline here, the listener's header
+/// deadline).
+const MIN_TIMEOUT_WHEN_FULL: Duration = Duration::from_secs(1);
 
 /// Which door a socket came in by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,7 +178,7 @@ impl WaitingRoom {
             Door::Web => seats.web += 1,
             Door::Phone => seats.phone += 1,
         }
-        let start_timeout = start_timeout(s.start_timeout, taken + 1, s.capacity);
+        let start_timeout = shrinking_timeout(s.start_timeout, taken + 1, s.capacity);
         drop(seats);
         self.metrics.pending_sockets.inc();
         Ok(Seat {
@@ -214,15 +215,17 @@ impl WaitingRoom {
     }
 }
 
-/// The start deadline a socket gets when it takes the `taken`-th of `capacity` seats.
-fn start_timeout(full: Duration, taken: usize, capacity: usize) -> Duration {
+/// The deadline a client gets when it takes the `taken`-th of `capacity` places in a pool (the
+/// waiting room's seats, the listener's connections): `full` up to half the pool, then in
+/// proportion to the places left, never under a second (or `full`, if that is shorter).
+pub(crate) fn shrinking_timeout(full: Duration, taken: usize, capacity: usize) -> Duration {
     let half = capacity.div_ceil(2);
     if taken <= half || capacity == 0 {
         return full;
     }
     let left = capacity.saturating_sub(taken) as u32;
     let span = (capacity - half) as u32;
-    (full * left / span).max(MIN_START_TIMEOUT.min(full))
+    (full * left / span).max(MIN_TIMEOUT_WHEN_FULL.min(full))
 }
 
 /// One socket's seat; given back when dropped (the call started, or the socket went away).
@@ -359,12 +362,12 @@ mod tests {
     #[test]
     fn the_start_deadline_shrinks_as_the_room_fills() {
         let full = Duration::from_secs(10);
-        assert_eq!(start_timeout(full, 1, 256), full);
-        assert_eq!(start_timeout(full, 128, 256), full);
-        assert_eq!(start_timeout(full, 192, 256), Duration::from_secs(5));
-        assert_eq!(start_timeout(full, 256, 256), Duration::from_secs(1));
+        assert_eq!(shrinking_timeout(full, 1, 256), full);
+        assert_eq!(shrinking_timeout(full, 128, 256), full);
+        assert_eq!(shrinking_timeout(full, 192, 256), Duration::from_secs(5));
+        assert_eq!(shrinking_timeout(full, 256, 256), Duration::from_secs(1));
         assert_eq!(
-            start_timeout(Duration::from_millis(300), 256, 256),
+            shrinking_timeout(Duration::from_millis(300), 256, 256),
             Duration::from_millis(300),
             "never longer than the configured deadline"
         );
