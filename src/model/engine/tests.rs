@@ -1,6 +1,6 @@
 //! The engine against each sequence run alone, on the tiny f32 fixtures: random interleavings of
-//! up to 8 calls that join, generate, are cancelled mid-prefill or mid-reply, are truncated and
-//! leave at different steps, with clips from one 8-frame group to a long full-scale one. The
+//! up to 8 calls that join, generate, are cancelled mid-prefill or mid-reply, are truncated (after
+//! a barge-in, or after a whole reply only part of which was spoken) and leave at different steps, with clips from one 8-frame group to a long full-scale one. The
 //! reference is the single-sequence path (`GazelleSession` with `Gazelle::step`), so every test
 //! also compares the batched decode forward with the unbatched one.
 
@@ -299,7 +299,14 @@ fn run_engine(s: &mut Scheduler, plans: &[Plan], clips: &[Vec<f32>]) -> Vec<Vec<
             // The turn is over (the stream ended after a cancel or at max tokens).
             let messages = s.session(id).unwrap().messages().len();
             let outcome = if rows > 0 {
-                let spoken = matches!(l.cancelled, Some(Cancel::AfterTokens(_))).then(|| {
+                // Half was heard: a barge-in after some tokens, or (on odd calls) a reply that
+                // ran to its end but was cut at `limits.max_reply_chars`.
+                let cut = match l.cancelled {
+                    Some(Cancel::AfterTokens(_)) => true,
+                    None => id % 2 == 1,
+                    Some(_) => false,
+                };
+                let spoken = cut.then(|| {
                     let half: String = l.text.chars().take(l.text.chars().count() / 2).collect();
                     s.command(Command::Truncate {
                         id,

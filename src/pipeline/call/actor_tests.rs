@@ -605,3 +605,26 @@ async fn short_sounds_that_add_up_to_a_turn_cut_the_reply_and_are_answered_toget
     assert_eq!(h.turns[2], Turn::User { duration_ms: 2_000 }, "{h:?}");
     assert_eq!(h.turns[3], bot(REPLY, false));
 }
+
+/// A drain that runs out mid-reply: the reply is cut where playback stood, as a barge-in would
+/// cut it, and the goodbye plays. While it does, the history keeps the heard part of the cut
+/// reply and nothing of what was left unsaid.
+#[tokio::test(start_paused = true)]
+async fn a_drain_goodbye_keeps_only_what_was_heard_of_the_reply_it_cuts() {
+    let mut c = call(0, None, false);
+    c.turn().await;
+    c.first_audio().await;
+    // As in the barge-in above: unit 0 and one word of unit 1 have played.
+    c.wait(Duration::from_millis(1_500)).await;
+    c.commands
+        .send(CallCommand::Goodbye("Goodbye for now.".into()))
+        .await
+        .unwrap();
+    let cut = tokio::time::Instant::now();
+    c.wait(Duration::from_millis(100)).await;
+    assert_eq!(c.clears(), [(0, "One two three. Four".to_string())]);
+    assert!(c.live_audio_after(cut) > 0, "the goodbye plays");
+    let h = c.history().await;
+    assert_eq!(h.turns.len(), 2, "{:?}", h.turns);
+    assert_eq!(h.turns[1], bot("One two three. Four", true));
+}
