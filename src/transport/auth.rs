@@ -233,7 +233,13 @@ pub struct Auth {
     allowed_origins: Vec<String>,
     /// Locked only for one map operation.
     spent: Mutex<Spent>,
+    /// Refused origins already logged (each once, up to [`ORIGINS_LOGGED`]).
+    refused_origins: Mutex<std::collections::HashSet<String>>,
 }
+
+/// Distinct refused origins logged; past this a hostile client inventing origins fills no
+/// memory and no log.
+const ORIGINS_LOGGED: usize = 256;
 
 /// What [`Auth::new`] needs: the secrets (already read from the environment) and the settings.
 pub struct AuthSettings {
@@ -288,6 +294,7 @@ impl Auth {
             ttl: Duration::from_secs(s.config.token_ttl_s),
             allowed_origins: s.config.allowed_origins,
             spent: Mutex::new(Spent::default()),
+            refused_origins: Mutex::new(Default::default()),
         }
     }
 
@@ -404,15 +411,29 @@ impl Auth {
             return Ok(());
         }
         let shown = crate::transport::guard::Untrusted(origin).to_string();
-        if same {
-            tracing::warn!(
-                origin = %shown,
-                "refused a page whose Host is a name not in auth.allowed_origins \
-                 (a DNS-rebinding page looks like this; list the name if it is ours)"
-            );
-            return Err(AuthError::OriginName(shown));
+        let err = if same {
+            AuthError::OriginName(shown.clone())
+        } else {
+            AuthError::Origin(shown.clone())
+        };
+        if self.first_refusal_of(origin) {
+            // Once per origin: a developer whose app runs on another origin learns what to set.
+            tracing::warn!(origin = %shown, "{err} (logged once per origin)");
         }
-        Err(AuthError::Origin(shown))
+        Err(err)
+    }
+
+    /// Whether `origin` is refused for the first time (and one more may still be logged).
+    fn first_refusal_of(&self, origin: &str) -> bool {
+        let mut logged = self.refused_origins.lock().expect("origin log lock");
+        if logged.len() >= ORIGINS_LOGGED || logged.contains(origin) {
+            return false;
+        }
+        logged.insert(origin.to_string());
+        if logged.len() == ORIGINS_LOGGED {
+            tracing::warn!("{ORIGINS_LOGGED} refused origins logged; no more will be");
+        }
+        true
     }
 
     /// The Twilio entry points are open when Twilio signs its requests, or when the whole server
@@ -607,6 +628,22 @@ mod tests {
         listed
             .check_origin(&h("https://voice.example.com"))
             .unwrap();
+    }
+
+    /// A refused origin is logged once, naming the setting; an attacker inventing origins
+    /// stops being logged (and remembered) after `ORIGINS_LOGGED`.
+    #[test]
+    fn each_refused_origin_is_logged_once_up_to_a_bound() {
+        let a = auth(None, None, &[]);
+        let h = |origin: &str| headers(&[("origin", origin), ("host", "voice.example.com")]);
+        assert!(a.check_origin(&h("http://localhost:5173")).is_err());
+        assert!(!a.first_refusal_of("http://localhost:5173"), "logged once");
+        assert!(a.first_refusal_of("http://localhost:3000"));
+        for k in 0..2 * ORIGINS_LOGGED {
+            let _ = a.check_origin(&h(&format!("https://{k}.evil.example")));
+        }
+        assert_eq!(a.refused_origins.lock().unwrap().len(), ORIGINS_LOGGED);
+        assert!(!a.first_refusal_of("https://new.example"));
     }
 
     #[test]
