@@ -239,14 +239,7 @@ async fn f5_a_changing_wav_format_is_refused_and_others_are_served() {
     }
     let sent = started.elapsed();
     // Health answers at once while the flood is being read.
-    let t = Instant::now();
-    let (status, body) = common::http(&server, "GET", "/health", &[], "").await;
-    assert_eq!(status, 200, "{body}");
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "/health took {:?}",
-        t.elapsed()
-    );
+    health_within(&server, Duration::from_secs(2), "while the flood is read").await;
     let mut kinds = std::collections::BTreeMap::new();
     let (texts, _) = read_to_close(&mut attackers[0], Duration::from_millis(1_500)).await;
     for v in texts.iter().filter(|v| v["type"] == "gazelle_error") {
@@ -554,20 +547,14 @@ async fn f7_half_open_connections_are_dropped_and_health_answers() {
     let server = common::start_server(c).await;
     let mut slow = Vec::new();
     for _ in 0..1_100 {
-        let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-            .await
-            .unwrap();
-        slow.push(s);
+        slow.push(half_open_from("127.0.0.1", &server).await);
     }
-    let t = Instant::now();
-    let (status, _) = common::http(&server, "GET", "/health", &[], "").await;
-    assert_eq!(status, 200);
-    assert!(
-        t.elapsed() < Duration::from_secs(4),
-        "/health after {:?}",
-        t.elapsed()
-    );
+    health_within(
+        &server,
+        Duration::from_secs(4),
+        "with 1,100 half-open connections",
+    )
+    .await;
     // Every half-open connection is closed by the server.
     for s in slow.iter_mut() {
         let mut buf = [0u8; 256];
@@ -928,6 +915,19 @@ async fn half_open_from(source: &str, server: &common::TestServer) -> tokio::net
     s
 }
 
+/// Asks `/health` and checks that it answers 200 within `bound`; returns its body.
+async fn health_within(server: &common::TestServer, bound: Duration, while_what: &str) -> String {
+    let t = Instant::now();
+    let (status, body) = common::http(server, "GET", "/health", &[], "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        t.elapsed() < bound,
+        "/health took {:?} {while_what}",
+        t.elapsed()
+    );
+    body
+}
+
 /// Whether the server closed `s` within `wait`.
 async fn closed_within(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
     let mut buf = [0u8; 256];
@@ -961,14 +961,7 @@ async fn p2_many_addresses_cannot_hold_every_connection() {
             slow.push(half_open_from(&format!("127.0.0.{a}"), &server).await);
         }
     }
-    let t = Instant::now();
-    let (status, health) = common::http(&server, "GET", "/health", &[], "").await;
-    assert_eq!(status, 200, "{health}");
-    assert!(
-        t.elapsed() < Duration::from_secs(3),
-        "/health took {:?} with the pool held",
-        t.elapsed()
-    );
+    health_within(&server, Duration::from_secs(3), "with the pool held").await;
     let ws = connect(&server.ws_url(), &[]).await;
     assert!(ws.is_ok(), "a caller is let in: {:?}", ws.err());
     // The first connections opened were the ones closed to make room.

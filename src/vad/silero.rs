@@ -157,7 +157,7 @@ impl SileroModel {
             session: single_thread_session(env, model, "Silero VAD")?,
         };
         let mut state = SileroState::new(16_000)?;
-        m.infer(&mut [&mut state], &[&[0.0; 512]])?;
+        m.infer(&mut [&mut state], &[&vec![0.0; frame_len(16_000)]])?;
         Ok(m)
     }
 

@@ -18,6 +18,7 @@ use ort::value::Tensor;
 use tokio::sync::{mpsc, oneshot};
 
 use super::silero::single_thread_session;
+use super::worker::take_queued;
 use super::VadError;
 use crate::audio::mel::{LogMel, HOP, N_MELS, SAMPLE_RATE};
 use crate::metrics::Metrics;
@@ -129,9 +130,8 @@ impl SmartTurnModel {
         for t in turns {
             input.extend(features(&self.mel, t));
         }
-        let input = Tensor::from_array(([turns.len(), N_MELS, FRAMES], input))
-            .map_err(|e| VadError::TurnInference(e.to_string()))?;
         let fail = |e: ort::Error| VadError::TurnInference(e.to_string());
+        let input = Tensor::from_array(([turns.len(), N_MELS, FRAMES], input)).map_err(fail)?;
         let mut options = ort::session::RunOptions::new().map_err(fail)?;
         if arena == Arena::GiveBack {
             // ONNX Runtime frees the arena's regions that this run leaves unused.
@@ -143,9 +143,7 @@ impl SmartTurnModel {
             .session
             .run_with_options(ort::inputs!["input_features" => input], &options)
             .map_err(fail)?;
-        let (_, probs) = outputs[0]
-            .try_extract_tensor::<f32>()
-            .map_err(|e| VadError::TurnInference(e.to_string()))?;
+        let (_, probs) = outputs[0].try_extract_tensor::<f32>().map_err(fail)?;
         if probs.len() != turns.len() {
             return Err(VadError::TurnInference(format!(
                 "the end-of-turn model gave {} outputs for {} turns",
@@ -238,12 +236,7 @@ fn run(
         };
         let Some(first) = first else { return };
         jobs.push(first);
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
+        take_queued(&mut rx, &mut jobs, MAX_BATCH);
         holding = true;
         let started = Instant::now();
         let turns: Vec<&[f32]> = jobs.iter().map(|j| &j.turn[..]).collect();

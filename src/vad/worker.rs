@@ -72,13 +72,18 @@ pub(crate) fn next_batch<T>(rx: &mut mpsc::Receiver<T>, jobs: &mut Vec<T>, max: 
         return false;
     };
     jobs.push(first);
+    take_queued(rx, jobs, max);
+    true
+}
+
+/// Adds to `jobs` what is already queued, until it holds `max`.
+pub(crate) fn take_queued<T>(rx: &mut mpsc::Receiver<T>, jobs: &mut Vec<T>, max: usize) {
     while jobs.len() < max {
         match rx.try_recv() {
             Ok(j) => jobs.push(j),
             Err(_) => break,
         }
     }
-    true
 }
 
 fn run(mut model: SileroModel, mut rx: mpsc::Receiver<Job>, metrics: Arc<Metrics>) {
