@@ -29,7 +29,7 @@ pub(crate) enum Outbound {
     /// reports the gap with [`crate::metrics::Metrics::frame_delivered`].
     Audio {
         samples: Vec<f32>,
-        reply: CancellationToken,
+        playable: Playable,
         due: Option<std::time::Instant>,
     },
     /// Audio of unit `unit` of reply `reply` has been handed over up to here: all of it when
@@ -40,7 +40,7 @@ pub(crate) enum Outbound {
         reply: u64,
         unit: usize,
         within: Option<u64>,
-        token: CancellationToken,
+        playable: Playable,
     },
     /// A unit of bot text of reply `reply` as it goes to the synthesizer.
     Transcript { reply: u64, text: String },
@@ -59,6 +59,22 @@ pub(crate) enum Outbound {
         kind: crate::metrics::ErrorKind,
         message: String,
     },
+}
+
+/// Whether a frame or mark of a reply may still go to the client. It may not once its stretch of
+/// playback was taken back (the reply was cut, or held and rewound) or while the reply is held:
+/// the call holds the gate before it queues the pause's `Clear`, so a frame the pacer queued just
+/// after that `Clear`, before it saw the hold, is dropped rather than played over the caller.
+#[derive(Debug, Clone)]
+pub(crate) struct Playable {
+    pub(crate) segment: CancellationToken,
+    pub(crate) gate: pacer::Gate,
+}
+
+impl Playable {
+    pub(crate) fn is_stale(&self) -> bool {
+        self.segment.is_cancelled() || self.gate.borrow().is_some()
+    }
 }
 
 /// Per-reply stage times in milliseconds after the true end of the user's speech.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::Outbound;
+use super::{Outbound, Playable};
 use crate::audio::resample::{ResampleError, StreamResampler};
 use crate::tts::AudioStream;
 use queue::FrameQueue;
@@ -135,7 +135,7 @@ pub(crate) async fn run(
     mut gate: Gate,
     cancel: CancellationToken,
 ) {
-    let mut p = Pacer::new(settings, ledger, &cancel);
+    let mut p = Pacer::new(settings, ledger, &cancel, gate.clone());
     let mut input_open = true;
     // The hold the pacer has acted on, whether the call still holds the gate, and whether
     // `Finished` went out for what is queued.
@@ -249,6 +249,8 @@ struct Pacer {
     /// The token frames and marks carry: cancelled when a hold takes them back, so the transport
     /// drops those still queued.
     segment: CancellationToken,
+    /// The call's hold, for the transport to drop frames that reach it while the reply is held.
+    gate: Gate,
 }
 
 impl Pacer {
@@ -256,6 +258,7 @@ impl Pacer {
         settings: PacerSettings,
         ledger: watch::Sender<Playout>,
         reply: &CancellationToken,
+        gate: Gate,
     ) -> Self {
         let rate = settings.output_rate;
         ledger.send_modify(|l| {
@@ -279,6 +282,7 @@ impl Pacer {
             sent: VecDeque::new(),
             reply: reply.clone(),
             segment: reply.child_token(),
+            gate,
         }
     }
 
@@ -436,10 +440,13 @@ impl Pacer {
             samples: frame.samples.clone(),
             runs: frame.runs.clone(),
         });
-        let cancel = self.segment.clone();
+        let playable = Playable {
+            segment: self.segment.clone(),
+            gate: self.gate.clone(),
+        };
         let out = Outbound::Audio {
             samples: frame.samples,
-            reply: cancel.clone(),
+            playable: playable.clone(),
             due,
         };
         send.send(out).await.map_err(|_| ())?;
@@ -452,12 +459,11 @@ impl Pacer {
         self.since_mark += frame_samples;
         let finished = !frame.finished.is_empty();
         for unit in frame.finished {
-            let token = cancel.clone();
             let done = Outbound::UnitSent {
                 reply: self.settings.reply,
                 unit,
                 within: None,
-                token,
+                playable: playable.clone(),
             };
             send.send(done).await.map_err(|_| ())?;
         }
@@ -473,7 +479,7 @@ impl Pacer {
                 reply: self.settings.reply,
                 unit,
                 within: Some(sent),
-                token: cancel.clone(),
+                playable,
             };
             send.send(mark).await.map_err(|_| ())?;
         }
@@ -589,6 +595,69 @@ mod tests {
         assert_eq!(first, Some(released_at), "at once on release");
     }
 
+    /// The call holds the gate and then queues the pause's `Clear`; the pacer may queue a frame in
+    /// between, before it sees the hold (it runs on another thread). Such a frame reaches the
+    /// transport after the `Clear`, so it must be dropped there even though the pacer has not yet
+    /// taken it back. Here the pacer task has not run since the hold when the frames are read.
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_queued_as_the_call_holds_the_reply_is_dropped() {
+        let (atx, arx) = mpsc::channel(8);
+        let (ftx, mut frx) = mpsc::channel(1024);
+        let (etx, _erx) = mpsc::channel(16);
+        let (ltx, _lrx) = watch::channel(Playout::default());
+        let (hold, gate) = watch::channel(None);
+        let settings = PacerSettings {
+            reply: 1,
+            output_rate: 16_000,
+            frame_ms: 20,
+            lead: Duration::from_millis(200),
+            max_ahead: Duration::from_secs(10),
+        };
+        let task = tokio::spawn(run(
+            settings,
+            arx,
+            ftx,
+            etx,
+            ltx,
+            gate,
+            CancellationToken::new(),
+        ));
+        atx.send(Ok(chunk(0, 1.0, 16_000, true))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut queued = Vec::new();
+        while let Ok(m) = frx.try_recv() {
+            queued.push(m);
+        }
+        let live = |m: &Outbound| match m {
+            Outbound::Audio { playable, .. } => Some(!playable.is_stale()),
+            _ => None,
+        };
+        assert!(
+            queued.iter().filter_map(live).count() > 10
+                && queued.iter().filter_map(live).all(|l| l),
+            "frames out before any hold are playable"
+        );
+        // Two frames queued by the pacer but not yet taken by the transport.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        hold.send(Some(now())).unwrap();
+        let mut late = Vec::new();
+        while let Ok(m) = frx.try_recv() {
+            late.push(m);
+        }
+        let late: Vec<bool> = late.iter().filter_map(live).collect();
+        assert!(
+            !late.is_empty(),
+            "the pacer queued frames before it saw the hold"
+        );
+        assert!(
+            late.iter().all(|l| !l),
+            "{late:?}: a frame reached the transport while held"
+        );
+        hold.send(None).unwrap();
+        drop(atx);
+        task.await.unwrap();
+    }
+
     /// A reply held while it plays is rewound to where playback stood: frames still on their way
     /// are marked dropped, the ledger keeps only what played, nothing goes out while held, and on
     /// release exactly the unplayed rest goes out, with the unit's end mark again.
@@ -636,7 +705,7 @@ mod tests {
         assert!(sent > 8_000, "{sent}: the lead went out before the hold");
         assert!(
             before.iter().all(|m| match m {
-                Outbound::Audio { reply, .. } => reply.is_cancelled(),
+                Outbound::Audio { playable, .. } => playable.is_stale(),
                 _ => true,
             }),
             "frames sent before the hold are marked taken back"
@@ -656,8 +725,10 @@ mod tests {
         let mut end_marks = 0;
         while let Some(m) = frx.recv().await {
             match m {
-                Outbound::Audio { samples, reply, .. } => {
-                    assert!(!reply.is_cancelled());
+                Outbound::Audio {
+                    samples, playable, ..
+                } => {
+                    assert!(!playable.is_stale());
                     after += samples.len();
                 }
                 Outbound::UnitSent { within: None, .. } => end_marks += 1,

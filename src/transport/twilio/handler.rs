@@ -318,19 +318,19 @@ where
     }
 }
 
-/// A call message as a media-stream event; frames and marks of a reply cut off while they waited
-/// are never sent.
+/// A call message as a media-stream event; frames and marks of a reply cut off or held while they
+/// waited are never sent.
 fn encode(m: Outbound, stream_sid: &str) -> Option<String> {
     Some(match m {
-        Outbound::Audio { samples, reply, .. } if !reply.is_cancelled() => {
-            protocol::media(stream_sid, &mulaw::encode_from_f32(&samples))
-        }
+        Outbound::Audio {
+            samples, playable, ..
+        } if !playable.is_stale() => protocol::media(stream_sid, &mulaw::encode_from_f32(&samples)),
         Outbound::UnitSent {
             reply,
             unit,
             within,
-            token,
-        } if !token.is_cancelled() => {
+            playable,
+        } if !playable.is_stale() => {
             protocol::mark(stream_sid, &protocol::mark_name(reply, unit, within))
         }
         Outbound::Clear { .. } => protocol::clear(stream_sid),

@@ -319,9 +319,11 @@ where
 
 fn encode(m: Outbound, rate: u32, encoding: Encoding) -> Option<String> {
     Some(match m {
-        Outbound::Audio { samples, reply, .. } => {
-            if reply.is_cancelled() {
-                return None; // cut off by a barge-in while it waited
+        Outbound::Audio {
+            samples, playable, ..
+        } => {
+            if playable.is_stale() {
+                return None; // cut off or held by a barge-in while it waited
             }
             protocol::audio_message(&samples, rate, encoding)
         }
