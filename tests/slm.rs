@@ -402,18 +402,19 @@ async fn a_two_turn_call_on_an_openai_compatible_server() {
     server.shutdown().await;
 }
 
+/// A reply that streams for about 7 s at 100 ms a word: still going when the caller cuts in.
+const LONG_STORY: &str = "This is a long answer that goes on and on, so that there is time to \
+    interrupt it while the server is still sending it. It has many more words in it than anyone \
+    would wait for, and it keeps going for several seconds after the first sentence has been \
+    spoken by the voice. Then it tells of a walk by the river, of the birds that sang there, of \
+    the boats that went by, and of the old bridge where the story ends.";
+
 /// A barge-in while the peer is still streaming: the peer sees the stream closed within 500 ms
 /// of the cut, and the next request carries only the words the caller heard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_barge_in_closes_the_stream_and_the_next_request_carries_what_was_heard() {
-    let long = "This is a long answer that goes on and on, so that there is time to \
-                interrupt it while the server is still sending it. It has many more words \
-                in it than anyone would wait for, and it keeps going for several seconds \
-                after the first sentence has been spoken by the voice. Then it tells of a \
-                walk by the river, of the birds that sang there, of the boats that went by, and \
-                of the old bridge where the story ends.";
     // About 7 s of streaming: still going when the caller cuts in.
-    let peer = Peer::start(vec![reply(long, 100)], reply("Yes?", 0)).await;
+    let peer = Peer::start(vec![reply(LONG_STORY, 100)], reply("Yes?", 0)).await;
     let server = common::start_server(config(&peer.url)).await;
     let cc = ClientConfig::new(16_000, Encoding::Linear16);
     let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
@@ -473,7 +474,7 @@ async fn a_barge_in_closes_the_stream_and_the_next_request_carries_what_was_hear
         .filter(|m| m["role"] == "assistant")
         .map(|m| m["content"].as_str().unwrap())
         .collect();
-    assert!(!spoken.is_empty() && long.starts_with(spoken.trim_end_matches(',')));
+    assert!(!spoken.is_empty() && LONG_STORY.starts_with(spoken.trim_end_matches(',')));
     assert_eq!(assistant, [spoken.as_str()], "{}", next.body);
     client.stop().await.unwrap();
     server.shutdown().await;
@@ -657,6 +658,86 @@ async fn a_discarded_preemptive_reply_cancels_its_request() {
         (secs - total).abs() < 0.4,
         "{secs} s of a {total} s utterance"
     );
+    client.stop().await.unwrap();
+    server.shutdown().await;
+}
+
+/// Speech over a paused reply that has lasted `false_interruption_ms` (500 ms by default) can no
+/// longer be a false interruption: the reply is cut then and the model's stream closed (paid
+/// tokens on a remote model, decode slots on the engine), not when the interrupting turn ends
+/// (about 2.5 s after the speech began here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speech_over_the_bot_frees_the_model_once_it_lasts_false_interruption_ms() {
+    let peer = Peer::start(vec![reply(LONG_STORY, 100)], reply("Yes?", 0)).await;
+    let c = config(&peer.url);
+    let false_interruption = Duration::from_millis(c.pipeline.turn.false_interruption_ms as u64);
+    assert!(!false_interruption.is_zero());
+    let server = common::start_server(c).await;
+    let cc = ClientConfig::new(16_000, Encoding::Linear16);
+    let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
+    let speaking = |e: &[Event]| {
+        e.iter()
+            .find(|e| matches!(e.kind, EventKind::Audio { .. }))
+            .is_some_and(|a| a.at.elapsed() > Duration::from_millis(1_200))
+    };
+    let events = say(&mut client, "Tell me a long story.", 8_000, speaking).await;
+    assert!(speaking(&events), "no reply audio");
+    // Talk over it, from the first sample, in real time.
+    let speech = common::speech(
+        "Wait please stop there I have a question about that",
+        16_000,
+    )
+    .await;
+    let (onset, end) = common::active_span(&speech, 0.02).unwrap();
+    let sent = client.stream_realtime(&speech, 20).await.unwrap();
+    // When a sample arrived, as the server reckons it: its chunk's arrival, less the samples
+    // after it in the chunk.
+    let chunk = 16_000 * 20 / 1000;
+    let arrived = |i: usize| {
+        let rest = (i / chunk + 1) * chunk - i;
+        sent[i / chunk] - Duration::from_secs_f64(rest as f64 / 16_000.0)
+    };
+    let (spoke_at, spoke_until) = (arrived(onset), arrived(end - 1));
+    let events = drain(&mut client);
+    let clears: Vec<(Instant, bool)> = events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Clear { paused, .. } => Some((e.at, paused)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(clears[..], [(_, true), (cut, false)] if cut < spoke_until),
+        "paused, then cut while the caller still spoke: {clears:?}"
+    );
+    let closed = peer.seen()[0]
+        .closed_early
+        .expect("the reply's stream was closed");
+    let due = spoke_at + false_interruption;
+    let late_ms = if closed >= due {
+        (closed - due).as_secs_f64() * 1e3
+    } else {
+        -(due - closed).as_secs_f64() * 1e3
+    };
+    eprintln!(
+        "the stream closed {late_ms:.0} ms after the speech reached {false_interruption:?}; the \
+         speech went on {:.0} ms more",
+        (spoke_until - due).as_secs_f64() * 1e3
+    );
+    // The VAD finds the start of speech within a frame or two (32 ms each) of the loudness
+    // onset, and sees a frame once all of it has arrived; the rest is a busy machine's slack.
+    assert!(
+        (-100.0..300.0).contains(&late_ms),
+        "closed {late_ms:.0} ms after the speech lasted {false_interruption:?}"
+    );
+    assert!(
+        closed + Duration::from_millis(500) < spoke_until,
+        "freed well before the interruption ended"
+    );
+    let _ = say(&mut client, "", 3_000, |e| {
+        common::transcript(e).contains("Yes?")
+    })
+    .await;
     client.stop().await.unwrap();
     server.shutdown().await;
 }

@@ -38,6 +38,8 @@ pub(crate) enum VadEvent {
     SpeechStart,
     /// The user has talked over the bot for `min_interruption_ms`.
     Interruption,
+    /// The turn's speech has lasted `false_interruption_ms`: over the bot, no false interruption.
+    Sustained,
     /// The user has paused (smart policy): `audio` is the turn so far, exactly what a
     /// `SpeechEnd` at this pause would carry.
     Pause {
@@ -348,6 +350,7 @@ async fn emit(
                 VadEvent::SpeechStart
             }
             TurnEvent::Interruption { .. } => VadEvent::Interruption,
+            TurnEvent::Sustained => VadEvent::Sustained,
             TurnEvent::Pause { start, end } => {
                 // The first pause of a silence is when the pause was noticed; a later one asks
                 // the model again.

@@ -40,6 +40,7 @@ pub fn segments(
                     out.push(Segment { start, end });
                 }
                 TurnEvent::Interruption { .. }
+                | TurnEvent::Sustained
                 | TurnEvent::Pause { .. }
                 | TurnEvent::Resume
                 | TurnEvent::Dropped => {}

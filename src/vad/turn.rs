@@ -1,7 +1,8 @@
 //! The turn detector: a pure state machine from per-frame speech probabilities to turn events.
 //! Start and end thresholds give hysteresis; `min_speech_ms` confirms a start, `min_silence_ms` of
 //! quiet ends a turn, `speech_pad_ms` widens both edges, `max_turn_ms` cuts a monologue, and
-//! `min_interruption_ms` of speech raises a barge-in. With a pause length set
+//! `min_interruption_ms` of speech raises a barge-in, and with [`TurnDetector::with_sustained`]
+//! speech that lasts `false_interruption_ms` says it can no longer be a false one. With a pause length set
 //! ([`TurnDetector::with_pause`]), a shorter silence reports a pause (where a turn may have ended)
 //! and speech after it a resume; [`TurnDetector::end_now`] ends a paused turn on the end-of-turn
 //! model's word. Timestamps are sample indices of the stream.
@@ -122,9 +123,10 @@ impl TurnPolicy {
     }
 
     /// The detector settings this policy runs with: under `smart`, `max_silence_ms` ends turns.
+    /// Either way it says when speech has lasted `false_interruption_ms`.
     pub(crate) fn detector(&self, vad: TurnSettings, rate: u32) -> TurnDetector {
         if !self.smart() {
-            return TurnDetector::new(vad, rate);
+            return TurnDetector::new(vad, rate).with_sustained(self.false_interruption_ms);
         }
         let vad = TurnSettings {
             min_silence_ms: self.max_silence_ms,
@@ -136,7 +138,9 @@ impl TurnPolicy {
         } else {
             &pauses[..]
         };
-        TurnDetector::new(vad, rate).with_pauses(pauses)
+        TurnDetector::new(vad, rate)
+            .with_pauses(pauses)
+            .with_sustained(self.false_interruption_ms)
     }
 
     /// What the end-of-turn model's probability `p` at a pause means for the turn.
@@ -213,6 +217,10 @@ pub enum TurnEvent {
     SpeechStart { start: u64 },
     /// Speech has lasted `min_interruption_ms` (raised once per stretch of speech).
     Interruption { start: u64 },
+    /// The turn's speech, from its first to its latest speech sample, has lasted the length
+    /// given to [`TurnDetector::with_sustained`] (`false_interruption_ms`): over the bot it is a
+    /// barge-in now, whatever follows. Raised once per turn, after its `SpeechStart`.
+    Sustained,
     /// The turn is over: samples `start..end` hold it, pads included. `forced` when cut by
     /// `max_turn_ms`.
     SpeechEnd { start: u64, end: u64, forced: bool },
@@ -245,6 +253,7 @@ enum State {
         since: u64,
         quiet: Option<u64>,
         interrupted: bool,
+        sustained: bool,
         paused: u8,
     },
 }
@@ -259,6 +268,8 @@ pub struct TurnDetector {
     pauses: Vec<u64>,
     /// A shorter silence that ends the paused turn ([`TurnDetector::end_after`]), in samples.
     silence_cap: Option<u64>,
+    /// Speech this long raises [`TurnEvent::Sustained`], in samples.
+    sustained_after: Option<u64>,
 }
 
 impl TurnDetector {
@@ -269,7 +280,14 @@ impl TurnDetector {
             state: State::Idle,
             pauses: Vec::new(),
             silence_cap: None,
+            sustained_after: None,
         }
+    }
+
+    /// Raises [`TurnEvent::Sustained`] once a turn's speech has lasted `ms` (0: never).
+    pub(crate) fn with_sustained(mut self, ms: u32) -> Self {
+        self.sustained_after = (ms > 0).then(|| self.samples(ms));
+        self
     }
 
     /// Reports a pause after each of `pauses_ms` of silence (shorter than `min_silence_ms`,
@@ -356,6 +374,7 @@ impl TurnDetector {
                 since,
                 quiet,
                 mut interrupted,
+                mut sustained,
                 mut paused,
             } => {
                 let padded = since.saturating_sub(pad);
@@ -373,6 +392,12 @@ impl TurnDetector {
                 if paused > 0 && quiet.is_none() {
                     paused = 0;
                     out.push(TurnEvent::Resume);
+                }
+                // Speech so far runs to the latest frame that was not silence.
+                let spoken = quiet.unwrap_or(end) - since;
+                if !sustained && self.sustained_after.is_some_and(|n| spoken >= n) {
+                    sustained = true;
+                    out.push(TurnEvent::Sustained);
                 }
                 match quiet {
                     Some(q)
@@ -392,6 +417,7 @@ impl TurnDetector {
                             since,
                             quiet,
                             interrupted,
+                            sustained,
                             paused,
                         }
                     }
@@ -424,6 +450,7 @@ impl TurnDetector {
                         since,
                         quiet,
                         interrupted,
+                        sustained,
                         paused,
                     },
                 }
@@ -482,6 +509,7 @@ impl TurnDetector {
                 since,
                 quiet,
                 interrupted,
+                sustained: false,
                 paused: 0,
             }
         } else {
@@ -744,6 +772,44 @@ mod tests {
                 forced: false
             })
         );
+    }
+
+    /// `Sustained` comes once per turn, when its speech (first to latest speech frame, dips
+    /// inside included, trailing silence not) reaches the length given: never for a shorter turn,
+    /// and again for the next turn.
+    #[test]
+    fn sustained_speech_is_reported_once_per_turn_at_its_length() {
+        use TurnEvent::*;
+        let sustained_at = |probs: &[f32]| -> Vec<usize> {
+            let mut det = TurnDetector::new(settings(), 1_000).with_sustained(150);
+            let mut at = Vec::new();
+            for (k, &p) in probs.iter().enumerate() {
+                let mut out = Vec::new();
+                det.push(10 * k as u64, 10 * (k as u64 + 1), p, &mut out);
+                at.extend(out.iter().filter(|e| **e == Sustained).map(|_| k));
+            }
+            at
+        };
+        // Speech from frame 0: 150 ms have passed at the end of frame 14.
+        assert_eq!(sustained_at(&seq(&[(0.9, 30), (0.0, 20)])), [14]);
+        // 140 ms of speech, then silence long enough to end the turn: never.
+        assert!(sustained_at(&seq(&[(0.9, 14), (0.0, 20)])).is_empty());
+        // A dip inside the turn counts once speech returns (80 + 50 + 20 ms at frame 14), but the
+        // silence itself does not: 100 ms of speech and 90 ms of quiet stay short.
+        assert_eq!(sustained_at(&seq(&[(0.9, 8), (0.0, 5), (0.9, 10)])), [14]);
+        assert!(sustained_at(&seq(&[(0.9, 10), (0.0, 9)])).is_empty());
+        // Two turns, each long enough: once each.
+        assert_eq!(
+            sustained_at(&seq(&[(0.9, 20), (0.0, 15), (0.9, 20), (0.0, 15)])),
+            [14, 49]
+        );
+        // Off unless asked for.
+        let mut det = TurnDetector::new(settings(), 1_000).with_sustained(0);
+        let mut out = Vec::new();
+        for k in 0..40u64 {
+            det.push(10 * k, 10 * (k + 1), 0.9, &mut out);
+        }
+        assert!(!out.contains(&Sustained), "{out:?}");
     }
 
     #[test]

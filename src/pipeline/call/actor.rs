@@ -4,7 +4,8 @@
 //! drops its queued audio and tells the client to clear, in one step, keeping in the history only
 //! what was heard. Speech over the bot first only pauses the reply (the client clears, the pacer
 //! takes back what was not played): a sound shorter than `false_interruption_ms` (a cough, an
-//! "uh-huh") lets it play on from there, and longer speech cuts it. At a pause (smart turn
+//! "uh-huh") lets it play on from there, and speech that lasts that long cuts it the moment it
+//! does (the VAD says so), freeing the model and the voice before the turn ends. At a pause (smart turn
 //! policy) it starts the reply preemptively with its audio held: the end of the turn commits it
 //! and lets the audio out, and speech after the pause discards it unheard, from the model's cache
 //! too. It takes its inputs as channels, so tests drive it with synthetic turn events.
@@ -193,6 +194,17 @@ impl Actor {
                     self.pause_reply().await;
                 } else {
                     self.barge_in(BargeIn::Interruption).await;
+                }
+            }
+            VadEvent::Sustained => {
+                // Speech over the paused reply has lasted `false_interruption_ms`: it is no
+                // false interruption, so the reply is cut now, freeing the model and the voice,
+                // not when the interrupting turn ends. Short sounds before it stay, to be heard
+                // with it as one turn.
+                if self.reply.as_ref().is_some_and(|r| r.paused.is_some()) {
+                    let sounds = self.sounds.take();
+                    self.barge_in(BargeIn::Interruption).await;
+                    self.sounds = sounds;
                 }
             }
             VadEvent::Dropped => self.resume_reply("no turn"),

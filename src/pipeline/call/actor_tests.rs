@@ -256,7 +256,7 @@ impl Call {
         self.seen
             .iter()
             .filter(|(at, m)| {
-                *at > t && matches!(m, Outbound::Audio { reply, .. } if !reply.is_cancelled())
+                *at > t && matches!(m, Outbound::Audio { playable, .. } if !playable.is_stale())
             })
             .count()
     }
@@ -600,6 +600,47 @@ async fn short_sounds_that_add_up_to_a_turn_cut_the_reply_and_are_answered_toget
     c.wait(Duration::from_secs(4)).await;
     assert!(first < resumed_not);
     assert_eq!(c.pauses().len(), 1);
+    assert_eq!(c.clears().len(), 1, "cut once");
+    let h = c.history().await;
+    assert_eq!(h.turns[2], Turn::User { duration_ms: 2_000 }, "{h:?}");
+    assert_eq!(h.turns[3], bot(REPLY, false));
+}
+
+/// Speech over the paused reply that lasts `false_interruption_ms` (the VAD says so) cuts it
+/// then, where it was paused, while the user still talks: the model and the voice are free
+/// before the interrupting turn ends. A short sound before it is still answered with it.
+#[tokio::test(start_paused = true)]
+async fn speech_that_lasts_false_interruption_ms_cuts_the_reply_before_the_turn_ends() {
+    let mut c = pausing_call(false);
+    c.turn().await;
+    c.first_audio().await;
+    c.wait(Duration::from_millis(500)).await;
+    c.interrupt().await;
+    c.wait(Duration::from_millis(300)).await;
+    c.turn_of(Duration::from_millis(300)).await;
+    c.wait(Duration::from_millis(200)).await;
+    c.interrupt().await;
+    c.wait(Duration::from_millis(400)).await;
+    assert!(c.clears().is_empty(), "paused, not yet cut");
+    c.vad.send(VadEvent::Sustained).await.unwrap();
+    c.wait(Duration::from_millis(50)).await;
+    let pauses = c.pauses();
+    assert_eq!(pauses.len(), 1);
+    assert_eq!(
+        c.clears(),
+        pauses,
+        "cut where it was paused, before the turn ended"
+    );
+    let h = c.history().await;
+    assert_eq!(
+        h.turns,
+        [Turn::User { duration_ms: 1_000 }, bot(&pauses[0].1, true)]
+    );
+    let cut = tokio::time::Instant::now();
+    c.wait(Duration::from_millis(1_000)).await;
+    assert_eq!(c.samples_in(cut..), 0, "nothing of it after the cut");
+    c.turn_of(Duration::from_millis(700)).await;
+    c.wait(Duration::from_secs(4)).await;
     assert_eq!(c.clears().len(), 1, "cut once");
     let h = c.history().await;
     assert_eq!(h.turns[2], Turn::User { duration_ms: 2_000 }, "{h:?}");
