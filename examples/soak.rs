@@ -76,6 +76,9 @@ struct CallerStats {
     barge_ins: u64,
     clears: u64,
     stale_frames: u64,
+    /// Interruptions answered before their speech ended: the turn was judged over at a pause
+    /// inside it (a turn-taking miss, reported, not stale audio).
+    early_replies: u64,
     latencies: Vec<f64>,
     error: Option<String>,
 }
@@ -168,6 +171,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         stats.barge_ins += s.barge_ins;
         stats.clears += s.clears;
         stats.stale_frames += s.stale_frames;
+        stats.early_replies += s.early_replies;
         stats.latencies.extend(s.latencies);
         errors.extend(s.error);
     }
@@ -204,8 +208,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let placed = calls_placed.load(std::sync::atomic::Ordering::Relaxed);
     println!(
         "{} callers × {:.1} min, {placed} calls placed: {} turns, {} replies, {} barge-ins ({} \
-         cleared), {} late, {} missing, {} stale frames; speech end → first audio p50 {:.0} ms, \
-         p99 {:.0} ms, max {:.0} ms",
+         cleared), {} late, {} missing, {} stale frames, {} interruptions answered before they \
+         ended; speech end → first audio p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
         args.calls,
         args.minutes,
         stats.turns,
@@ -215,6 +219,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         stats.late,
         stats.missing,
         stats.stale_frames,
+        stats.early_replies,
         pct(0.5),
         pct(0.99),
         pct(1.0)
@@ -246,6 +251,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "late": stats.late,
             "missing": stats.missing,
             "stale_frames": stats.stale_frames,
+            "early_replies": stats.early_replies,
             "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)},
             "rss_mb": rss,
             "rss_flat": rss.flat,
@@ -426,6 +432,10 @@ async fn barge_in(
     stats: &mut CallerStats,
 ) -> anyhow::Result<Instant> {
     let mut cleared: Option<Instant> = None;
+    // The reply cut, and whether the reply to the interruption itself has started.
+    let mut cut: Option<u64> = None;
+    let mut answered = false;
+    let mut counted_early = false;
     let mut spoke_until = Instant::now();
     for (i, m) in interrupt.0.iter().enumerate().take(interrupt.1 + 1) {
         line.send(m).await?;
@@ -434,15 +444,23 @@ async fn barge_in(
         }
         while let Ok(ev) = line.client.events.try_recv() {
             match ev.kind {
-                EventKind::Clear { .. } if cleared.is_none() => {
+                EventKind::Clear { reply, .. } if cleared.is_none() => {
                     cleared = Some(ev.at);
+                    cut = Some(reply);
                     stats.clears += 1;
+                }
+                EventKind::Transcript { reply, .. } if cut.is_some_and(|c| c != reply) => {
+                    answered = true
                 }
                 // The reply to the interruption cannot start before its speech has ended (up to
                 // its fading last sound: under the smart policy a turn judged complete may be
                 // answered a moment before the end by loudness).
                 EventKind::Audio { .. } if cleared.is_some() && i + FADE_CHUNKS < interrupt.1 => {
-                    stats.stale_frames += 1
+                    if !answered {
+                        stats.stale_frames += 1
+                    } else if !std::mem::replace(&mut counted_early, true) {
+                        stats.early_replies += 1
+                    }
                 }
                 EventKind::Closed { code, reason } => {
                     anyhow::bail!("the server closed the call ({code:?} {reason})")

@@ -326,6 +326,7 @@ pub async fn serve(
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     let stop = CancellationToken::new();
+    crate::memory::bound_retained_heap();
     tokio::spawn(trim_heap(state.services.metrics.clone(), stop.clone()));
     let accept = tokio::spawn(listener::serve(
         listener,
