@@ -317,6 +317,11 @@ pub struct Metrics {
     pub engine_running: IntGauge,
     /// Seconds per end-of-turn model inference (one batch of turns).
     pub end_of_turn_seconds: Histogram,
+    /// Seconds from asking the end-of-turn model about a pause to its verdict, as the call
+    /// waits for it (the worker's queue included).
+    pub end_of_turn_delay_seconds: Histogram,
+    /// End-of-turn requests waiting for the worker.
+    pub end_of_turn_queued: IntGauge,
     /// End-of-turn decisions at a pause: `complete` (the turn ended there), `likely` (it ends
     /// after a shorter silence) or `incomplete`.
     pub end_of_turn_decisions: IntCounterVec,
@@ -465,10 +470,26 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
+        let end_of_turn_delay_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "end_of_turn_delay_seconds",
+                "Seconds from asking the end-of-turn model about a pause to its verdict (queue \
+                 included)",
+            )
+            .buckets(vec![
+                0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 0.75, 1.0, 1.5,
+            ]),
+        )
+        .expect("valid metric");
+        let end_of_turn_queued = gauge(
+            "end_of_turn_queued",
+            "End-of-turn requests waiting for the worker",
+        );
         let end_of_turn_decisions = IntCounterVec::new(
             Opts::new(
                 "end_of_turn_decisions_total",
-                "End-of-turn model decisions at a pause",
+                "End-of-turn model decisions at a pause (complete, likely, incomplete), and \
+                 requests withdrawn: the pause was over before the model reached it, not run",
             ),
             &["decision"],
         )
@@ -496,6 +517,8 @@ impl Metrics {
         .expect("valid metric");
         for c in [
             Box::new(end_of_turn_seconds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(end_of_turn_delay_seconds.clone()),
+            Box::new(end_of_turn_queued.clone()),
             Box::new(paused_replies.clone()),
             Box::new(end_of_turn_decisions.clone()),
             Box::new(preemptive_replies.clone()),
@@ -550,6 +573,8 @@ impl Metrics {
             engine_waiting_turns,
             engine_running,
             end_of_turn_seconds,
+            end_of_turn_delay_seconds,
+            end_of_turn_queued,
             end_of_turn_decisions,
             preemptive_replies,
             preemptive_wasted_seconds,
@@ -557,7 +582,8 @@ impl Metrics {
         }
     }
 
-    /// What the end-of-turn model said at a pause: `complete`, `likely` or `incomplete`.
+    /// What the end-of-turn model said at a pause: `complete`, `likely` or `incomplete`; or
+    /// `withdrawn`, a request not run because the pause was over when the worker reached it.
     pub(crate) fn end_of_turn(&self, decision: &str) {
         self.end_of_turn_decisions
             .with_label_values(&[decision])

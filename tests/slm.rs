@@ -622,6 +622,8 @@ async fn a_discarded_preemptive_reply_cancels_its_request() {
     .await;
     let mut c = config(&peer.url);
     c.pipeline.turn = Default::default();
+    // The 700 ms pause must be judged, not ended by the load fallback on a busy test machine.
+    c.pipeline.turn.verdict_timeout_ms = 0;
     let server = common::start_server(c).await;
     let cc = ClientConfig::new(16_000, Encoding::Linear16);
     let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
@@ -725,9 +727,9 @@ async fn speech_over_the_bot_frees_the_model_once_it_lasts_false_interruption_ms
         (spoke_until - due).as_secs_f64() * 1e3
     );
     // The VAD finds the start of speech within a frame or two (32 ms each) of the loudness
-    // onset, and sees a frame once all of it has arrived; the rest is a busy machine's slack.
+    // onset, and sees a frame once all of it has arrived: the issue asks for 100 ms.
     assert!(
-        (-100.0..300.0).contains(&late_ms),
+        (-100.0..100.0).contains(&late_ms),
         "closed {late_ms:.0} ms after the speech lasted {false_interruption:?}"
     );
     assert!(

@@ -230,6 +230,12 @@ pub(crate) async fn detect(
     // The pause in progress, and the end-of-turn model's answer about it, once asked.
     let mut pause: Option<PauseSeen> = None;
     let mut judging: Option<Judgement> = None;
+    // When the model was asked about the pause in progress, while its verdict is awaited.
+    let mut asked_at: Option<Instant> = None;
+    let verdict_timeout = match turns.policy.verdict_timeout_ms {
+        0 => None,
+        ms => Some(Duration::from_millis(ms as u64)),
+    };
     let mut asking = Asking::default();
     let mut out = Vec::new();
     loop {
@@ -238,6 +244,9 @@ pub(crate) async fn detect(
             h = input.recv() => match h { Some(h) => h, None => return },
             judged = async { judging.as_mut().expect("guarded").await }, if judging.is_some() => {
                 judging = None;
+                if let Some(asked) = asked_at.take() {
+                    metrics.end_of_turn_delay_seconds.observe(asked.elapsed().as_secs_f64());
+                }
                 let p = match judged {
                     Ok(p) => p,
                     Err(e) => {
@@ -269,6 +278,22 @@ pub(crate) async fn detect(
         };
         window.push(&heard);
         tracing::trace!(n = heard.samples.len(), end = window.end(), "heard");
+        // The model is behind: give its verdict up (the request is withdrawn, so the worker
+        // skips it) and end the turn as the silence policy would.
+        if let (Some(asked), Some(limit)) =
+            (asked_at.filter(|_| judging.is_some()), verdict_timeout)
+        {
+            if asked.elapsed() >= limit {
+                judging = None;
+                asked_at = None;
+                metrics.end_of_turn("fallback");
+                tracing::debug!(
+                    waited_ms = asked.elapsed().as_millis() as u64,
+                    "no end-of-turn verdict in time; ending on silence"
+                );
+                detector.end_after(settings.min_silence_ms);
+            }
+        }
         // The window holds the audio now (bounded by the longest turn): release its budget.
         drop(heard);
         let ready = ((window.end() - analysed) / flen as u64) as usize * flen;
@@ -311,8 +336,12 @@ pub(crate) async fn detect(
                             let audio: Arc<[f32]> = window.slice(*start, b).into();
                             Box::pin(async move { m.predict(audio).await }) as Judgement
                         });
+                        asked_at = judging.as_ref().map(|_| Instant::now());
                     }
-                    TurnEvent::Resume | TurnEvent::SpeechEnd { .. } => judging = None,
+                    TurnEvent::Resume | TurnEvent::SpeechEnd { .. } => {
+                        judging = None;
+                        asked_at = None;
+                    }
                     _ => {}
                 }
             }
@@ -394,6 +423,78 @@ async fn emit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backlogged end-of-turn worker (here one that never answers): its verdict is given up
+    /// `verdict_timeout_ms` after the pause, and the turn ends at `[pipeline.vad] min_silence_ms`
+    /// of silence, as under the silence policy, not at `max_silence_ms`. Real speech, real VAD,
+    /// streamed in real time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backlogged_end_of_turn_model_ends_the_turn_on_silence() {
+        let lib = crate::assets::ort_lib(None).expect("ONNX Runtime (run scripts/setup)");
+        let env = crate::vad::silero::init_runtime(&lib).unwrap();
+        let path = crate::assets::vad_model(None).expect("Silero VAD (run scripts/setup)");
+        let metrics = Arc::new(Metrics::new());
+        let silero = crate::vad::silero::SileroModel::load(env, &path).unwrap();
+        let vad = VadHandle::spawn(silero, metrics.clone());
+        let (model, _queue) = SmartTurnHandle::never_answering();
+        let policy = TurnPolicy::default();
+        let vad_settings = TurnSettings::default();
+        let turns = TurnTaking {
+            vad: vad_settings,
+            policy,
+            model: Some(model),
+        };
+        let (tx, rx) = mpsc::channel(256);
+        let (etx, mut erx) = mpsc::channel(64);
+        let cancel = CancellationToken::new();
+        let _stop = cancel.clone().drop_guard();
+        tokio::spawn(detect(vad, turns, rx, etx, metrics.clone(), cancel));
+        let clip = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/smart-turn/goforward.wav");
+        let wav = crate::audio::wav::read(&std::fs::read(clip).unwrap()).unwrap();
+        assert_eq!(wav.sample_rate, MODEL_RATE);
+        let mut audio = wav.samples;
+        audio.extend(vec![0.0; 3 * MODEL_RATE as usize]);
+        tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            for (i, c) in audio.chunks(MODEL_RATE as usize / 50).enumerate() {
+                tokio::time::sleep_until(started + Duration::from_millis(20 * i as u64)).await;
+                let heard = Heard {
+                    samples: c.to_vec(),
+                    arrived: Instant::now(),
+                    _budget: None,
+                };
+                if tx.send(heard).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let (true_end, detected) = loop {
+            let ev = tokio::time::timeout(Duration::from_secs(10), erx.recv())
+                .await
+                .expect("a turn end within the clip")
+                .expect("detect runs");
+            if let VadEvent::SpeechEnd {
+                true_end, detected, ..
+            } = ev
+            {
+                break (true_end, detected);
+            }
+        };
+        let silence_ms = detected.duration_since(true_end).as_secs_f64() * 1e3;
+        let count = |d: &str| metrics.end_of_turn_decisions.with_label_values(&[d]).get();
+        assert!(count("fallback") >= 1, "the verdict was not given up");
+        assert_eq!(count("complete") + count("likely") + count("incomplete"), 0);
+        // min_silence_ms (500) of silence, to within the VAD's frames and the pad; the
+        // policy's max_silence_ms is 1500.
+        assert!(
+            (450.0..800.0).contains(&silence_ms),
+            "the turn ended after {silence_ms:.0} ms of silence (min_silence_ms {}, \
+             max_silence_ms {})",
+            vad_settings.min_silence_ms,
+            policy.max_silence_ms
+        );
+    }
 
     #[test]
     fn window_slices_and_times_samples() {

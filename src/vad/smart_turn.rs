@@ -193,6 +193,14 @@ impl SmartTurnHandle {
         SmartTurnHandle { tx }
     }
 
+    /// A handle whose worker never answers, standing in for one far behind, and the queue it
+    /// keeps (requests wait there until it drops).
+    #[cfg(test)]
+    pub(crate) fn never_answering() -> (Self, StuckQueue) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (SmartTurnHandle { tx }, StuckQueue(rx))
+    }
+
     /// The probability that `turn` (16 kHz, the turn so far) is complete.
     pub(crate) async fn predict(&self, turn: Arc<[f32]>) -> Result<f32, VadError> {
         let (reply, rx) = oneshot::channel();
@@ -203,6 +211,10 @@ impl SmartTurnHandle {
         rx.await.map_err(|_| VadError::WorkerGone)?
     }
 }
+
+/// The requests sent to [`SmartTurnHandle::never_answering`].
+#[cfg(test)]
+pub(crate) struct StuckQueue(#[allow(dead_code)] mpsc::Receiver<Job>);
 
 fn run(
     mut model: SmartTurnModel,
@@ -237,6 +249,18 @@ fn run(
         let Some(first) = first else { return };
         jobs.push(first);
         take_queued(&mut rx, &mut jobs, MAX_BATCH);
+        metrics.end_of_turn_queued.set(rx.len() as i64);
+        // A pause already over (speech resumed, or silence ended the turn) needs no verdict: its
+        // asker has gone. When the worker falls behind, this keeps the backlog from feeding on
+        // itself.
+        let asked = jobs.len();
+        jobs.retain(|j| !j.reply.is_closed());
+        for _ in jobs.len()..asked {
+            metrics.end_of_turn("withdrawn");
+        }
+        if jobs.is_empty() {
+            continue;
+        }
         holding = true;
         let started = Instant::now();
         let turns: Vec<&[f32]> = jobs.iter().map(|j| &j.turn[..]).collect();
@@ -411,6 +435,43 @@ mod tests {
         let after = handle.predict(turn).await.unwrap();
         assert!(before > 0.9, "{before}");
         assert!((before - after).abs() < 1e-6, "{before} then {after}");
+    }
+
+    /// A request whose asker has gone by the time the worker reaches it (speech resumed, or the
+    /// turn ended) is not run: counted as withdrawn, and the requests around it are answered.
+    #[tokio::test]
+    async fn a_request_withdrawn_while_queued_is_not_run() {
+        let metrics = Arc::new(Metrics::new());
+        let handle = SmartTurnHandle::spawn(model(), metrics.clone());
+        let turn: Arc<[f32]> = clip("goforward.wav").into();
+        let first = tokio::spawn({
+            let (h, t) = (handle.clone(), turn.clone());
+            async move { h.predict(t).await }
+        });
+        // Withdrawn before the worker can reach it, whichever it takes first.
+        let (reply, gone) = oneshot::channel();
+        drop(gone);
+        handle
+            .tx
+            .send(Job {
+                turn: turn.clone(),
+                reply,
+            })
+            .await
+            .unwrap();
+        let third = handle.predict(turn).await.unwrap();
+        let first = first.await.unwrap().unwrap();
+        assert!(
+            (first - third).abs() < 1e-6 && first > 0.9,
+            "{first} {third}"
+        );
+        let count = |d: &str| metrics.end_of_turn_decisions.with_label_values(&[d]).get();
+        assert_eq!(count("withdrawn"), 1);
+        assert_eq!(
+            metrics.end_of_turn_seconds.get_sample_count(),
+            2,
+            "two inferences, not three"
+        );
     }
 
     /// The decisions the turn policy relies on: finished sentences and questions are judged
