@@ -131,6 +131,13 @@ async fn the_page_talks_to_the_bot_in_chromium() {
         .expect("a SUMMARY line");
     let s: serde_json::Value = serde_json::from_str(summary).unwrap();
     let page = &s["page"];
+    // The page says what it talks to, and what the scripted model is.
+    assert_eq!(page["slm"], "scripted", "{page}");
+    let about = page["about"].as_str().unwrap_or_default();
+    assert!(
+        about.starts_with("Model: scripted · voice: ") && about.contains("fixed reply"),
+        "{about}"
+    );
     assert!(page["scheduled"].as_u64().unwrap() > 0);
     assert!(page["clears"][0]["stopped"].as_u64().unwrap() > 0);
     for t in page["timelines"].as_array().unwrap() {

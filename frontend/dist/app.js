@@ -213,12 +213,15 @@ var ui = {
   firstMessage: $("first-message"),
   accessKeyField: $("access-key-field"),
   accessKey: $("access-key"),
+  about: $("about"),
   log: $("log")
 };
 var stats = {
   state: "idle",
   /** What `/config` said the server needs: nothing, or a call token per call. */
   auth: "none",
+  /** The model `/config` named, once shown. */
+  slm: "",
   ready: false,
   received: 0,
   /** Microphone chunks sent, and the loudest chunk's RMS level. */
@@ -251,10 +254,23 @@ function setState(s) {
   ui.state.textContent = s;
   ui.state.className = `state ${s}`;
 }
+function showAbout(slm, voices) {
+  if (!slm) return;
+  ui.about.replaceChildren(`Model: ${slm} · voice: ${voices.join(", ")}`);
+  if (slm === "scripted") {
+    const note = document.createElement("span");
+    note.className = "hint";
+    note.textContent = "The scripted model gives every turn the same fixed reply, to check the microphone, voice detection, voice and network without a GPU or weights. For a real model, see the table under “Try it” in the README (Gazelle on a GPU, or any OpenAI-compatible server).";
+    ui.about.append(note);
+  }
+  ui.about.hidden = false;
+  stats.slm = slm;
+}
 async function loadConfig() {
   try {
     const r = await fetch("/config", { cache: "no-store" });
     const c = await r.json();
+    showAbout(c.slm, c.voices);
     ui.voice.replaceChildren(...c.voices.map((v) => new Option(v, v)));
     ui.voice.disabled = c.voices.length < 2;
     if (c.system_prompt && !ui.systemPrompt.value) ui.systemPrompt.value = c.system_prompt;

@@ -22,6 +22,7 @@ const ui = {
   firstMessage: $<HTMLInputElement>("first-message"),
   accessKeyField: $("access-key-field"),
   accessKey: $<HTMLInputElement>("access-key"),
+  about: $("about"),
   log: $("log"),
 };
 
@@ -30,6 +31,8 @@ const stats = {
   state: "idle",
   /** What `/config` said the server needs: nothing, or a call token per call. */
   auth: "none" as Auth,
+  /** The model `/config` named, once shown. */
+  slm: "",
   ready: false,
   received: 0,
   /** Microphone chunks sent, and the loudest chunk's RMS level. */
@@ -92,16 +95,35 @@ function setState(s: "idle" | "connecting" | "loading" | "listening" | "speaking
   ui.state.className = `state ${s}`;
 }
 
+/** Says what the page talks to: the server's model and voice, and what the scripted model is. */
+function showAbout(slm: string | undefined, voices: string[]) {
+  if (!slm) return;
+  ui.about.replaceChildren(`Model: ${slm} · voice: ${voices.join(", ")}`);
+  if (slm === "scripted") {
+    const note = document.createElement("span");
+    note.className = "hint";
+    note.textContent =
+      "The scripted model gives every turn the same fixed reply, to check the microphone, voice " +
+      "detection, voice and network without a GPU or weights. For a real model, see the table " +
+      "under “Try it” in the README (Gazelle on a GPU, or any OpenAI-compatible server).";
+    ui.about.append(note);
+  }
+  ui.about.hidden = false;
+  stats.slm = slm;
+}
+
 /** Loads `/config`; false (with the reason shown) when the server cannot be reached. */
 async function loadConfig(): Promise<boolean> {
   try {
     const r = await fetch("/config", { cache: "no-store" });
     const c = (await r.json()) as {
+      slm?: string;
       voices: string[];
       system_prompt: string | null;
       first_message: string | null;
       auth?: string;
     };
+    showAbout(c.slm, c.voices);
     ui.voice.replaceChildren(...c.voices.map((v) => new Option(v, v)));
     // A choice is only offered when there is one to make.
     ui.voice.disabled = c.voices.length < 2;

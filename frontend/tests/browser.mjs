@@ -179,6 +179,8 @@ async function gazellePage(wav, url, out, reply) {
       received: window.gazelle.received,
       errors: window.gazelle.errors,
       state: window.gazelle.state,
+      slm: window.gazelle.slm,
+      about: document.getElementById("about")?.hidden ? "" : document.getElementById("about")?.textContent,
     }));
     check(g.errors.length === 0, `the page showed errors: ${JSON.stringify(g.errors)}`);
     const consoleErrors = consoleLines.filter((l) => l.startsWith("error:") || l.startsWith("pageerror:"));
