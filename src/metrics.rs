@@ -12,183 +12,119 @@ use prometheus::{
 /// Playback gaps shorter than this are timer noise, not an underrun.
 pub(crate) const UNDERRUN_TOLERANCE: Duration = Duration::from_millis(1);
 
-/// Every kind of error the server counts. Its name is both the `kind` label of
-/// `gazelle_errors_total` and the `kind` a client sees in `gazelle_error`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum ErrorKind {
-    /// Malformed JSON from a client.
-    BadJson,
-    /// A Vocode message of an unknown type.
-    UnknownType,
-    /// A Vocode message with missing fields or wrong types.
-    BadMessage,
-    /// Audio data that is not base64.
-    BadBase64,
-    /// Audio that cannot be decoded (bad WAV header, unsupported rate).
-    BadAudio,
-    /// A WAV header that changes a call's audio format.
-    FormatChanged,
-    /// One message with more audio than a call may have in flight.
-    AudioTooLong,
-    /// A websocket frame over the size limit.
-    FrameTooLarge,
-    /// A binary websocket frame where the protocol has text.
-    BinaryFrame,
-    /// A message before the call's start message.
-    NotStarted,
-    /// A second start message.
-    AlreadyStarted,
-    /// An invalid start message (rates, encodings).
-    BadConfig,
-    /// A system prompt or first message over its limit.
-    TextTooLong,
-    /// A call id that is too long or has characters outside the allowed set.
-    BadId,
-    /// A call id that a live call already has.
-    IdInUse,
-    /// A call that could not start (the model could not open a session).
-    CallStart,
-    /// A caller turned away at the call or pending-socket limit.
-    Busy,
-    /// A socket that sent no start message in time.
-    StartTimeout,
-    /// A call that received nothing for the idle timeout.
-    IdleTimeout,
-    /// A write to a caller that stalled.
-    SendTimeout,
-    /// A reply cut at its character limit.
-    ReplyTooLong,
-    /// A request with missing, wrong, expired or reused credentials.
-    Auth,
-    /// A browser from an origin that is not allowed.
-    Origin,
-    /// A connection over the per-address cap, or a websocket over its address's share of the
-    /// sockets waiting to start.
-    TooManyConnectionsPerIp,
-    /// Every HTTP connection slot was taken, so the connection that had waited longest for a
-    /// request's headers was closed to make room for a new one.
-    ConnectionsFull,
-    /// The voice-activity detector failed.
-    Vad,
-    /// The speech-language model failed mid-reply.
-    Slm,
-    /// Speech synthesis failed mid-reply.
-    Tts,
-    /// A Twilio request with a missing or bad signature.
-    TwilioSignature,
-    /// A Twilio request while Twilio's routes are closed.
-    TwilioClosed,
-    /// A Twilio webhook body too large or too slow.
-    TwilioBadBody,
-    /// A media-stream event that is not valid JSON or not a known event.
-    TwilioBadEvent,
-    /// A media payload that is not base64.
-    TwilioBadPayload,
-    /// A mark name we never sent.
-    TwilioUnknownMark,
-    /// A media-stream event before `start`.
-    TwilioBeforeStart,
-    /// `connected` or `start` after the stream began.
-    TwilioRepeatedStart,
-    /// A binary frame on a media stream.
-    TwilioBinary,
-    /// A media stream not in µ-law 8 kHz mono.
-    TwilioBadFormat,
-    /// A media stream without a valid per-call token.
-    TwilioStreamToken,
-    /// A turn refused because too many turns already wait for the model.
-    ModelBusy,
+/// An enum whose variants are label values: each variant's label is written once, beside it,
+/// and `as_str` and `ALL` follow.
+macro_rules! labels {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident {
+        $($(#[$vmeta:meta])* $variant:ident = $label:literal,)*
+    }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant,)*
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            #[allow(dead_code)]
+            pub(crate) const ALL: &'static [$name] = &[$($name::$variant),*];
+
+            /// The label value.
+            pub(crate) const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)*
+                }
+            }
+        }
+    };
 }
 
-impl ErrorKind {
-    #[cfg(test)]
-    pub(crate) const ALL: [ErrorKind; 40] = [
-        ErrorKind::BadJson,
-        ErrorKind::UnknownType,
-        ErrorKind::BadMessage,
-        ErrorKind::BadBase64,
-        ErrorKind::BadAudio,
-        ErrorKind::FormatChanged,
-        ErrorKind::AudioTooLong,
-        ErrorKind::FrameTooLarge,
-        ErrorKind::BinaryFrame,
-        ErrorKind::NotStarted,
-        ErrorKind::AlreadyStarted,
-        ErrorKind::BadConfig,
-        ErrorKind::TextTooLong,
-        ErrorKind::BadId,
-        ErrorKind::IdInUse,
-        ErrorKind::CallStart,
-        ErrorKind::Busy,
-        ErrorKind::StartTimeout,
-        ErrorKind::IdleTimeout,
-        ErrorKind::SendTimeout,
-        ErrorKind::ReplyTooLong,
-        ErrorKind::Auth,
-        ErrorKind::Origin,
-        ErrorKind::TooManyConnectionsPerIp,
-        ErrorKind::ConnectionsFull,
-        ErrorKind::Vad,
-        ErrorKind::Slm,
-        ErrorKind::Tts,
-        ErrorKind::TwilioSignature,
-        ErrorKind::TwilioClosed,
-        ErrorKind::TwilioBadBody,
-        ErrorKind::TwilioBadEvent,
-        ErrorKind::TwilioBadPayload,
-        ErrorKind::TwilioUnknownMark,
-        ErrorKind::TwilioBeforeStart,
-        ErrorKind::TwilioRepeatedStart,
-        ErrorKind::TwilioBinary,
-        ErrorKind::TwilioBadFormat,
-        ErrorKind::TwilioStreamToken,
-        ErrorKind::ModelBusy,
-    ];
-
-    /// The label and the client's `kind`.
-    pub(crate) const fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::BadJson => "bad_json",
-            ErrorKind::UnknownType => "unknown_type",
-            ErrorKind::BadMessage => "bad_message",
-            ErrorKind::BadBase64 => "bad_base64",
-            ErrorKind::BadAudio => "bad_audio",
-            ErrorKind::FormatChanged => "format_changed",
-            ErrorKind::AudioTooLong => "audio_too_long",
-            ErrorKind::FrameTooLarge => "frame_too_large",
-            ErrorKind::BinaryFrame => "binary_frame",
-            ErrorKind::NotStarted => "not_started",
-            ErrorKind::AlreadyStarted => "already_started",
-            ErrorKind::BadConfig => "bad_config",
-            ErrorKind::TextTooLong => "text_too_long",
-            ErrorKind::BadId => "bad_id",
-            ErrorKind::IdInUse => "id_in_use",
-            ErrorKind::CallStart => "call_start",
-            ErrorKind::Busy => "busy",
-            ErrorKind::StartTimeout => "start_timeout",
-            ErrorKind::IdleTimeout => "idle_timeout",
-            ErrorKind::SendTimeout => "send_timeout",
-            ErrorKind::ReplyTooLong => "reply_too_long",
-            ErrorKind::Auth => "auth",
-            ErrorKind::Origin => "origin",
-            ErrorKind::TooManyConnectionsPerIp => "too_many_connections_per_ip",
-            ErrorKind::ConnectionsFull => "connections_full",
-            ErrorKind::Vad => "vad",
-            ErrorKind::Slm => "slm",
-            ErrorKind::Tts => "tts",
-            ErrorKind::TwilioSignature => "twilio_signature",
-            ErrorKind::TwilioClosed => "twilio_closed",
-            ErrorKind::TwilioBadBody => "twilio_bad_body",
-            ErrorKind::TwilioBadEvent => "twilio_bad_event",
-            ErrorKind::TwilioBadPayload => "twilio_bad_payload",
-            ErrorKind::TwilioUnknownMark => "twilio_unknown_mark",
-            ErrorKind::TwilioBeforeStart => "twilio_before_start",
-            ErrorKind::TwilioRepeatedStart => "twilio_repeated_start",
-            ErrorKind::TwilioBinary => "twilio_binary",
-            ErrorKind::TwilioBadFormat => "twilio_bad_format",
-            ErrorKind::TwilioStreamToken => "twilio_stream_token",
-            ErrorKind::ModelBusy => "model_busy",
-        }
+labels! {
+    /// Every kind of error the server counts. Its name is both the `kind` label of
+    /// `gazelle_errors_total` and the `kind` a client sees in `gazelle_error`.
+    pub(crate) enum ErrorKind {
+        /// Malformed JSON from a client.
+        BadJson = "bad_json",
+        /// A Vocode message of an unknown type.
+        UnknownType = "unknown_type",
+        /// A Vocode message with missing fields or wrong types.
+        BadMessage = "bad_message",
+        /// Audio data that is not base64.
+        BadBase64 = "bad_base64",
+        /// Audio that cannot be decoded (bad WAV header, unsupported rate).
+        BadAudio = "bad_audio",
+        /// A WAV header that changes a call's audio format.
+        FormatChanged = "format_changed",
+        /// One message with more audio than a call may have in flight.
+        AudioTooLong = "audio_too_long",
+        /// A websocket frame over the size limit.
+        FrameTooLarge = "frame_too_large",
+        /// A binary websocket frame where the protocol has text.
+        BinaryFrame = "binary_frame",
+        /// A message before the call's start message.
+        NotStarted = "not_started",
+        /// A second start message.
+        AlreadyStarted = "already_started",
+        /// An invalid start message (rates, encodings).
+        BadConfig = "bad_config",
+        /// A system prompt or first message over its limit.
+        TextTooLong = "text_too_long",
+        /// A call id that is too long or has characters outside the allowed set.
+        BadId = "bad_id",
+        /// A call id that a live call already has.
+        IdInUse = "id_in_use",
+        /// A call that could not start (the model could not open a session).
+        CallStart = "call_start",
+        /// A caller turned away at the call or pending-socket limit.
+        Busy = "busy",
+        /// A socket that sent no start message in time.
+        StartTimeout = "start_timeout",
+        /// A call that received nothing for the idle timeout.
+        IdleTimeout = "idle_timeout",
+        /// A write to a caller that stalled.
+        SendTimeout = "send_timeout",
+        /// A reply cut at its character limit.
+        ReplyTooLong = "reply_too_long",
+        /// A request with missing, wrong, expired or reused credentials.
+        Auth = "auth",
+        /// A browser from an origin that is not allowed.
+        Origin = "origin",
+        /// A connection over the per-address cap, or a websocket over its address's share of the
+        /// sockets waiting to start.
+        TooManyConnectionsPerIp = "too_many_connections_per_ip",
+        /// Every HTTP connection slot was taken, so the connection that had waited longest for a
+        /// request's headers was closed to make room for a new one.
+        ConnectionsFull = "connections_full",
+        /// The voice-activity detector failed.
+        Vad = "vad",
+        /// The speech-language model failed mid-reply.
+        Slm = "slm",
+        /// Speech synthesis failed mid-reply.
+        Tts = "tts",
+        /// A Twilio request with a missing or bad signature.
+        TwilioSignature = "twilio_signature",
+        /// A Twilio request while Twilio's routes are closed.
+        TwilioClosed = "twilio_closed",
+        /// A Twilio webhook body too large or too slow.
+        TwilioBadBody = "twilio_bad_body",
+        /// A media-stream event that is not valid JSON or not a known event.
+        TwilioBadEvent = "twilio_bad_event",
+        /// A media payload that is not base64.
+        TwilioBadPayload = "twilio_bad_payload",
+        /// A mark name we never sent.
+        TwilioUnknownMark = "twilio_unknown_mark",
+        /// A media-stream event before `start`.
+        TwilioBeforeStart = "twilio_before_start",
+        /// `connected` or `start` after the stream began.
+        TwilioRepeatedStart = "twilio_repeated_start",
+        /// A binary frame on a media stream.
+        TwilioBinary = "twilio_binary",
+        /// A media stream not in µ-law 8 kHz mono.
+        TwilioBadFormat = "twilio_bad_format",
+        /// A media stream without a valid per-call token.
+        TwilioStreamToken = "twilio_stream_token",
+        /// A turn refused because too many turns already wait for the model.
+        ModelBusy = "model_busy",
     }
 }
 
@@ -204,384 +140,201 @@ impl serde::Serialize for ErrorKind {
     }
 }
 
-/// What a barge-in cut into (the `during` label of `gazelle_barge_ins_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BargeIn {
-    /// The user talked over the bot for `min_interruption_ms`.
-    Interruption,
-    /// A whole user turn ended while the bot was still talking.
-    Turn,
-    /// The server's drain timed out and the call is told goodbye.
-    Drain,
-}
-
-impl BargeIn {
-    pub(crate) const fn as_str(self) -> &'static str {
-        match self {
-            BargeIn::Interruption => "interruption",
-            BargeIn::Turn => "turn",
-            BargeIn::Drain => "drain",
-        }
+labels! {
+    /// What a barge-in cut into (the `during` label of `gazelle_barge_ins_total`).
+    pub(crate) enum BargeIn {
+        /// The user talked over the bot for `min_interruption_ms`.
+        Interruption = "interruption",
+        /// A whole user turn ended while the bot was still talking.
+        Turn = "turn",
+        /// The server's drain timed out and the call is told goodbye.
+        Drain = "drain",
     }
 }
 
-/// Why a caller's playback ran dry (the `cause` label of `gazelle_output_underrun_seconds`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum UnderrunCause {
-    /// The audio was not synthesized in time.
-    Synthesis,
-    /// It was ready, but the pacer sent it late (an overloaded server).
-    Scheduling,
-    /// It was handed over in time, but written to the socket late.
-    Transport,
-}
-
-impl UnderrunCause {
-    pub(crate) const fn as_str(self) -> &'static str {
-        match self {
-            UnderrunCause::Synthesis => "synthesis",
-            UnderrunCause::Scheduling => "scheduling",
-            UnderrunCause::Transport => "transport",
-        }
+labels! {
+    /// Why a caller's playback ran dry (the `cause` label of `gazelle_output_underrun_seconds`).
+    pub(crate) enum UnderrunCause {
+        /// The audio was not synthesized in time.
+        Synthesis = "synthesis",
+        /// It was ready, but the pacer sent it late (an overloaded server).
+        Scheduling = "scheduling",
+        /// It was handed over in time, but written to the socket late.
+        Transport = "transport",
     }
 }
 
-/// A stage of a reply's latency timeline (the `stage` label of `gazelle_turn_stage_seconds`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum TurnStage {
-    VadEnd,
-    FirstToken,
-    FirstUnit,
-    FirstSynthByte,
-    FirstAudioSent,
-}
-
-impl TurnStage {
-    pub(crate) const fn as_str(self) -> &'static str {
-        match self {
-            TurnStage::VadEnd => "vad_end",
-            TurnStage::FirstToken => "first_token",
-            TurnStage::FirstUnit => "first_unit",
-            TurnStage::FirstSynthByte => "first_synth_byte",
-            TurnStage::FirstAudioSent => "first_audio_sent",
-        }
+labels! {
+    /// A stage of a reply's latency timeline (the `stage` label of `gazelle_turn_stage_seconds`).
+    pub(crate) enum TurnStage {
+        VadEnd = "vad_end",
+        FirstToken = "first_token",
+        FirstUnit = "first_unit",
+        FirstSynthByte = "first_synth_byte",
+        FirstAudioSent = "first_audio_sent",
     }
 }
 
-pub struct Metrics {
-    pub registry: Registry,
+/// Declares every instrument once: its doc comment is its help text, its field name its
+/// metric name (counters get `_total`), and the constructor its kind, buckets and labels. The
+/// struct, the registration and the construction follow.
+macro_rules! instruments {
+    ($($(#[doc = $doc:literal])+ $field:ident: $ty:ty = $make:ident($($arg:expr),* $(,)?);)*) => {
+        pub struct Metrics {
+            pub registry: Registry,
+            $($(#[doc = $doc])+ pub $field: $ty,)*
+        }
+
+        impl Metrics {
+            pub fn new() -> Self {
+                let registry =
+                    Registry::new_custom(Some("gazelle".into()), None).expect("valid prefix");
+                $(
+                    let $field: $ty = $make(stringify!($field), &help(&[$($doc),+]), $($arg),*);
+                    registry
+                        .register(Box::new($field.clone()))
+                        .expect("unique metric names");
+                )*
+                Metrics { registry, $($field),* }
+            }
+        }
+    };
+}
+
+/// Doc-comment lines as one line of help text.
+fn help(lines: &[&str]) -> String {
+    lines.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" ")
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("valid metric")
+}
+
+fn counter(name: &str, help: &str) -> Counter {
+    Counter::new(format!("{name}_total"), help).expect("valid metric")
+}
+
+fn int_counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(format!("{name}_total"), help).expect("valid metric")
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(format!("{name}_total"), help), labels).expect("valid metric")
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("valid metric")
+}
+
+fn histogram_vec(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric")
+}
+
+/// Engine durations, from a millisecond to ten seconds.
+const SECONDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+
+instruments! {
     /// Calls with an open transport.
-    pub active_calls: IntGauge,
+    active_calls: IntGauge = gauge();
     /// Websockets open but not yet started as calls (waiting for their start message).
-    pub pending_sockets: IntGauge,
+    pending_sockets: IntGauge = gauge();
     /// TCP connections the HTTP server is serving (requests and idle keep-alives; a websocket
     /// leaves this count once upgraded and is counted as a pending socket or a call).
-    pub open_connections: IntGauge,
+    open_connections: IntGauge = gauge();
     /// Seconds callers were made to wait because they sent audio faster than real time.
-    pub input_throttled_seconds: Counter,
-    /// Seconds from the true end of the user's speech to each turn stage.
-    pub turn_stage_seconds: HistogramVec,
+    input_throttled_seconds: Counter = counter();
+    /// Seconds from the true end of the user's speech to each stage of the reply.
+    turn_stage_seconds: HistogramVec = histogram_vec(
+        &[
+            0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
+            3.0, 5.0,
+        ],
+        &["stage"],
+    );
     /// Seconds of Silero inference per frame, by batch size class.
-    pub vad_frame_seconds: HistogramVec,
-    /// Errors by kind (bad_json, bad_audio, tts, slm, …).
-    pub errors: IntCounterVec,
-    /// Barge-ins that cancelled a reply.
-    pub barge_ins: IntCounterVec,
-    /// Seconds from a text unit reaching a speech provider to its first audio byte, by provider.
-    pub tts_ttfb_seconds: HistogramVec,
+    vad_frame_seconds: HistogramVec = histogram_vec(
+        &[
+            10e-6, 20e-6, 40e-6, 60e-6, 80e-6, 100e-6, 150e-6, 250e-6, 500e-6, 1e-3, 2e-3, 4e-3,
+            8e-3, 16e-3, 32e-3,
+        ],
+        &["batch"],
+    );
+    /// Errors by kind (the names of `ErrorKind`: bad_json, bad_audio, tts, slm, …).
+    errors: IntCounterVec = counter_vec(&["kind"]);
+    /// Replies cut off by the user, by what they cut into.
+    barge_ins: IntCounterVec = counter_vec(&["during"]);
+    /// Seconds from a text unit reaching a speech provider to its first audio byte, by provider
+    /// (from sub-millisecond, a loopback or LAN server, to seconds, a cold cloud voice).
+    tts_ttfb_seconds: HistogramVec = histogram_vec(
+        &[
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+            2.0, 5.0,
+        ],
+        &["provider"],
+    );
     /// Replies a speech provider failed during, by provider (the fallback, if any, took over).
-    pub tts_failures: IntCounterVec,
+    tts_failures: IntCounterVec = counter_vec(&["provider"]);
     /// Seconds a caller's playback ran dry mid-reply before the next frame went out, by cause:
     /// `synthesis` (its audio was not ready), `scheduling` (ready, but the pacer sent it late) or
     /// `transport` (handed over in time, but written to the socket late).
-    pub output_underrun_seconds: HistogramVec,
+    output_underrun_seconds: HistogramVec = histogram_vec(
+        &[0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0],
+        &["cause"],
+    );
     /// Sequences in each batched decode step of the model engine.
-    pub engine_batch_size: Histogram,
+    engine_batch_size: Histogram = histogram(&[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]);
     /// Seconds per engine step (prefill chunk plus batched decode).
-    pub engine_step_seconds: Histogram,
+    engine_step_seconds: Histogram = histogram(SECONDS);
     /// Seconds a turn waited from the call's request to its first prefill chunk.
-    pub engine_queue_wait_seconds: Histogram,
+    engine_queue_wait_seconds: Histogram = histogram(SECONDS);
     /// Seconds from a turn's request to its first sampled token.
-    pub engine_first_token_seconds: Histogram,
-    /// KV-cache positions allocated by all calls, and the pool's budget.
-    pub engine_kv_used_positions: IntGauge,
-    pub engine_kv_used_bytes: IntGauge,
-    pub engine_kv_budget_positions: IntGauge,
-    /// Idle calls' caches freed to make room.
-    pub engine_evictions: IntCounter,
+    engine_first_token_seconds: Histogram = histogram(SECONDS);
+    /// KV-cache positions allocated by all calls.
+    engine_kv_used_positions: IntGauge = gauge();
+    /// KV-cache bytes allocated by all calls.
+    engine_kv_used_bytes: IntGauge = gauge();
+    /// KV-cache positions the pool may hold.
+    engine_kv_budget_positions: IntGauge = gauge();
+    /// Idle calls' KV caches freed to make room.
+    engine_evictions: IntCounter = int_counter();
     /// Replies waiting for their call to take tokens.
-    pub engine_parked: IntGauge,
+    engine_parked: IntGauge = gauge();
     /// Turns waiting for admission (encoder and KV memory).
-    pub engine_waiting_turns: IntGauge,
+    engine_waiting_turns: IntGauge = gauge();
     /// Replies generating.
-    pub engine_running: IntGauge,
+    engine_running: IntGauge = gauge();
     /// Seconds per end-of-turn model inference (one batch of turns).
-    pub end_of_turn_seconds: Histogram,
+    end_of_turn_seconds: Histogram = histogram(&[
+        0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+    ]);
     /// Seconds from asking the end-of-turn model about a pause to its verdict, as the call
     /// waits for it (the worker's queue included).
-    pub end_of_turn_delay_seconds: Histogram,
+    end_of_turn_delay_seconds: Histogram = histogram(&[
+        0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 0.75, 1.0, 1.5,
+    ]);
     /// End-of-turn requests waiting for the worker.
-    pub end_of_turn_queued: IntGauge,
+    end_of_turn_queued: IntGauge = gauge();
     /// End-of-turn decisions at a pause: `complete` (the turn ended there), `likely` (it ends
-    /// after a shorter silence) or `incomplete`.
-    pub end_of_turn_decisions: IntCounterVec,
+    /// after a shorter silence) or `incomplete`; `fallback` (no verdict in time: the turn ends on
+    /// silence) and `withdrawn` (the pause was over before the model reached it: not run).
+    end_of_turn_decisions: IntCounterVec = counter_vec(&["decision"]);
     /// Preemptive replies by outcome: `started`, `committed`, `discarded`.
-    pub preemptive_replies: IntCounterVec,
+    preemptive_replies: IntCounterVec = counter_vec(&["outcome"]);
     /// Seconds discarded preemptive replies ran before they were taken back.
-    pub preemptive_wasted_seconds: Counter,
+    preemptive_wasted_seconds: Counter = counter();
     /// Replies paused by speech over them, by outcome: `resumed` (a false interruption: too
     /// short, or no turn) or `cut` (a barge-in).
-    pub paused_replies: IntCounterVec,
+    paused_replies: IntCounterVec = counter_vec(&["outcome"]);
 }
 
 impl Metrics {
-    pub fn new() -> Self {
-        let registry = Registry::new_custom(Some("gazelle".into()), None).expect("valid prefix");
-        let active_calls =
-            IntGauge::new("active_calls", "Calls with an open transport").expect("valid metric");
-        let pending_sockets = IntGauge::new(
-            "pending_sockets",
-            "Websockets waiting for their start message",
-        )
-        .expect("valid metric");
-        let open_connections =
-            IntGauge::new("open_connections", "HTTP connections being served").expect("valid");
-        let input_throttled_seconds = Counter::new(
-            "input_throttled_seconds_total",
-            "Seconds callers waited because they sent audio faster than real time",
-        )
-        .expect("valid metric");
-        let turn_stage_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "turn_stage_seconds",
-                "Seconds from the true end of user speech to each stage of the reply",
-            )
-            .buckets(vec![
-                0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
-                2.0, 3.0, 5.0,
-            ]),
-            &["stage"],
-        )
-        .expect("valid metric");
-        let vad_frame_seconds = HistogramVec::new(
-            HistogramOpts::new("vad_frame_seconds", "Silero inference seconds per frame").buckets(
-                vec![
-                    10e-6, 20e-6, 40e-6, 60e-6, 80e-6, 100e-6, 150e-6, 250e-6, 500e-6, 1e-3, 2e-3,
-                    4e-3, 8e-3, 16e-3, 32e-3,
-                ],
-            ),
-            &["batch"],
-        )
-        .expect("valid metric");
-        let errors = IntCounterVec::new(Opts::new("errors_total", "Errors by kind"), &["kind"])
-            .expect("valid metric");
-        let barge_ins = IntCounterVec::new(
-            Opts::new("barge_ins_total", "Replies cut off by the user"),
-            &["during"],
-        )
-        .expect("valid metric");
-        // From sub-millisecond (a loopback or LAN server) to seconds (a cold cloud voice).
-        let tts_ttfb_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "tts_ttfb_seconds",
-                "Seconds from a text unit reaching the speech provider to its first audio byte",
-            )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
-                1.0, 2.0, 5.0,
-            ]),
-            &["provider"],
-        )
-        .expect("valid metric");
-        let tts_failures = IntCounterVec::new(
-            Opts::new(
-                "tts_failures_total",
-                "Replies a speech provider failed during, by provider",
-            ),
-            &["provider"],
-        )
-        .expect("valid metric");
-        let output_underrun_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "output_underrun_seconds",
-                "Seconds a caller's playback ran dry mid-reply before the next frame, by cause",
-            )
-            .buckets(vec![
-                0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
-            ]),
-            &["cause"],
-        )
-        .expect("valid metric");
-        let hist = |name: &str, help: &str, buckets: Vec<f64>| {
-            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-                .expect("valid metric")
-        };
-        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
-        let seconds = vec![
-            0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
-        ];
-        let engine_batch_size = hist(
-            "engine_batch_size",
-            "Sequences in each batched decode step",
-            vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
-        );
-        let engine_step_seconds = hist(
-            "engine_step_seconds",
-            "Seconds per engine step",
-            seconds.clone(),
-        );
-        let engine_queue_wait_seconds = hist(
-            "engine_queue_wait_seconds",
-            "Seconds from a turn's request to its first prefill chunk",
-            seconds.clone(),
-        );
-        let engine_first_token_seconds = hist(
-            "engine_first_token_seconds",
-            "Seconds from a turn's request to its first token",
-            seconds,
-        );
-        let engine_kv_used_positions = gauge(
-            "engine_kv_used_positions",
-            "KV positions allocated by all calls",
-        );
-        let engine_kv_used_bytes = gauge("engine_kv_used_bytes", "KV bytes allocated by all calls");
-        let engine_kv_budget_positions = gauge(
-            "engine_kv_budget_positions",
-            "KV positions the pool may hold",
-        );
-        let engine_evictions = IntCounter::new(
-            "engine_evictions_total",
-            "Idle calls' KV caches freed to make room",
-        )
-        .expect("valid metric");
-        let engine_parked = gauge(
-            "engine_parked",
-            "Replies waiting for their call to take tokens",
-        );
-        let engine_waiting_turns = gauge("engine_waiting_turns", "Turns waiting for admission");
-        let engine_running = gauge("engine_running", "Replies generating");
-        let end_of_turn_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "end_of_turn_seconds",
-                "Seconds per end-of-turn model inference (one batch)",
-            )
-            .buckets(vec![
-                0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
-            ]),
-        )
-        .expect("valid metric");
-        let end_of_turn_delay_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "end_of_turn_delay_seconds",
-                "Seconds from asking the end-of-turn model about a pause to its verdict (queue \
-                 included)",
-            )
-            .buckets(vec![
-                0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 0.75, 1.0, 1.5,
-            ]),
-        )
-        .expect("valid metric");
-        let end_of_turn_queued = gauge(
-            "end_of_turn_queued",
-            "End-of-turn requests waiting for the worker",
-        );
-        let end_of_turn_decisions = IntCounterVec::new(
-            Opts::new(
-                "end_of_turn_decisions_total",
-                "End-of-turn model decisions at a pause (complete, likely, incomplete), and \
-                 requests withdrawn: the pause was over before the model reached it, not run",
-            ),
-            &["decision"],
-        )
-        .expect("valid metric");
-        let preemptive_replies = IntCounterVec::new(
-            Opts::new(
-                "preemptive_replies_total",
-                "Replies started at a pause, by outcome (started, committed, discarded)",
-            ),
-            &["outcome"],
-        )
-        .expect("valid metric");
-        let preemptive_wasted_seconds = Counter::new(
-            "preemptive_wasted_seconds_total",
-            "Seconds discarded preemptive replies ran before they were taken back",
-        )
-        .expect("valid metric");
-        let paused_replies = IntCounterVec::new(
-            Opts::new(
-                "paused_replies_total",
-                "Replies paused by speech over them, by outcome (resumed, cut)",
-            ),
-            &["outcome"],
-        )
-        .expect("valid metric");
-        for c in [
-            Box::new(end_of_turn_seconds.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(end_of_turn_delay_seconds.clone()),
-            Box::new(end_of_turn_queued.clone()),
-            Box::new(paused_replies.clone()),
-            Box::new(end_of_turn_decisions.clone()),
-            Box::new(preemptive_replies.clone()),
-            Box::new(preemptive_wasted_seconds.clone()),
-            Box::new(engine_batch_size.clone()),
-            Box::new(engine_step_seconds.clone()),
-            Box::new(engine_queue_wait_seconds.clone()),
-            Box::new(engine_first_token_seconds.clone()),
-            Box::new(engine_kv_used_positions.clone()),
-            Box::new(engine_kv_used_bytes.clone()),
-            Box::new(engine_kv_budget_positions.clone()),
-            Box::new(engine_evictions.clone()),
-            Box::new(engine_parked.clone()),
-            Box::new(engine_waiting_turns.clone()),
-            Box::new(engine_running.clone()),
-            Box::new(active_calls.clone()),
-            Box::new(pending_sockets.clone()),
-            Box::new(open_connections.clone()),
-            Box::new(input_throttled_seconds.clone()),
-            Box::new(turn_stage_seconds.clone()),
-            Box::new(vad_frame_seconds.clone()),
-            Box::new(errors.clone()),
-            Box::new(barge_ins.clone()),
-            Box::new(tts_ttfb_seconds.clone()),
-            Box::new(tts_failures.clone()),
-            Box::new(output_underrun_seconds.clone()),
-        ] {
-            registry.register(c).expect("unique metric names");
-        }
-        Metrics {
-            registry,
-            active_calls,
-            pending_sockets,
-            open_connections,
-            input_throttled_seconds,
-            turn_stage_seconds,
-            vad_frame_seconds,
-            errors,
-            barge_ins,
-            tts_ttfb_seconds,
-            tts_failures,
-            output_underrun_seconds,
-            engine_batch_size,
-            engine_step_seconds,
-            engine_queue_wait_seconds,
-            engine_first_token_seconds,
-            engine_kv_used_positions,
-            engine_kv_used_bytes,
-            engine_kv_budget_positions,
-            engine_evictions,
-            engine_parked,
-            engine_waiting_turns,
-            engine_running,
-            end_of_turn_seconds,
-            end_of_turn_delay_seconds,
-            end_of_turn_queued,
-            end_of_turn_decisions,
-            preemptive_replies,
-            preemptive_wasted_seconds,
-            paused_replies,
-        }
-    }
-
     /// What the end-of-turn model said at a pause: `complete`, `likely` or `incomplete`; or
     /// `withdrawn`, a request not run because the pause was over when the worker reached it.
     pub(crate) fn end_of_turn(&self, decision: &str) {

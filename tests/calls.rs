@@ -1029,11 +1029,12 @@ async fn a_two_turn_call_exports_its_spans_over_otlp() {
         .filter(|s| s.name == "turn")
         .collect();
     assert_eq!(turns.len(), 2, "one span per turn");
+    // The stage names of `gazelle_timeline` (less `_ms`) and of the metric's labels.
     let stages = [
         "vad_end",
-        "model_first_token",
-        "first_text_unit",
-        "tts_first_byte",
+        "first_token",
+        "first_unit",
+        "first_synth_byte",
         "first_audio_sent",
     ];
     for turn in turns {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::TurnStage;
 use crate::vad::{TurnPolicy, TurnSettings};
 
 /// What a call sends towards its transport. The transport encodes it for its wire protocol.
@@ -99,6 +100,19 @@ pub(crate) struct Timeline {
 }
 
 impl Timeline {
+    /// Each latency stage and when the reply reached it, in the order replies reach them. A
+    /// stage's one name is its metric label (`gazelle_turn_stage_seconds`), its span's name, and
+    /// with `_ms` this struct's field (`gazelle_timeline` on the wire).
+    pub(crate) fn stages(&self) -> [(TurnStage, Option<f64>); 5] {
+        [
+            (TurnStage::VadEnd, self.vad_end_ms),
+            (TurnStage::FirstToken, self.first_token_ms),
+            (TurnStage::FirstUnit, self.first_unit_ms),
+            (TurnStage::FirstSynthByte, self.first_synth_byte_ms),
+            (TurnStage::FirstAudioSent, self.first_audio_sent_ms),
+        ]
+    }
+
     pub(crate) fn offset(from: Instant, to: Instant) -> f64 {
         to.saturating_duration_since(from).as_secs_f64() * 1000.0
     }
@@ -159,5 +173,31 @@ impl PipelineSettings {
             return Err("max_unit_chars must be at least 20".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every stage is in `Timeline::stages`, once, in its order, and its field on the wire is
+    /// its label with `_ms`.
+    #[test]
+    fn each_stage_has_one_name() {
+        let t = Timeline {
+            vad_end_ms: Some(1.0),
+            first_token_ms: Some(2.0),
+            first_unit_ms: Some(3.0),
+            first_synth_byte_ms: Some(4.0),
+            first_audio_sent_ms: Some(5.0),
+            ..Default::default()
+        };
+        let stages: Vec<TurnStage> = t.stages().iter().map(|(s, _)| *s).collect();
+        assert_eq!(stages, TurnStage::ALL);
+        let wire = serde_json::to_value(&t).unwrap();
+        for (stage, ms) in t.stages() {
+            let field = format!("{}_ms", stage.as_str());
+            assert_eq!(wire[&field].as_f64(), ms, "{field}");
+        }
     }
 }

@@ -21,7 +21,7 @@ use super::handle::CallCommand;
 use super::reply::{next_reply_event, Heard, Reply, ReplyEvent, Tentative, TurnEnd};
 use super::Registration;
 use crate::audio::MODEL_RATE;
-use crate::metrics::{BargeIn, ErrorKind, Metrics, TurnStage, UnderrunCause};
+use crate::metrics::{BargeIn, ErrorKind, Metrics, UnderrunCause};
 use crate::model::{SlmError, SlmSession, TokenStream, UserTurn};
 use crate::pipeline::conversation::{Conversation, Turn};
 use crate::pipeline::limits::Limits;
@@ -530,13 +530,7 @@ impl Actor {
         let Some(t) = self.reply.as_mut().and_then(Reply::take_timeline) else {
             return;
         };
-        for (stage, v) in [
-            (TurnStage::VadEnd, t.vad_end_ms),
-            (TurnStage::FirstToken, t.first_token_ms),
-            (TurnStage::FirstUnit, t.first_unit_ms),
-            (TurnStage::FirstSynthByte, t.first_synth_byte_ms),
-            (TurnStage::FirstAudioSent, t.first_audio_sent_ms),
-        ] {
+        for (stage, v) in t.stages() {
             if let Some(ms) = v {
                 self.cfg.metrics.turn_stage(stage, ms / 1000.0);
             }
@@ -561,13 +555,7 @@ impl Actor {
     fn trace_turn(&self, r: &Reply, barge_in: bool) {
         let Some(true_end) = r.true_end() else { return };
         let t = &r.timeline;
-        let stages = [
-            ("vad_end", t.vad_end_ms),
-            ("model_first_token", t.first_token_ms),
-            ("first_text_unit", t.first_unit_ms),
-            ("tts_first_byte", t.first_synth_byte_ms),
-            ("first_audio_sent", t.first_audio_sent_ms),
-        ];
+        let stages = t.stages().map(|(stage, ms)| (stage.as_str(), ms));
         let speech = Duration::from_secs_f64(t.user_audio_ms / 1e3);
         let trace = crate::telemetry::TurnTrace {
             reply: r.id,
