@@ -25,7 +25,7 @@ pub(crate) type AudioIn = (Vec<f32>, super::limits::BudgetPermit);
 
 /// Audio at 16 kHz with the time its last sample arrived.
 #[derive(Debug)]
-pub(crate) struct Heard {
+pub(crate) struct HeardAudio {
     pub samples: Vec<f32>,
     pub arrived: Instant,
     /// The chunk's share of the call's input budget, returned (dropped) once the VAD has
@@ -121,7 +121,7 @@ type Judgement = Pin<Box<dyn Future<Output = Result<f32, VadError>> + Send>>;
 pub(crate) async fn ingest(
     mut resampler: StreamResampler,
     mut input: mpsc::Receiver<AudioIn>,
-    output: mpsc::Sender<Heard>,
+    output: mpsc::Sender<HeardAudio>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -140,7 +140,7 @@ pub(crate) async fn ingest(
         if samples.is_empty() {
             continue;
         }
-        let heard = Heard {
+        let heard = HeardAudio {
             samples,
             arrived,
             _budget: Some(budget),
@@ -165,7 +165,7 @@ impl AudioWindow {
         self.start + self.samples.len() as u64
     }
 
-    fn push(&mut self, h: &Heard) {
+    fn push(&mut self, h: &HeardAudio) {
         self.samples.extend(&h.samples);
         self.clock.push_back((self.end(), h.arrived));
     }
@@ -206,7 +206,7 @@ impl AudioWindow {
 pub(crate) async fn detect(
     vad: VadHandle,
     turns: TurnTaking,
-    mut input: mpsc::Receiver<Heard>,
+    mut input: mpsc::Receiver<HeardAudio>,
     events: mpsc::Sender<VadEvent>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
@@ -459,7 +459,7 @@ mod tests {
             let started = tokio::time::Instant::now();
             for (i, c) in audio.chunks(MODEL_RATE as usize / 50).enumerate() {
                 tokio::time::sleep_until(started + Duration::from_millis(20 * i as u64)).await;
-                let heard = Heard {
+                let heard = HeardAudio {
                     samples: c.to_vec(),
                     arrived: Instant::now(),
                     _budget: None,
@@ -504,12 +504,12 @@ mod tests {
             samples: VecDeque::new(),
             clock: VecDeque::new(),
         };
-        w.push(&Heard {
+        w.push(&HeardAudio {
             samples: vec![1.0; 16_000],
             arrived: t0 + Duration::from_secs(1),
             _budget: None,
         });
-        w.push(&Heard {
+        w.push(&HeardAudio {
             samples: vec![2.0; 16_000],
             arrived: t0 + Duration::from_secs(2),
             _budget: None,

@@ -27,7 +27,7 @@ use super::scheduler::{CallId, Command, Scheduler, TurnRequest};
 use super::{pool_for, EngineSettings, KvBudget};
 use crate::metrics::quantile;
 use crate::model::gazelle::prompt::{ChatPrompt, PromptError};
-use crate::model::gazelle::{Gazelle, GazelleEngine, GenerationParams};
+use crate::model::gazelle::{Gazelle, GenerationParams, LoadedGazelle};
 use crate::model::SlmError;
 
 /// What to measure.
@@ -179,7 +179,7 @@ pub fn run(
     }
     let cfg = model.config().clone();
     let prompt = ChatPrompt::synthetic(cfg.text.vocab_size, cfg.audio_token_index)?;
-    let engine = Arc::new(GazelleEngine::new(model, prompt)?.with_max_context(2048));
+    let engine = Arc::new(LoadedGazelle::new(model, prompt)?.with_max_context(2048));
     let most = options.concurrency.iter().copied().max().unwrap_or(1);
     let settings = EngineSettings {
         params: GenerationParams {

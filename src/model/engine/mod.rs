@@ -55,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::pool::KvPool;
 use self::scheduler::{CallId, Command, Scheduler, TurnRequest};
-use super::gazelle::{GazelleEngine, GenerationParams};
+use super::gazelle::{GenerationParams, LoadedGazelle};
 use super::{SlmError, SlmSession, SpeechLanguageModel, TokenStream, UserTurn, TOKEN_QUEUE};
 use crate::metrics::Metrics;
 
@@ -97,7 +97,7 @@ pub(crate) struct EngineSettings {
 }
 
 /// The pool for `budget` on the engine's device.
-pub(crate) fn pool_for(engine: &GazelleEngine, budget: KvBudget) -> KvPool {
+pub(crate) fn pool_for(engine: &LoadedGazelle, budget: KvBudget) -> KvPool {
     let per = engine.kv_bytes_per_position().max(1);
     let positions = match budget {
         KvBudget::Positions(p) => p,
@@ -137,7 +137,7 @@ pub(crate) struct Engine {
 impl Engine {
     /// Starts the scheduler thread.
     pub(crate) fn start(
-        engine: Arc<GazelleEngine>,
+        engine: Arc<LoadedGazelle>,
         settings: EngineSettings,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {

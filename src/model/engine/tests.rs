@@ -19,7 +19,7 @@ use super::{pool_for, EngineSettings, KvBudget};
 use crate::model::gazelle::generation::Next;
 use crate::model::gazelle::session::GazelleSession;
 use crate::model::gazelle::session_tests::engine_with;
-use crate::model::gazelle::{GazelleEngine, GenerationParams, Spoken};
+use crate::model::gazelle::{GenerationParams, LoadedGazelle, Spoken};
 use crate::model::SlmError;
 
 type Rx = mpsc::Receiver<Result<String, SlmError>>;
@@ -44,14 +44,14 @@ fn settings(max_new_tokens: usize, prefill_chunk: usize) -> EngineSettings {
     }
 }
 
-fn scheduler(engine: &Arc<GazelleEngine>, s: EngineSettings) -> Scheduler {
+fn scheduler(engine: &Arc<LoadedGazelle>, s: EngineSettings) -> Scheduler {
     let pool = pool_for(engine, s.kv_budget);
     Scheduler::new(engine.clone(), s, pool, None)
 }
 
 /// Clips of every size class: one 8-frame group (2 audio tokens), the fixture's two, and a long
 /// full-scale one.
-fn clips(engine: &GazelleEngine, a0: &[f32], a1: &[f32]) -> Vec<Vec<f32>> {
+fn clips(engine: &LoadedGazelle, a0: &[f32], a1: &[f32]) -> Vec<Vec<f32>> {
     let audio = &engine.model.config().audio;
     let n8 = (1..20_000).find(|&n| audio.num_frames(n) == 8).unwrap();
     let short: Vec<f32> = a0.iter().copied().cycle().take(n8).collect();
@@ -129,7 +129,7 @@ fn assert_rows_close(engine_rows: &[Vec<f32>], solo_rows: &[Vec<f32>], what: &st
 /// A reply run alone on the single-sequence path: `n` tokens sampled (the last not fed, as
 /// when a reply ends), recording the logits of each.
 fn solo_reply(
-    engine: &GazelleEngine,
+    engine: &LoadedGazelle,
     s: &mut GazelleSession,
     p: &GenerationParams,
     n: usize,
@@ -338,7 +338,7 @@ fn run_engine(s: &mut Scheduler, plans: &[Plan], clips: &[Vec<f32>]) -> Vec<Vec<
 /// Replays one call's turns alone and compares every logit row, the ids in the cache and the
 /// conversation with the engine's.
 fn check_against_solo(
-    engine: &Arc<GazelleEngine>,
+    engine: &Arc<LoadedGazelle>,
     s: &Scheduler,
     id: CallId,
     plan: &Plan,

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 /// Errors raised while reading or checking a Gazelle `config.json`.
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub enum GazelleConfigError {
     #[error("config.json is not valid JSON for a Gazelle model: {0}")]
     Json(#[from] serde_json::Error),
     #[error("config.json field `{field}` is unsupported: {why}")]
@@ -117,9 +117,9 @@ impl Wav2Vec2Config {
     }
 
     /// Rejects the variants this port does not implement, with a message naming the field.
-    pub(crate) fn check(&self) -> Result<(), ConfigError> {
+    pub(crate) fn check(&self) -> Result<(), GazelleConfigError> {
         if let Some(t) = self.model_type.as_deref().filter(|t| *t != "wav2vec2") {
-            return Err(ConfigError::Unsupported {
+            return Err(GazelleConfigError::Unsupported {
                 field: "audio_config.model_type",
                 why: format!(
                     "the audio tower is `{t}`; this port implements wav2vec2 only (the tower of \
@@ -129,13 +129,13 @@ impl Wav2Vec2Config {
         }
         let layers = self.conv_dim.len();
         if self.conv_kernel.len() != layers || self.conv_stride.len() != layers {
-            return Err(ConfigError::Unsupported {
+            return Err(GazelleConfigError::Unsupported {
                 field: "audio_config.conv_dim",
                 why: "conv_dim, conv_kernel and conv_stride must have the same length".into(),
             });
         }
         if self.feat_extract_norm != "group" || self.do_stable_layer_norm {
-            return Err(ConfigError::Unsupported {
+            return Err(GazelleConfigError::Unsupported {
                 field: "audio_config.feat_extract_norm",
                 why: "only the wav2vec2-base layout (group norm, post-LN encoder) is ported".into(),
             });
@@ -148,7 +148,7 @@ impl Wav2Vec2Config {
             ),
         ] {
             if act != "gelu" {
-                return Err(ConfigError::Unsupported {
+                return Err(GazelleConfigError::Unsupported {
                     field,
                     why: format!("activation {act}"),
                 });
@@ -222,13 +222,13 @@ impl TextConfig {
     }
 
     /// Reads a (possibly diff-only) `text_config` object, filling in the class defaults.
-    pub(crate) fn from_json(v: &Value) -> Result<Self, ConfigError> {
+    pub(crate) fn from_json(v: &Value) -> Result<Self, GazelleConfigError> {
         let arch = match v.get("model_type").and_then(Value::as_str) {
             // GazelleConfig treats a text_config without model_type as Llama.
             None | Some("llama") => TextArch::Llama,
             Some("mistral") => TextArch::Mistral,
             Some(other) => {
-                return Err(ConfigError::Unsupported {
+                return Err(GazelleConfigError::Unsupported {
                     field: "text_config.model_type",
                     why: format!("`{other}`; expected llama or mistral"),
                 })
@@ -257,7 +257,7 @@ impl TextConfig {
                 .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
                 .and_then(Value::as_str);
             if let Some(kind) = kind.filter(|k| *k != "default") {
-                return Err(ConfigError::Unsupported {
+                return Err(GazelleConfigError::Unsupported {
                     field: "text_config.rope_scaling",
                     why: format!("rope type `{kind}` is not ported"),
                 });
@@ -265,7 +265,7 @@ impl TextConfig {
         }
         for field in ["attention_bias", "mlp_bias"] {
             if v.get(field).and_then(Value::as_bool) == Some(true) {
-                return Err(ConfigError::Unsupported {
+                return Err(GazelleConfigError::Unsupported {
                     field: "text_config.attention_bias",
                     why: format!("{field}=true is not ported"),
                 });
@@ -273,7 +273,7 @@ impl TextConfig {
         }
         if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
-                return Err(ConfigError::Unsupported {
+                return Err(GazelleConfigError::Unsupported {
                     field: "text_config.hidden_act",
                     why: format!("activation `{act}`; only silu is ported"),
                 });
@@ -282,7 +282,7 @@ impl TextConfig {
         let sliding_window = match v.get("sliding_window") {
             None if mistral => Some(4096),
             None | Some(Value::Null) => None,
-            Some(x) => Some(x.as_u64().ok_or(ConfigError::WrongType {
+            Some(x) => Some(x.as_u64().ok_or(GazelleConfigError::WrongType {
                 field: "text_config.sliding_window",
                 expected: "an integer or null",
             })? as usize),
@@ -294,7 +294,7 @@ impl TextConfig {
                 .iter()
                 .filter_map(|x| x.as_u64().map(|x| x as u32))
                 .collect(),
-            Some(x) => vec![x.as_u64().ok_or(ConfigError::WrongType {
+            Some(x) => vec![x.as_u64().ok_or(GazelleConfigError::WrongType {
                 field: "text_config.eos_token_id",
                 expected: "an integer or a list of integers",
             })? as u32],
@@ -331,23 +331,27 @@ impl TextConfig {
     }
 }
 
-fn get_usize(v: &Value, key: &str, field: &'static str) -> Result<Option<usize>, ConfigError> {
+fn get_usize(
+    v: &Value,
+    key: &str,
+    field: &'static str,
+) -> Result<Option<usize>, GazelleConfigError> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(x) => x
             .as_u64()
             .map(|x| Some(x as usize))
-            .ok_or(ConfigError::WrongType {
+            .ok_or(GazelleConfigError::WrongType {
                 field,
                 expected: "a non-negative integer",
             }),
     }
 }
 
-fn get_f64(v: &Value, key: &str, field: &'static str) -> Result<Option<f64>, ConfigError> {
+fn get_f64(v: &Value, key: &str, field: &'static str) -> Result<Option<f64>, GazelleConfigError> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(x) => x.as_f64().map(Some).ok_or(ConfigError::WrongType {
+        Some(x) => x.as_f64().map(Some).ok_or(GazelleConfigError::WrongType {
             field,
             expected: "a number",
         }),
@@ -383,10 +387,10 @@ pub struct GazelleConfig {
 }
 
 impl GazelleConfig {
-    pub fn from_json_str(s: &str) -> Result<Self, ConfigError> {
+    pub fn from_json_str(s: &str) -> Result<Self, GazelleConfigError> {
         let raw: RawConfig = serde_json::from_str(s)?;
         if let Some(p) = raw.projector_type.as_deref().filter(|p| *p != "mlp") {
-            return Err(ConfigError::Unsupported {
+            return Err(GazelleConfigError::Unsupported {
                 field: "projector_type",
                 why: format!("`{p}`; only the mlp projector is ported"),
             });

@@ -13,10 +13,10 @@ use hf_hub::{Cache, Repo, RepoType};
 
 use candle_core::Device;
 
-use super::config::{ConfigError, GazelleConfig};
+use super::config::{GazelleConfig, GazelleConfigError};
 use super::model::{Gazelle, Precision};
 use super::prompt::{ChatPrompt, PromptError};
-use super::session::GazelleEngine;
+use super::session::LoadedGazelle;
 
 /// The Mistral-7B based release.
 pub const DEFAULT_REPO: &str = "tincans-ai/gazelle-v0.2";
@@ -333,7 +333,10 @@ pub enum LoadError {
     #[error(transparent)]
     Hub(#[from] HubError),
     #[error("{path}: {source}")]
-    Config { path: String, source: ConfigError },
+    Config {
+        path: String,
+        source: GazelleConfigError,
+    },
     #[error(transparent)]
     Prompt(#[from] PromptError),
     #[error("loading weights from {origin}: {source}")]
@@ -348,7 +351,7 @@ pub fn load_engine(
     files: &ModelFiles,
     precision: Precision,
     device: &Device,
-) -> Result<GazelleEngine, LoadError> {
+) -> Result<LoadedGazelle, LoadError> {
     let config_err = |source| LoadError::Config {
         path: files.config.display().to_string(),
         source,
@@ -369,13 +372,13 @@ pub fn load_engine(
         files.tokenizer_config.as_deref(),
         files.chat_template.as_deref(),
     )?;
-    let engine = GazelleEngine::new(model, prompt)?;
+    let engine = LoadedGazelle::new(model, prompt)?;
     log_resolved(&engine, precision);
     Ok(engine)
 }
 
 /// Says at load what the checkpoint resolved to, so a wrong shape or dtype shows in the log.
-fn log_resolved(engine: &GazelleEngine, precision: Precision) {
+fn log_resolved(engine: &LoadedGazelle, precision: Precision) {
     let c = engine.model.config();
     let (a, t) = (&c.audio, &c.text);
     tracing::info!(

@@ -24,7 +24,7 @@ pub use generation::{GenerationParams, StopReason};
 pub use model::{AudioStages, Gazelle, Precision};
 pub use prompt::SystemPromptMode;
 pub(crate) use session::Spoken;
-pub use session::{GazelleEngine, GazelleSession, HistoryAudio};
+pub use session::{GazelleSession, HistoryAudio, LoadedGazelle};
 
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_tests;

@@ -17,7 +17,7 @@ use super::hub::{self, HubOptions};
 use super::model::Precision;
 use super::parity_tests::{fixture_dir, rel_err, rel_err_l2};
 use super::prompt::ChatMessage;
-use super::session::GazelleEngine;
+use super::session::LoadedGazelle;
 
 const TOKENIZER_FILES: [&str; 2] = ["tokenizer.json", "tokenizer_config.json"];
 
@@ -137,7 +137,7 @@ fn checkpoint() -> &'static Path {
 
 /// The fixture's checkpoint through the product's own path: resolve the folder (which reads the
 /// shard index), then `load_engine` (config, weights, tokenizer, template).
-fn engine(variant: &str, precision: Precision) -> GazelleEngine {
+fn engine(variant: &str, precision: Precision) -> LoadedGazelle {
     let dir: PathBuf = checkpoint().join(variant);
     let files = hub::resolve(dir.to_str().unwrap(), &HubOptions::default()).unwrap();
     assert_eq!(files.weights.len(), 4, "four shards from the index");
@@ -183,7 +183,7 @@ struct Run {
     tokens: Vec<u32>,
 }
 
-fn run(e: &GazelleEngine, prompt: &[u32], audio: &Tensor, chunk: usize, steps: usize) -> Run {
+fn run(e: &LoadedGazelle, prompt: &[u32], audio: &Tensor, chunk: usize, steps: usize) -> Run {
     let model = &e.model;
     let merged = model.splice(prompt, &[audio]).unwrap();
     let len = merged.dim(1).unwrap();

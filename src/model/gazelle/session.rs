@@ -1,4 +1,4 @@
-//! The blocking engine API the call pipeline wraps: `GazelleEngine` (immutable weights and
+//! The blocking engine API the call pipeline wraps: `LoadedGazelle` (immutable weights and
 //! tokenizer, shared by every call behind an `Arc`) and `GazelleSession` (one call's KV cache and
 //! conversation, owned by that call).
 //!
@@ -62,7 +62,7 @@ pub enum HistoryAudio {
 
 /// Weights plus tokenizer; one per process.
 #[derive(Debug)]
-pub struct GazelleEngine {
+pub struct LoadedGazelle {
     pub model: Gazelle,
     pub(crate) prompt: ChatPrompt,
     stop_ids: Vec<u32>,
@@ -71,7 +71,7 @@ pub struct GazelleEngine {
     history_audio: HistoryAudio,
 }
 
-impl GazelleEngine {
+impl LoadedGazelle {
     pub(crate) fn new(model: Gazelle, prompt: ChatPrompt) -> Result<Self, PromptError> {
         prompt.check_audio_token(model.config().audio_token_index)?;
         let mut stop_ids = model.config().text.eos_token_ids.clone();
@@ -161,7 +161,7 @@ pub struct TurnStats {
 
 /// One finished (or cancelled) reply.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Reply {
+pub struct FinishedReply {
     pub tokens: Vec<u32>,
     pub text: String,
     pub stop: StopReason,
@@ -189,7 +189,7 @@ pub(crate) enum HistoryTurn<'a> {
 /// One call's decoder state.
 #[derive(Debug)]
 pub struct GazelleSession {
-    engine: Arc<GazelleEngine>,
+    engine: Arc<LoadedGazelle>,
     cache: KvCache,
     messages: Vec<ChatMessage>,
     /// [1, N, D] embeddings of each clip, in the order of their `<|audio|>` tokens.
@@ -243,7 +243,7 @@ impl ActiveReply {
     /// The text that token `id` (the newest sampled) adds to the reply.
     pub(crate) fn piece(
         &mut self,
-        engine: &GazelleEngine,
+        engine: &LoadedGazelle,
         id: u32,
     ) -> Result<String, SessionError> {
         Ok(self.stream.push(&engine.prompt, id)?)
@@ -274,7 +274,7 @@ struct Checkpoint {
 
 impl GazelleSession {
     pub(crate) fn new(
-        engine: Arc<GazelleEngine>,
+        engine: Arc<LoadedGazelle>,
         system_prompt: Option<&str>,
     ) -> candle_core::Result<Self> {
         Self::with_capacity(engine, system_prompt, 1024)
@@ -283,7 +283,7 @@ impl GazelleSession {
     /// A session whose cache starts with room for `capacity` positions (the engine starts with
     /// none and grants room per turn from its memory pool).
     pub(crate) fn with_capacity(
-        engine: Arc<GazelleEngine>,
+        engine: Arc<LoadedGazelle>,
         system_prompt: Option<&str>,
         capacity: usize,
     ) -> candle_core::Result<Self> {
@@ -310,7 +310,7 @@ impl GazelleSession {
     /// incremental path.
     #[cfg(test)]
     pub(crate) fn with_history(
-        engine: Arc<GazelleEngine>,
+        engine: Arc<LoadedGazelle>,
         system_prompt: Option<&str>,
         turns: &[HistoryTurn<'_>],
     ) -> Result<(Self, TurnStats), SessionError> {
@@ -660,7 +660,7 @@ impl GazelleSession {
         &mut self,
         params: &GenerationParams,
         mut on_token: impl FnMut(u32, &str) -> ControlFlow<()>,
-    ) -> Result<Reply, SessionError> {
+    ) -> Result<FinishedReply, SessionError> {
         let (mut reply, logits) = self.begin_reply(params)?;
         let engine = self.engine.clone();
         let mut prompt_err = None;
@@ -713,7 +713,10 @@ impl GazelleSession {
 
     /// Ends a reply (finished or cancelled): its fed tokens join the ids, and its text joins the
     /// conversation as the assistant's message.
-    pub(crate) fn finish_reply(&mut self, reply: ActiveReply) -> Result<Reply, SessionError> {
+    pub(crate) fn finish_reply(
+        &mut self,
+        reply: ActiveReply,
+    ) -> Result<FinishedReply, SessionError> {
         let d = reply.decoder;
         let fed = d.fed.min(d.tokens.len());
         for &id in &d.tokens[..fed] {
@@ -729,7 +732,7 @@ impl GazelleSession {
             start: reply.start,
             tokens: d.tokens.clone(),
         });
-        Ok(Reply {
+        Ok(FinishedReply {
             tokens: d.tokens,
             text,
             stop: d.stop.unwrap_or(StopReason::Cancelled),

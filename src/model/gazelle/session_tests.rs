@@ -9,9 +9,9 @@ use super::generation::{GenerationParams, StopReason};
 use super::model::Precision;
 use super::parity_tests::{fixture_dir, load_fixture_with, rel_err};
 use super::prompt::ChatPrompt;
-use super::session::{GazelleEngine, GazelleSession, HistoryTurn, SessionError, Spoken};
+use super::session::{GazelleSession, HistoryTurn, LoadedGazelle, SessionError, Spoken};
 
-fn engine(variant: &str) -> (Arc<GazelleEngine>, Vec<f32>, Vec<f32>) {
+fn engine(variant: &str) -> (Arc<LoadedGazelle>, Vec<f32>, Vec<f32>) {
     engine_with(variant, usize::MAX)
 }
 
@@ -20,7 +20,7 @@ fn engine(variant: &str) -> (Arc<GazelleEngine>, Vec<f32>, Vec<f32>) {
 pub(crate) fn engine_with(
     variant: &str,
     max_context: usize,
-) -> (Arc<GazelleEngine>, Vec<f32>, Vec<f32>) {
+) -> (Arc<LoadedGazelle>, Vec<f32>, Vec<f32>) {
     let (model, refs) = load_fixture_with(variant, Precision::uniform(DType::F32));
     let d = fixture_dir(variant);
     let prompt = ChatPrompt::from_files(
@@ -31,7 +31,7 @@ pub(crate) fn engine_with(
     .unwrap();
     let a0 = refs["c0.audio"].to_vec1().unwrap();
     let a1 = refs["c1.audio"].to_vec1().unwrap();
-    let engine = GazelleEngine::new(model, prompt)
+    let engine = LoadedGazelle::new(model, prompt)
         .unwrap()
         .with_max_context(max_context);
     (Arc::new(engine), a0, a1)
@@ -184,7 +184,7 @@ fn generate_without_a_turn_is_an_error() {
 fn engine_is_shareable_and_session_movable_across_threads() {
     fn shared<T: Send + Sync>() {}
     fn movable<T: Send>() {}
-    shared::<GazelleEngine>();
+    shared::<LoadedGazelle>();
     movable::<super::session::GazelleSession>();
 }
 

@@ -220,7 +220,7 @@ struct SentFrame {
     /// When the client starts playing it.
     start: Instant,
     samples: Vec<f32>,
-    /// (unit, offset, samples), as in [`queue::Frame`].
+    /// (unit, offset, samples), as in [`queue::QueuedFrame`].
     runs: Vec<(usize, usize, usize)>,
 }
 

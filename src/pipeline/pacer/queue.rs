@@ -16,7 +16,7 @@ pub(crate) struct FrameQueue {
 
 /// One frame off the queue.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Frame {
+pub(crate) struct QueuedFrame {
     pub samples: Vec<f32>,
     /// (unit, offset in the frame, samples) for each unit in it, oldest first.
     pub runs: Vec<(usize, usize, usize)>,
@@ -71,7 +71,7 @@ impl FrameQueue {
     }
 
     /// Takes up to `n` samples as a frame, attributing them to units oldest first.
-    pub(crate) fn pop(&mut self, n: usize) -> Frame {
+    pub(crate) fn pop(&mut self, n: usize) -> QueuedFrame {
         let n = n.min(self.samples.len());
         let samples: Vec<f32> = self.samples.drain(..n).collect();
         let mut runs = Vec::new();
@@ -95,7 +95,7 @@ impl FrameQueue {
                 }
             }
         }
-        Frame {
+        QueuedFrame {
             samples,
             runs,
             finished,

@@ -22,7 +22,7 @@ use self::call::{end_phase, truncate, Backlogged, Call, Job, Offer, Queue, Token
 use super::pool::KvPool;
 use super::EngineSettings;
 use crate::metrics::Metrics;
-use crate::model::gazelle::{GazelleEngine, GazelleSession};
+use crate::model::gazelle::{GazelleSession, LoadedGazelle};
 use crate::model::SlmError;
 
 /// Identifies one call's session inside the engine.
@@ -77,7 +77,7 @@ pub(crate) struct StepReport {
 
 /// Every call's model state and the queues of work.
 pub(crate) struct Scheduler {
-    engine: Arc<GazelleEngine>,
+    engine: Arc<LoadedGazelle>,
     settings: EngineSettings,
     pool: KvPool,
     calls: HashMap<CallId, Call>,
@@ -94,7 +94,7 @@ pub(crate) struct Scheduler {
 
 impl Scheduler {
     pub(crate) fn new(
-        engine: Arc<GazelleEngine>,
+        engine: Arc<LoadedGazelle>,
         settings: EngineSettings,
         pool: KvPool,
         metrics: Option<Arc<Metrics>>,
