@@ -10,6 +10,7 @@ pub(crate) mod generation;
 pub mod hub;
 pub(crate) mod kv_cache;
 pub(crate) mod linear;
+pub(crate) mod loaded;
 pub(crate) mod model;
 pub(crate) mod ops;
 pub(crate) mod projector;

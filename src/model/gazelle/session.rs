@@ -1,6 +1,5 @@
-//! The blocking engine API the call pipeline wraps: `LoadedGazelle` (immutable weights and
-//! tokenizer, shared by every call behind an `Arc`) and `GazelleSession` (one call's KV cache and
-//! conversation, owned by that call).
+//! One call's model state: `GazelleSession` (its KV cache and conversation, owned by that call),
+//! on the `LoadedGazelle` every call shares (`loaded.rs`).
 //!
 //! A session keeps one KV cache across turns. Each turn re-renders the whole conversation with
 //! the chat template, tokenizes it, and compares it with the ids already in the cache: only the
@@ -17,9 +16,10 @@ use candle_core::Tensor;
 
 use super::decoder::KvCache;
 use super::generation::{generate, GenerationParams, ReplyDecoder, StopReason};
-use super::model::Gazelle;
+use super::loaded::reply_room;
+pub use super::loaded::{HistoryAudio, LoadedGazelle};
 use super::prompt::{
-    user_content_with_audio, ChatMessage, ChatPrompt, PromptError, TextStream, AUDIO_PLACEHOLDER,
+    user_content_with_audio, ChatMessage, PromptError, TextStream, AUDIO_PLACEHOLDER,
 };
 
 /// Errors from a session step.
@@ -40,91 +40,7 @@ pub enum SessionError {
     TurnTooLong { needed: usize, max: usize },
 }
 
-/// Positions kept free for the reply when a turn is appended: when the conversation would leave
-/// less than this of the context, its oldest exchanges are dropped.
-fn reply_room(max_len: usize) -> usize {
-    (max_len / 8).clamp(16, 1024)
-}
-
-/// Which turns' audio a call's prompt keeps. Gazelle was trained on single turns, so keeping the
-/// audio of earlier turns in the cache goes beyond anything it saw; there is no reference.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HistoryAudio {
-    /// Every turn's audio stays in the prompt (and the cache), so the model hears the whole call.
-    #[default]
-    All,
-    /// Only the newest turn's audio: earlier user turns keep only their text (none, unless the
-    /// client sent some), and the replies stay. Each turn then recomputes the cache from the
-    /// first earlier user turn on.
-    Current,
-}
-
-/// Weights plus tokenizer; one per process.
-#[derive(Debug)]
-pub struct LoadedGazelle {
-    pub model: Gazelle,
-    pub(crate) prompt: ChatPrompt,
-    stop_ids: Vec<u32>,
-    /// Positions a call's KV cache may hold; older exchanges are dropped beyond it.
-    max_context: usize,
-    history_audio: HistoryAudio,
-}
-
 impl LoadedGazelle {
-    pub(crate) fn new(model: Gazelle, prompt: ChatPrompt) -> Result<Self, PromptError> {
-        prompt.check_audio_token(model.config().audio_token_index)?;
-        let mut stop_ids = model.config().text.eos_token_ids.clone();
-        stop_ids.extend(prompt.eos_token_id());
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
-        let max_context = model.config().text.max_position_embeddings;
-        Ok(Self {
-            model,
-            prompt,
-            stop_ids,
-            max_context,
-            history_audio: HistoryAudio::All,
-        })
-    }
-
-    /// Limits every call's context to `positions` (at most `max_position_embeddings`), which
-    /// bounds a call's KV-cache memory and so sets how many calls fit on a device.
-    pub(crate) fn with_max_context(mut self, positions: usize) -> Self {
-        self.max_context = positions.clamp(1, self.max_context);
-        self
-    }
-
-    /// Which turns' audio each call's prompt keeps.
-    pub(crate) fn with_history_audio(mut self, mode: HistoryAudio) -> Self {
-        self.history_audio = mode;
-        self
-    }
-
-    /// What becomes of each call's system prompt.
-    pub(crate) fn with_system_prompt(mut self, mode: super::prompt::SystemPromptMode) -> Self {
-        self.prompt.set_system_mode(mode);
-        self
-    }
-
-    /// Bytes one cache position takes: keys and values of every layer, in the compute dtype.
-    pub(crate) fn kv_bytes_per_position(&self) -> usize {
-        let t = &self.model.config().text;
-        2 * t.num_hidden_layers
-            * t.num_key_value_heads
-            * t.head_dim
-            * self.model.dtype().size_in_bytes()
-    }
-
-    /// Positions each call's cache may hold.
-    pub(crate) fn max_positions(&self) -> usize {
-        self.max_context
-    }
-
-    pub(crate) fn stop_ids(&self) -> &[u32] {
-        &self.stop_ids
-    }
-
     /// A new per-call session. The system prompt (if any) is prefilled with the first turn.
     pub fn open_session(
         self: &Arc<Self>,
@@ -287,8 +203,10 @@ impl GazelleSession {
         system_prompt: Option<&str>,
         capacity: usize,
     ) -> candle_core::Result<Self> {
-        let mut cache = engine.model.new_cache(capacity.min(engine.max_context))?;
-        cache.limit(engine.max_context);
+        let mut cache = engine
+            .model
+            .new_cache(capacity.min(engine.max_positions()))?;
+        cache.limit(engine.max_positions());
         let messages = system_prompt
             .filter(|s| !s.trim().is_empty())
             .map(|s| vec![ChatMessage::new("system", s)])
@@ -359,7 +277,7 @@ impl GazelleSession {
     }
 
     fn push_user(&mut self, clip: Tensor, text: &str) {
-        if self.engine.history_audio == HistoryAudio::Current {
+        if self.engine.history_audio() == HistoryAudio::Current {
             // Earlier turns keep their text only.
             for m in self.messages.iter_mut().filter(|m| m.role == "user") {
                 if m.content.contains(AUDIO_PLACEHOLDER) {
