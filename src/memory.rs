@@ -5,9 +5,9 @@
 //!
 //! Trimming alone is not enough: `malloc_trim` gives back the free pages inside each arena but
 //! never the free space at the top of a thread's arena, which glibc shrinks only when it exceeds
-//! a trim threshold that grows with the largest block ever freed (up to 64 MiB). After a 30-minute
-//! 8-minute, 50-call soak, three thread arenas held 10, 6 and 4 MiB that way. [`bound_retained_heap`] fixes both
-//! thresholds so no arena keeps more than [`RETAIN`] at its top.
+//! a trim threshold that grows with the largest block ever freed (up to 64 MiB). After an
+//! 8-minute, 50-call soak, three thread arenas held 10, 6 and 4 MiB that way.
+//! [`bound_retained_heap`] fixes both thresholds so no arena keeps more than [`RETAIN`] at its top.
 
 /// The most free memory an arena keeps at its top, and the size from which a block is mapped
 /// on its own (and unmapped when freed).

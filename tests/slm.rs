@@ -409,11 +409,10 @@ const LONG_STORY: &str = "This is a long answer that goes on and on, so that the
     spoken by the voice. Then it tells of a walk by the river, of the birds that sang there, of \
     the boats that went by, and of the old bridge where the story ends.";
 
-/// A barge-in while the peer is still streaming: the peer sees the stream closed within 500 ms
-/// of the cut, and the next request carries only the words the caller heard.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_barge_in_closes_the_stream_and_the_next_request_carries_what_was_heard() {
-    // About 7 s of streaming: still going when the caller cuts in.
+/// A call whose model peer streams `LONG_STORY` (and then answers "Yes?"), asked for a story:
+/// returns once the reply has played for 1.2 s, with the events so far. The set-up of the tests
+/// that talk over the bot.
+async fn a_long_reply_playing() -> (Peer, common::TestServer, VocodeClient, Vec<Event>) {
     let peer = Peer::start(vec![reply(LONG_STORY, 100)], reply("Yes?", 0)).await;
     let server = common::start_server(config(&peer.url)).await;
     let cc = ClientConfig::new(16_000, Encoding::Linear16);
@@ -423,8 +422,16 @@ async fn a_barge_in_closes_the_stream_and_the_next_request_carries_what_was_hear
             .find(|e| matches!(e.kind, EventKind::Audio { .. }))
             .is_some_and(|a| a.at.elapsed() > Duration::from_millis(1_200))
     };
-    let mut events = say(&mut client, "Tell me a long story.", 8_000, speaking).await;
+    let events = say(&mut client, "Tell me a long story.", 8_000, speaking).await;
     assert!(speaking(&events), "no reply audio");
+    (peer, server, client, events)
+}
+
+/// A barge-in while the peer is still streaming: the peer sees the stream closed within 500 ms
+/// of the cut, and the next request carries only the words the caller heard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_barge_in_closes_the_stream_and_the_next_request_carries_what_was_heard() {
+    let (peer, server, mut client, mut events) = a_long_reply_playing().await;
     let cut = |e: &[Event]| {
         e.iter()
             .any(|e| matches!(e.kind, EventKind::Clear { paused: false, .. }))
@@ -670,20 +677,10 @@ async fn a_discarded_preemptive_reply_cancels_its_request() {
 /// (about 2.5 s after the speech began here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speech_over_the_bot_frees_the_model_once_it_lasts_false_interruption_ms() {
-    let peer = Peer::start(vec![reply(LONG_STORY, 100)], reply("Yes?", 0)).await;
-    let c = config(&peer.url);
-    let false_interruption = Duration::from_millis(c.pipeline.turn.false_interruption_ms as u64);
+    let turn = config("").pipeline.turn;
+    let false_interruption = Duration::from_millis(turn.false_interruption_ms as u64);
     assert!(!false_interruption.is_zero());
-    let server = common::start_server(c).await;
-    let cc = ClientConfig::new(16_000, Encoding::Linear16);
-    let mut client = VocodeClient::connect(&server.ws_url(), cc).await.unwrap();
-    let speaking = |e: &[Event]| {
-        e.iter()
-            .find(|e| matches!(e.kind, EventKind::Audio { .. }))
-            .is_some_and(|a| a.at.elapsed() > Duration::from_millis(1_200))
-    };
-    let events = say(&mut client, "Tell me a long story.", 8_000, speaking).await;
-    assert!(speaking(&events), "no reply audio");
+    let (peer, server, mut client, _) = a_long_reply_playing().await;
     // Talk over it, from the first sample, in real time.
     let speech = common::speech(
         "Wait please stop there I have a question about that",

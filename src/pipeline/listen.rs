@@ -229,9 +229,8 @@ pub(crate) async fn detect(
     let mut turn_start: Option<u64> = None;
     // The pause in progress, and the end-of-turn model's answer about it, once asked.
     let mut pause: Option<PauseSeen> = None;
-    let mut judging: Option<Judgement> = None;
-    // When the model was asked about the pause in progress, while its verdict is awaited.
-    let mut asked_at: Option<Instant> = None;
+    // The verdict awaited on the pause in progress, and when the model was asked.
+    let mut judging: Option<(Judgement, Instant)> = None;
     let verdict_timeout = match turns.policy.verdict_timeout_ms {
         0 => None,
         ms => Some(Duration::from_millis(ms as u64)),
@@ -242,9 +241,9 @@ pub(crate) async fn detect(
         let heard = tokio::select! {
             _ = cancel.cancelled() => return,
             h = input.recv() => match h { Some(h) => h, None => return },
-            judged = async { judging.as_mut().expect("guarded").await }, if judging.is_some() => {
-                judging = None;
-                if let Some(asked) = asked_at.take() {
+            judged = async { (&mut judging.as_mut().expect("guarded").0).await },
+                if judging.is_some() => {
+                if let Some((_, asked)) = judging.take() {
                     metrics.end_of_turn_delay_seconds.observe(asked.elapsed().as_secs_f64());
                 }
                 let p = match judged {
@@ -280,12 +279,10 @@ pub(crate) async fn detect(
         tracing::trace!(n = heard.samples.len(), end = window.end(), "heard");
         // The model is behind: give its verdict up (the request is withdrawn, so the worker
         // skips it) and end the turn as the silence policy would.
-        if let (Some(asked), Some(limit)) =
-            (asked_at.filter(|_| judging.is_some()), verdict_timeout)
-        {
+        if let (Some((_, asked)), Some(limit)) = (&judging, verdict_timeout) {
             if asked.elapsed() >= limit {
+                let asked = *asked;
                 judging = None;
-                asked_at = None;
                 metrics.end_of_turn("fallback");
                 tracing::debug!(
                     waited_ms = asked.elapsed().as_millis() as u64,
@@ -334,14 +331,11 @@ pub(crate) async fn detect(
                     TurnEvent::Pause { start, .. } if asking.ask() => {
                         judging = turns.model.clone().map(|m| {
                             let audio: Arc<[f32]> = window.slice(*start, b).into();
-                            Box::pin(async move { m.predict(audio).await }) as Judgement
+                            let verdict = Box::pin(async move { m.predict(audio).await });
+                            (verdict as Judgement, Instant::now())
                         });
-                        asked_at = judging.as_ref().map(|_| Instant::now());
                     }
-                    TurnEvent::Resume | TurnEvent::SpeechEnd { .. } => {
-                        judging = None;
-                        asked_at = None;
-                    }
+                    TurnEvent::Resume | TurnEvent::SpeechEnd { .. } => judging = None,
                     _ => {}
                 }
             }

@@ -5,10 +5,11 @@
 //! what was heard. Speech over the bot first only pauses the reply (the client clears, the pacer
 //! takes back what was not played): a sound shorter than `false_interruption_ms` (a cough, an
 //! "uh-huh") lets it play on from there, and speech that lasts that long cuts it the moment it
-//! does (the VAD says so), freeing the model and the voice before the turn ends. At a pause (smart turn
-//! policy) it starts the reply preemptively with its audio held: the end of the turn commits it
-//! and lets the audio out, and speech after the pause discards it unheard, from the model's cache
-//! too. It takes its inputs as channels, so tests drive it with synthetic turn events.
+//! does (the VAD says so), freeing the model and the voice before the turn ends. At a pause
+//! (smart turn policy) it starts the reply preemptively with its audio held: the end of the turn
+//! commits it and lets the audio out, and speech after the pause discards it unheard, from the
+//! model's cache too. It takes its inputs as channels, so tests drive it with synthetic turn
+//! events.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
